@@ -1,0 +1,222 @@
+"""An IMP chain, one round at a time: train on the pruning data -> prune -> rewind -> next round.
+
+With the real training set as pruning data this is IMP; with a distilled set it is distilled pruning
+(the paper's Figure 1). The chain's state is plain data (tensors, ints, lists) serialized with a
+checksum, so a sweep can checkpoint it after every round and resume to the same final mask.
+Every random choice of round r is seeded from (seed, r, purpose), so resuming needs no RNG state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .data import DataSplit, ImageData, load_dataset
+from .errors import ConfigError
+from .hparams import ChainHparams, TrainingHparams
+from .masks import Mask, density_after, magnitude_prune, masked_state
+from .models import build_model
+from .train import evaluate, resolve_device, steps_per_epoch, train
+
+STATE_MAGIC = b"PRUNELAB-CHAIN-1\n"
+
+
+def derive_seed(seed: int, *labels) -> int:
+    """A 63-bit seed determined by `seed` and labels (e.g. ("order", 3)): independent streams."""
+    h = hashlib.sha256(repr((int(seed),) + tuple(labels)).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+class CorruptStateError(ValueError):
+    """A serialized chain state failed its checksum or could not be parsed."""
+
+
+@dataclass
+class ChainState:
+    """Everything needed to continue a chain: weights to rewind to, the mask, the round."""
+
+    round: int
+    init: dict[str, torch.Tensor]
+    mask: Mask
+    rewind: Optional[dict[str, torch.Tensor]] = None
+    history: list[dict] = field(default_factory=list)
+    start_round: int = 0
+    config_hash: str = ""
+
+    @property
+    def rewind_point(self) -> dict[str, torch.Tensor]:
+        return self.rewind if self.rewind is not None else self.init
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({"round": self.round, "init": self.init, "rewind": self.rewind,
+                    "mask": dict(self.mask), "history": self.history, "start_round": self.start_round,
+                    "config_hash": self.config_hash}, buf)
+        payload = buf.getvalue()
+        return STATE_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "chain state") -> "ChainState":
+        if not data.startswith(STATE_MAGIC):
+            raise CorruptStateError(f"{source}: not a prunelab chain state (bad header)")
+        rest = data[len(STATE_MAGIC):]
+        digest, _, payload = rest.partition(b"\n")
+        if hashlib.sha256(payload).hexdigest().encode() != digest:
+            raise CorruptStateError(f"{source}: checksum mismatch (truncated or corrupted file)")
+        d = torch.load(io.BytesIO(payload), weights_only=True)
+        return cls(round=d["round"], init=d["init"], rewind=d["rewind"], mask=Mask(d["mask"]),
+                   history=list(d["history"]), start_round=d["start_round"], config_hash=d["config_hash"])
+
+
+def load_subnetwork(model: nn.Module, weights: dict[str, torch.Tensor], mask: Mask) -> nn.Module:
+    """`model` with `weights ⊙ mask` loaded (buffers such as BN statistics included)."""
+    mask.check_fits(model)
+    model.load_state_dict(masked_state(weights, mask))
+    return model
+
+
+def train_subnetwork(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask, *,
+                     device="cpu", seed: int = 0, training: Optional[TrainingHparams] = None,
+                     start_step: int = 0, eval_every: int = 0, callback=None) -> tuple[nn.Module, dict]:
+    """Train `weights ⊙ mask` on the real training set; returns the model and its metrics.
+
+    `seed` picks the data order and augmentation (two copies for LMC differ only here).
+    """
+    training = training or hp.training
+    model = build_model(hp.model, data.train.shape, data.train.num_classes, seed=0)
+    load_subnetwork(model, weights, mask)
+    res = train(model, data.train, training, device=device, order_seed=derive_seed(seed, "order"),
+                aug_seed=derive_seed(seed, "augment"), mask=mask, start_step=start_step,
+                eval_data=data.test, eval_every=eval_every, callback=callback)
+    test = evaluate(model, data.test, device=device, batch_size=training.eval_batch_size)
+    return model, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                   "train_loss": res.train_loss, "steps": res.steps, "curve": res.history}
+
+
+class Chain:
+    """One IMP chain. `step()` runs one round; `evaluate()` trains the current subnetwork on real data.
+
+    Pruning data defaults to what `hp.pruning_data` names (the real set, or a synthetic set resolved
+    through `prunelab.synthetic`); pass `pruning_data` to use a given tensor set instead.
+    """
+
+    def __init__(self, hp: ChainHparams, device="cpu", *, data: Optional[DataSplit] = None,
+                 pruning_data: Optional[ImageData] = None, state: Optional[ChainState] = None,
+                 start_mask: Optional[Mask] = None, start_round: int = 0):
+        self.hp = hp
+        self.device = resolve_device(device)
+        self.data = data if data is not None else load_dataset(hp.dataset)
+        if pruning_data is None:
+            from .synthetic import load_pruning_data
+
+            pruning_data = load_pruning_data(hp, self.data, self.device)
+        self.pruning_data = pruning_data
+        if state is not None and state.config_hash and state.config_hash != hp.hash():
+            raise ConfigError("state", f"checkpoint belongs to chain {state.config_hash}, not {hp.hash()}",
+                              "resume with the configuration that produced the checkpoint")
+        self.state = state if state is not None else self._fresh_state(start_mask, start_round)
+
+    def new_model(self) -> nn.Module:
+        return build_model(self.hp.model, self.data.train.shape, self.data.train.num_classes,
+                           seed=derive_seed(self.hp.seed, "init"))
+
+    def _fresh_state(self, start_mask: Optional[Mask], start_round: int) -> ChainState:
+        model = self.new_model()
+        init = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        mask = Mask.ones_like(model, self.hp.pruning.prune_classifier)
+        if start_mask is not None:
+            start_mask.check_fits(model)
+            if list(start_mask) != list(mask):
+                raise ConfigError("start_mask", "mask entries differ from this model's prunable weights",
+                                  "start from a mask found for the same model and pruning settings")
+            mask = Mask((k, v.clone()) for k, v in start_mask.items())
+        rewind = None
+        k = self.hp.pruning.rewind_epoch
+        if k > 0:
+            spe = steps_per_epoch(len(self.data.train), self.hp.training.batch_size)
+            train(model, self.data.train, self.hp.training, device=self.device, mask=mask,
+                  order_seed=derive_seed(self.hp.seed, "rewind", "order"),
+                  aug_seed=derive_seed(self.hp.seed, "rewind", "augment"), stop_step=k * spe)
+            rewind = {kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()}
+        return ChainState(round=start_round, init=init, rewind=rewind, mask=mask, start_round=start_round,
+                          config_hash=self.hp.hash())
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    @property
+    def mask(self) -> Mask:
+        return self.state.mask
+
+    @property
+    def sparsity(self) -> float:
+        return self.state.mask.sparsity
+
+    @property
+    def done(self) -> bool:
+        return self.state.round >= self.hp.pruning.rounds
+
+    def subnetwork(self) -> nn.Module:
+        """A model holding the rewind point ⊙ the current mask."""
+        return load_subnetwork(self.new_model(), self.state.rewind_point, self.state.mask)
+
+    def _rewind_start_step(self, data: ImageData, training: TrainingHparams) -> int:
+        # from a rewind point k > 0, real-data training continues its schedule from epoch k
+        if self.hp.pruning.rewind_epoch and data is self.data.train:
+            return self.hp.pruning.rewind_epoch * steps_per_epoch(len(data), training.batch_size)
+        return 0
+
+    def step(self, callback=None) -> dict:
+        """One round: train the subnetwork on the pruning data, prune, rewind. Returns the round's record."""
+        if self.done:
+            raise RuntimeError(f"chain already finished its {self.hp.pruning.rounds} rounds")
+        r = self.state.round
+        hp = self.hp.pruning_training
+        model = self.subnetwork()
+        res = train(model, self.pruning_data, hp, device=self.device, mask=self.state.mask,
+                    order_seed=derive_seed(self.hp.seed, "prune", r, "order"),
+                    aug_seed=derive_seed(self.hp.seed, "prune", r, "augment"),
+                    start_step=self._rewind_start_step(self.pruning_data, hp), callback=callback)
+        fit = evaluate(model, self.pruning_data, device=self.device, batch_size=hp.eval_batch_size)
+        target = int(round(self.state.mask.total * density_after(r + 1, self.hp.pruning.fraction)))
+        weights = {k: v.detach() for k, v in model.state_dict().items()}
+        new_mask = magnitude_prune(self.state.mask, weights, target_remaining=min(target, self.state.mask.remaining),
+                                   scope=self.hp.pruning.scope)
+        record = {
+            "round": r,
+            "trained_sparsity": self.state.mask.sparsity,
+            "sparsity": new_mask.sparsity,
+            "pruning_train_loss": res.train_loss,
+            "pruning_accuracy": fit["accuracy"],
+            "pruning_set_size": len(self.pruning_data),
+            "pruning_images_seen": res.steps * hp.batch_size,
+        }
+        self.state.mask = new_mask
+        self.state.round = r + 1
+        self.state.history.append(record)
+        return record
+
+    def run(self, callback=None) -> list[dict]:
+        """Advance until `hp.pruning.rounds` rounds are done."""
+        out = []
+        while not self.done:
+            out.append(self.step(callback))
+        return out
+
+    def evaluate(self, seed: Optional[int] = None, eval_every: int = 0, callback=None) -> dict:
+        """Train the current subnetwork (rewind point ⊙ mask) on the real training set; test metrics."""
+        seed = self.hp.seed if seed is None else seed
+        _, metrics = train_subnetwork(
+            self.hp, self.data, self.state.rewind_point, self.state.mask, device=self.device,
+            seed=derive_seed(seed, "evaluate"),
+            start_step=self._rewind_start_step(self.data.train, self.hp.training),
+            eval_every=eval_every, callback=callback)
+        metrics.update(round=self.state.round, sparsity=self.state.mask.sparsity)
+        return metrics

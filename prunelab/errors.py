@@ -1,0 +1,22 @@
+"""Errors that prunelab raises for bad input, each naming the field and the fix."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the field and says how to fix it."""
+
+    def __init__(self, field: str, problem: str, fix: str = ""):
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        msg = f"{field}: {problem}" if field else problem
+        if fix:
+            msg += f" — fix: {fix}"
+        super().__init__(msg)
+
+
+class DataNotFoundError(ConfigError, FileNotFoundError):
+    """A data set or file the configuration points at is not on disk."""
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss."""

@@ -1,0 +1,323 @@
+"""Typed hyperparameters: dataclasses with defaults and one-line help, loaded from dicts/YAML and
+validated before any compute. A config is data: `to_dict`, `from_dict` and a canonical hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+def hp(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field with a one-line help text (shown by `describe`)."""
+    meta = {"help": help}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kwargs)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta, **kwargs)
+    return field(default=default, metadata=meta, **kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; convert lists/dicts to tuples/dataclasses."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}",
+                          "change the value to " + _type_name(tp))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(path, f"expected null, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(path, f"unknown value {value!r}", "use one of " + ", ".join(map(repr, choices)))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}", "write it as a YAML list")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return tp.from_dict(value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(path, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "5e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(path, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(path, f"expected a string, got {value!r}")
+    return value
+
+
+class Hparams:
+    """Mixin for hyperparameter dataclasses.
+
+    Subclasses are `@dataclass(frozen=True)` and may define `_validate(self, path)` that raises
+    ConfigError for values of the right type but out of range.
+    """
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict], path: str = ""):
+        """Build from a plain dict (e.g. parsed YAML), rejecting unknown keys and wrong types."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(path or cls.__name__, f"expected a mapping, got {data!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            where = f"{path}." if path else ""
+            raise ConfigError(f"{where}{unknown[0]}", "unknown key",
+                              "remove it, or use one of: " + ", ".join(sorted(fields)))
+        kwargs = {}
+        for name, value in data.items():
+            sub = f"{path}.{name}" if path else name
+            kwargs[name] = _coerce(value, hints[name], sub)
+        obj = cls(**kwargs)
+        obj.validate(path)
+        return obj
+
+    def validate(self, path: str = "") -> None:
+        """Check ranges of this object and every nested Hparams."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Hparams):
+                v.validate(f"{path}.{f.name}" if path else f.name)
+        check = getattr(self, "_validate", None)
+        if check is not None:
+            check(path + "." if path else "")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def canonical_json(self) -> str:
+        return json.dumps({"schema": SCHEMA_VERSION, "hparams": self.to_dict()}, sort_keys=True,
+                          separators=(",", ":"))
+
+    def hash(self, length: int = 16) -> str:
+        """Content hash of the resolved values (sorted JSON plus schema version)."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:length]
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line per field: name, default, help (nested classes indented)."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "<required>")
+            if isinstance(default, Hparams):
+                lines.append(f"{f.name}:  {f.metadata.get('help', '')}")
+                lines += ["  " + ln for ln in type(default).describe().splitlines()]
+            else:
+                lines.append(f"{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+        return "\n".join(lines)
+
+
+def require(cond: bool, field: str, problem: str, fix: str = "") -> None:
+    if not cond:
+        raise ConfigError(field, problem, fix)
+
+
+def set_path(data: dict, dotted: str, value: Any) -> dict:
+    """Set `a.b.c=value` in a nested dict in place (used by command-line overrides)."""
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(dotted, f"{k} is not a mapping", "override a leaf key instead")
+        cur = nxt
+    cur[keys[-1]] = value
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The core's hyperparameters.
+
+
+@dataclass(frozen=True)
+class DatasetHparams(Hparams):
+    name: str = hp("digits", "data set: digits, shapes, cifar10, cifar100, imagenet10")
+    root: Optional[str] = hp(None, "local directory holding the data (cifar10/100, imagenet10)")
+    split_seed: int = hp(0, "seed of the train/test split (digits, shapes)")
+    train_size: Optional[int] = hp(None, "number of training examples (shapes; a subset elsewhere)")
+    test_size: Optional[int] = hp(None, "number of test examples (shapes; a subset elsewhere)")
+    image_size: Optional[int] = hp(None, "resize images to this size (imagenet10: 224)")
+
+    def _validate(self, p):
+        from .data import DATASETS
+
+        require(self.name in DATASETS, p + "name", f"unknown data set {self.name!r}",
+                "use one of " + ", ".join(sorted(DATASETS)))
+        for k in ("train_size", "test_size", "image_size"):
+            v = getattr(self, k)
+            require(v is None or v > 0, p + k, f"must be positive, got {v}")
+
+
+@dataclass(frozen=True)
+class ModelHparams(Hparams):
+    name: str = hp("convnet3", "model: convnet3, resnet10_bn, resnet18_bn")
+    width: Optional[int] = hp(None, "channel width (convnet3 default 128; resnets' first stage 64)")
+    depth: Optional[int] = hp(None, "convnet depth (default 3; reduced automatically for small inputs)")
+
+    def _validate(self, p):
+        from .models import MODELS
+
+        require(self.name in MODELS, p + "name", f"unknown model {self.name!r}",
+                "use one of " + ", ".join(sorted(MODELS)))
+        require(self.width is None or self.width > 0, p + "width", f"must be positive, got {self.width}")
+        require(self.depth is None or self.depth > 0, p + "depth", f"must be positive, got {self.depth}")
+
+
+@dataclass(frozen=True)
+class TrainingHparams(Hparams):
+    optimizer: Literal["sgd", "adam"] = hp("sgd", "optimizer")
+    lr: float = hp(0.01, "learning rate")
+    momentum: float = hp(0.9, "SGD momentum")
+    weight_decay: float = hp(5e-4, "L2 weight decay")
+    nesterov: bool = hp(False, "Nesterov momentum")
+    batch_size: int = hp(64, "mini-batch size")
+    epochs: int = hp(300, "training epochs (ignored if steps is set)")
+    steps: Optional[int] = hp(None, "training steps instead of epochs")
+    milestones: tuple[float, ...] = hp((2 / 3, 5 / 6), "lr decay points as fractions of training")
+    gamma: float = hp(0.2, "lr multiplier at each milestone")
+    warmup_steps: int = hp(0, "linear lr warm-up steps")
+    augment: Literal["standard", "none", "dsa", "dsa_cutmix"] = hp(
+        "standard", "augmentation: data set's standard (crop+flip), none, DSA, DSA with CutMix")
+    precision: Literal["fp32", "bf16"] = hp("fp32", "bf16 autocast (CUDA only)")
+    channels_last: bool = hp(False, "channels-last memory format (CUDA only)")
+    compile: bool = hp(False, "torch.compile the model")
+    eval_batch_size: int = hp(1024, "batch size for evaluation")
+
+    def _validate(self, p):
+        require(self.lr > 0, p + "lr", f"must be positive, got {self.lr}")
+        require(0 <= self.momentum < 1, p + "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, p + "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.batch_size > 0, p + "batch_size", f"must be positive, got {self.batch_size}")
+        require(self.epochs > 0 or (self.steps or 0) > 0, p + "epochs",
+                f"must be positive, got {self.epochs}", "set epochs >= 1 (or steps >= 1)")
+        require(self.steps is None or self.steps > 0, p + "steps", f"must be positive, got {self.steps}")
+        require(all(0 < m < 1 for m in self.milestones), p + "milestones",
+                f"must be fractions in (0, 1), got {list(self.milestones)}", "e.g. [0.667, 0.833]")
+        require(0 < self.gamma <= 1, p + "gamma", f"must be in (0, 1], got {self.gamma}")
+        require(self.warmup_steps >= 0, p + "warmup_steps", "must be >= 0")
+        require(self.eval_batch_size > 0, p + "eval_batch_size", "must be positive")
+
+
+@dataclass(frozen=True)
+class PruningHparams(Hparams):
+    fraction: float = hp(0.2, "fraction of the remaining weights pruned per round")
+    rounds: int = hp(10, "pruning rounds (sparsity after r rounds: 1 - (1 - fraction)^r)")
+    rewind_epoch: int = hp(0, "rewind point: 0 = initialization, k = weights after k epochs on real data")
+    scope: Literal["global", "layerwise"] = hp("global", "magnitude threshold over all layers or per layer")
+    prune_classifier: bool = hp(True, "also prune the final linear layer")
+
+    def _validate(self, p):
+        require(0 < self.fraction < 1, p + "fraction", f"must be in (0, 1), got {self.fraction}",
+                "use e.g. 0.2 to remove 20% of the remaining weights per round")
+        require(self.rounds >= 0, p + "rounds", f"must be >= 0, got {self.rounds}")
+        require(self.rewind_epoch >= 0, p + "rewind_epoch", f"must be >= 0, got {self.rewind_epoch}")
+
+
+@dataclass(frozen=True)
+class PruningDataHparams(Hparams):
+    kind: Literal["real", "idc_file", "distilled", "random_subset", "herding"] = hp(
+        "real", "data the mask is found on: the real training set or a synthetic set")
+    ipc: Optional[int] = hp(None, "images per class of the synthetic set")
+    method: Optional[str] = hp(None, "distillation method (kind=distilled): idc, dm")
+    path: Optional[str] = hp(None, "IDC data.pt file or its directory (kind=idc_file)")
+    factor: Optional[int] = hp(None, "multi-formation factor (IDC: 2 for CIFAR, 3 for ImageNet)")
+    seed: int = hp(0, "seed of the synthetic set")
+    budget: Optional[int] = hp(None, "distillation budget (outer iterations)")
+    store: Optional[str] = hp(None, "directory of the synthetic-set store (default: ~/.cache/prunelab)")
+
+    def _validate(self, p):
+        if self.kind != "real":
+            require(self.ipc is not None and self.ipc > 0 or self.kind == "idc_file", p + "ipc",
+                    f"must be a positive integer for kind={self.kind!r}, got {self.ipc}",
+                    "set pruning_data.ipc, e.g. 10")
+        if self.kind == "idc_file":
+            require(bool(self.path), p + "path", "required for kind='idc_file'",
+                    "point it at IDC's data.pt or the folder that holds it")
+        require(self.factor is None or self.factor >= 1, p + "factor", f"must be >= 1, got {self.factor}")
+        require(self.budget is None or self.budget > 0, p + "budget", f"must be positive, got {self.budget}")
+
+
+@dataclass(frozen=True)
+class ChainHparams(Hparams):
+    """Everything that determines one IMP chain (and so its content hash)."""
+
+    dataset: DatasetHparams = hp(DatasetHparams(), "real data set")
+    model: ModelHparams = hp(ModelHparams(), "architecture")
+    pruning: PruningHparams = hp(PruningHparams(), "pruning schedule")
+    pruning_data: PruningDataHparams = hp(PruningDataHparams(), "data the mask is found on")
+    pruning_training: TrainingHparams = hp(TrainingHparams(epochs=1000), "training on the pruning data")
+    training: TrainingHparams = hp(TrainingHparams(), "training a subnetwork on the real data")
+    seed: int = hp(0, "seed of the initialization, data order and augmentation")
+
+    def _validate(self, p):
+        if self.pruning_data.kind == "real" and self.pruning.rewind_epoch > 0:
+            require(self.pruning.rewind_epoch < self.training.epochs, p + "pruning.rewind_epoch",
+                    f"rewind epoch {self.pruning.rewind_epoch} is not before the end of training "
+                    f"({self.training.epochs} epochs)", "use a smaller rewind_epoch")
