@@ -57,7 +57,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(path, f"expected null, got {value!r}")
+        raise ConfigError(path, f"expected null, got {value!r}", "remove the value")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -71,7 +71,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(path, f"expected a mapping, got {value!r}")
+            raise ConfigError(path, f"expected a mapping, got {value!r}", "write key: value pairs")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -80,13 +80,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(path, f"expected true or false, got {value!r}")
+        raise ConfigError(path, f"expected true or false, got {value!r}", "write true or false")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(path, f"expected an integer, got {value!r}")
+        raise ConfigError(path, f"expected an integer, got {value!r}", "write a whole number such as 10")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -95,11 +95,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return float(value)  # YAML 1.1 reads "5e-4" as a string
             except ValueError:
                 pass
-        raise ConfigError(path, f"expected a number, got {value!r}")
+        raise ConfigError(path, f"expected a number, got {value!r}", "write a number such as 0.01")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(path, f"expected a string, got {value!r}")
+        raise ConfigError(path, f"expected a string, got {value!r}", "quote the value")
     return value
 
 
@@ -116,7 +116,8 @@ class Hparams:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(path or cls.__name__, f"expected a mapping, got {data!r}")
+            raise ConfigError(path or cls.__name__, f"expected a mapping, got {data!r}",
+                              "write key: value pairs under it")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
@@ -219,7 +220,7 @@ class DatasetHparams(Hparams):
 class ModelHparams(Hparams):
     name: str = hp("convnet3", "model: convnet3, resnet10_bn, resnet18_bn")
     width: Optional[int] = hp(None, "channel width (convnet3 default 128; resnets' first stage 64)")
-    depth: Optional[int] = hp(None, "convnet depth (default 3; reduced automatically for small inputs)")
+    depth: Optional[int] = hp(None, "convnet blocks (default: 3 at 32 px, 2 at 8 px, up to 5 at 224 px)")
 
     def _validate(self, p):
         from .models import MODELS

@@ -50,7 +50,7 @@ def make_augment(kind: str, data: ImageData) -> Optional[Augment]:
     if kind in ("dsa", "dsa_cutmix"):
         from .data.dsa import make_dsa_augment
 
-        return make_dsa_augment(cutmix=kind == "dsa_cutmix")
+        return make_dsa_augment(cutmix=kind == "dsa_cutmix", num_classes=data.num_classes)
     raise ConfigError("training.augment", f"unknown augmentation {kind!r}", "use standard, none, dsa or dsa_cutmix")
 
 
@@ -74,13 +74,10 @@ def total_steps(hp: TrainingHparams, n: int) -> int:
 
 
 def lr_factor(hp: TrainingHparams, n: int) -> Callable[[int], float]:
-    """Step -> lr multiplier: linear warm-up, then x gamma at each milestone (placed on epoch
-    boundaries when training by epochs, as an epoch-wise MultiStepLR would)."""
-    spe = steps_per_epoch(n, hp.batch_size)
-    if hp.steps:
-        miles = [int(m * hp.steps) for m in hp.milestones]
-    else:
-        miles = [int(m * hp.epochs) * spe for m in hp.milestones]
+    """Step -> lr multiplier: linear warm-up, then x gamma at each milestone (a fraction of all
+    steps; for 300 epochs the 2/3 and 5/6 milestones fall on epochs 200 and 250 exactly)."""
+    total = total_steps(hp, n)
+    miles = [int(round(m * total)) for m in hp.milestones]
 
     def factor(step: int) -> float:
         f = hp.gamma ** sum(step >= m for m in miles)

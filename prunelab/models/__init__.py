@@ -10,8 +10,17 @@ from .convnet import ConvNet
 from .resnet import ResNet
 
 
+def default_convnet_depth(image_size: int) -> int:
+    """IDC's 3 blocks at 32 px, one more per doubling above (capped at 5 for 224 px ImageNet), and
+    never fewer than 2; so 8 px digits get 2 blocks and a 2x2 last map rather than instance-norming
+    a 2x2 map down to 1x1."""
+    import math
+
+    return max(2, min(5, int(math.log2(image_size)) - 2))
+
+
 def _convnet3(c, s, k, width=None, depth=None):
-    return ConvNet(c, s, k, width=width or 128, depth=depth or 3)
+    return ConvNet(c, s, k, width=width or 128, depth=depth or default_convnet_depth(s))
 
 
 def _resnet10(c, s, k, width=None, depth=None):
