@@ -301,6 +301,12 @@ class PruningDataHparams(Hparams):
         if self.kind == "idc_file":
             require(bool(self.path), p + "path", "required for kind='idc_file'",
                     "point it at IDC's data.pt or the folder that holds it")
+        if self.kind == "distilled":
+            from .synthetic import METHODS
+
+            require(self.method in METHODS, p + "method",
+                    f"unknown distillation method {self.method!r}" if self.method else "required for kind='distilled'",
+                    "use one of " + ", ".join(METHODS))
         require(self.factor is None or self.factor >= 1, p + "factor", f"must be >= 1, got {self.factor}")
         require(self.budget is None or self.budget > 0, p + "budget", f"must be positive, got {self.budget}")
 
@@ -316,8 +322,31 @@ class ChainHparams(Hparams):
     pruning_training: TrainingHparams = hp(TrainingHparams(epochs=1000), "training on the pruning data")
     training: TrainingHparams = hp(TrainingHparams(), "training a subnetwork on the real data")
     seed: int = hp(0, "seed of the initialization, data order and augmentation")
+    start_from: Optional[dict] = hp(None, "chain config whose mask at start_round this chain starts from "
+                                          "(IMP from a synthetic subnetwork, Fig. 7)")
+    start_round: int = hp(0, "round of start_from's mask; this chain's rounds continue from it")
+
+    def hash(self, length: int = 16) -> str:
+        """Content hash without `pruning.rounds` (the mask of round r does not depend on how many
+        rounds follow, so chains of different lengths share results) and without where synthetic
+        sets are cached."""
+        core = self.replace(pruning=self.pruning.replace(rounds=0),
+                            pruning_data=self.pruning_data.replace(store=None))
+        return Hparams.hash(core, length)
+
+    def start_chain(self) -> Optional["ChainHparams"]:
+        return None if self.start_from is None else ChainHparams.from_dict(self.start_from, "start_from")
 
     def _validate(self, p):
+        if self.start_from is not None:
+            start = ChainHparams.from_dict(self.start_from, p + "start_from")
+            require(self.start_round >= 1, p + "start_round", "must be >= 1 when start_from is set",
+                    "give the round of the start chain's mask, e.g. 8")
+            require(start.pruning.rounds >= self.start_round, p + "start_from.pruning.rounds",
+                    f"the start chain stops before round {self.start_round}",
+                    f"set start_from.pruning.rounds >= {self.start_round}")
+            require(self.pruning.rounds > self.start_round, p + "pruning.rounds",
+                    f"must exceed start_round={self.start_round}", "count rounds from the dense network")
         if self.pruning_data.kind == "real" and self.pruning.rewind_epoch > 0:
             require(self.pruning.rewind_epoch < self.training.epochs, p + "pruning.rewind_epoch",
                     f"rewind epoch {self.pruning.rewind_epoch} is not before the end of training "

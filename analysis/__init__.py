@@ -1,0 +1,68 @@
+"""Figures and tables of the paper from finished sweeps, read from MLflow; nothing is retrained.
+
+    python -m analysis fig6 --experiment prunelab-fig6 --tracking-uri sqlite:////abs/runs/fig6/mlflow.db
+    python -m analysis all  --experiment prunelab-fig6 --tracking-uri ...
+
+`run()` is the API the sweep driver calls at the end of a sweep.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+FIGURES = ("fig2", "fig3_4", "fig5", "hessian", "fig6", "fig7")
+
+
+def make_figures(sweep, names, out_dir: str) -> list:
+    """Run each figure module's `make(sweep, out_dir)`; a module that raises is reported, not fatal."""
+    from .output import FigureResult
+
+    results = []
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
+        try:
+            results.append(module.make(sweep, out_dir))
+        except Exception as e:  # noqa: BLE001 - one broken figure must not hide the others
+            res = FigureResult(name, name)
+            res.missing.append(f"{name}: failed to draw ({type(e).__name__}: {e})")
+            results.append(res)
+    return results
+
+
+def run(figure: str, experiment: str, tracking_uri: Optional[str], out_dir: str,
+        parent_run_id: Optional[str] = None, log_to_mlflow: bool = True) -> dict:
+    """Draw `figure` (one of FIGURES, or 'all') for a sweep; write PNG/SVG/CSV and report.html to
+    `out_dir`, log them to the sweep's parent run, and return what was written and what is missing."""
+    from .load import load_sweep, missing_runs
+    from .report import write_report
+
+    if figure != "all" and figure not in FIGURES:
+        raise ValueError(f"figure: unknown {figure!r}; use one of {', '.join(FIGURES)} or all")
+    names = FIGURES if figure == "all" else (figure,)
+    out_dir = os.path.abspath(str(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    sweep = load_sweep(experiment, tracking_uri, parent_run_id)
+    general = missing_runs(sweep)
+    results = make_figures(sweep, names, out_dir)
+    config = sweep.download(sweep.parent_id, "sweep/config.yaml")
+    info = {"experiment": experiment, "tracking URI": sweep.tracking_uri, "sweep run": sweep.parent_name,
+            "sweep run id": sweep.parent_id, "chains": len(sweep.chains), "failed chains": len(sweep.failed),
+            "git commit": sweep.parent_tags.get("prunelab.git_commit", "?")}
+    if config:
+        local_config = os.path.join(out_dir, "sweep_config.yaml")
+        with open(config) as src, open(local_config, "w") as dst:
+            dst.write(src.read())
+        config = local_config
+    report = write_report(out_dir, info, results, general, config)
+    out = {"figures": [p for r in results for p in r.figures], "tables": [p for r in results for p in r.tables],
+           "missing": general + [m for r in results for m in r.missing],
+           "notes": [n for r in results for n in r.notes], "report": report, "results": results}
+    if log_to_mlflow:
+        for path in out["figures"] + out["tables"] + [report]:
+            sweep.client.log_artifact(sweep.parent_id, path, "figures")
+    return out
+
+
+__all__ = ["FIGURES", "make_figures", "run"]

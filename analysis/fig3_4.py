@@ -1,0 +1,139 @@
+"""Figures 3/4: loss along the linear path between two trained copies, per sparsity, and barrier heights.
+
+One row per (data set, model). One panel per variant (synthetic variants, then IMP) with a curve per
+evaluated round — the seed-mean of `train_loss` from `lmc/round_XX.json` (the paper plots training
+loss; `test_loss` is used where a file has no training curve, and said so) — colored by sparsity. The
+last panel: barrier height vs sparsity, mean ± sample std over seeds of `barrier_mid_train_loss`
+(solid; loss at α = 0.5 minus the endpoints' mean) and `barrier_max_train_loss` (dotted). Where a
+round has the curve but not the metric, the barrier is computed from the curve the same way.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import cm
+from matplotlib.colors import Normalize
+
+from .load import Sweep, group, mean_std, missing_seeds, sort_labels
+from .output import FigureResult, save_fig, write_csv
+
+
+def curve_barriers(alphas, values) -> tuple[float, float]:
+    """(mid, max) barrier of a curve: v(0.5) − mean of ends; max over α of v(α) − linear ends."""
+    a, v = np.asarray(alphas, float), np.asarray(values, float)
+    lin = (1 - a) * v[0] + a * v[-1]
+    i = int(np.argmin(np.abs(a - 0.5)))
+    return float(v[i] - 0.5 * (v[0] + v[-1])), float(np.max(v - lin))
+
+
+def chain_curves(chain, res: FigureResult) -> dict[int, dict]:
+    """round -> {alphas, loss, split, mid, max} for every lmc artifact of the chain."""
+    out = {}
+    for r in sorted(chain.artifact_rounds("lmc")):
+        d = chain.lmc(r)
+        if d is None:
+            res.missing.append(f"fig3_4: {chain.describe()}: lmc/round_{r:02d}.json could not be read")
+            continue
+        split = "train" if "train_loss" in d else "test"
+        if f"{split}_loss" not in d or "alphas" not in d:
+            res.missing.append(f"fig3_4: {chain.describe()}: lmc/round_{r:02d}.json has no loss curve")
+            continue
+        mid_c, max_c = curve_barriers(d["alphas"], d[f"{split}_loss"])
+        mid = chain.history(f"barrier_mid_{split}_loss").get(r, mid_c)
+        mx = chain.history(f"barrier_max_{split}_loss").get(r, max_c)
+        out[r] = {"alphas": d["alphas"], "loss": d[f"{split}_loss"], "split": split, "mid": mid, "max": mx,
+                  "test_loss": d.get("test_loss")}
+    # rounds with a barrier metric but no curve: still plotted in the barrier panel, reported
+    for r, v in chain.history("barrier_mid_train_loss").items():
+        if r not in out:
+            res.missing.append(f"fig3_4: {chain.describe()}: barrier at round {r} but no lmc/round_{r:02d}.json")
+            out[r] = {"alphas": None, "loss": None, "split": "train", "mid": v,
+                      "max": chain.history("barrier_max_train_loss").get(r, float("nan")), "test_loss": None}
+    return out
+
+
+def make(sweep: Sweep, out_dir: str) -> FigureResult:
+    res = FigureResult("fig3_4", "Figures 3/4 — linear mode connectivity per sparsity")
+    data = {}
+    for c in sweep.ok:
+        if c.is_dense:
+            continue
+        cur = chain_curves(c, res) if (c.artifact_rounds("lmc") or c.has("barrier_mid_train_loss")) else {}
+        if cur:
+            data[c.run_id] = (c, cur)
+    if not data:
+        res.missing.append("fig3_4: no run has lmc/round_XX.json artifacts or barrier metrics")
+        return res
+    chains = [c for c, _ in data.values()]
+    res.missing += missing_seeds([c for c in sweep.chains if not c.is_dense], "fig3_4")
+    settings = group(chains, lambda c: c.setting)
+    ncols = 1 + max(len(group(cs, lambda c: c.label)) for cs in settings.values())
+    fig, axes = plt.subplots(len(settings), ncols, figsize=(4.6 * ncols, 3.9 * len(settings)), squeeze=False)
+    max_sp = max(c.sparsity_at(r) for c, cur in data.values() for r in cur) or 1.0
+    norm, cmap = Normalize(0, max_sp * 100), cm.viridis
+    curve_rows, barrier_rows = [], []
+    for i, ((ds, model), cs) in enumerate(settings.items()):
+        by_label = group(cs, lambda c: c.label)
+        labels = [l for l in sort_labels(by_label) if not l.startswith("IMP")] + \
+                 [l for l in sort_labels(by_label) if l.startswith("IMP")]
+        if not any(c.is_imp for c in cs):
+            res.missing.append(f"fig3_4: no IMP LMC results on {ds}/{model}")
+        if not any(c.is_synthetic for c in cs):
+            res.missing.append(f"fig3_4: no synthetic LMC results on {ds}/{model}")
+        ax_b = axes[i, -1]
+        for j, label in enumerate(labels):
+            ax = axes[i, j]
+            lc = by_label[label]
+            rounds = sorted({r for c in lc for r in data[c.run_id][1]})
+            splits = set()
+            for r in rounds:
+                cur = [data[c.run_id][1][r] for c in lc if r in data[c.run_id][1]
+                       and data[c.run_id][1][r]["loss"] is not None]
+                if not cur:
+                    continue
+                splits |= {d["split"] for d in cur}
+                sp = mean_std([c.sparsity_at(r) for c in lc if r in data[c.run_id][1]])[0]
+                alphas = np.asarray(cur[0]["alphas"], float)
+                same = [d for d in cur if len(d["loss"]) == len(alphas)]
+                loss = np.mean([d["loss"] for d in same], axis=0)
+                ax.plot(alphas, loss, "-", marker=".", ms=3, color=cmap(norm(100 * sp)), lw=1.4)
+                for a, v in zip(alphas, loss):
+                    curve_rows.append([ds, model, label, r, sp, cur[0]["split"], a, v, len(same)])
+            ax.set(title=f"{label} — {ds}/{model}", xlabel="interpolation α",
+                   ylabel=f"{'/'.join(sorted(splits)) or 'train'} loss (seed mean)")
+            ax.grid(alpha=0.3)
+            # barrier vs sparsity
+            pts = []
+            for r in rounds:
+                have = [data[c.run_id][1][r] for c in lc if r in data[c.run_id][1]]
+                mid, mx = mean_std([d["mid"] for d in have]), mean_std([d["max"] for d in have])
+                sp = mean_std([c.sparsity_at(r) for c in lc if r in data[c.run_id][1]])[0]
+                pts.append((100 * sp, mid, mx))
+                for c in lc:
+                    d = data[c.run_id][1].get(r)
+                    if d is not None:
+                        barrier_rows.append([ds, model, label, c.seed, r, c.sparsity_at(r), d["split"],
+                                             d["mid"], d["max"]])
+            color = f"C{j}"
+            ax_b.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
+                          marker="o", ms=4, capsize=3, color=color, label=f"{label} mid (α=0.5)")
+            ax_b.plot([p[0] for p in pts], [p[2][0] for p in pts], ":", marker="^", ms=3, color=color,
+                      label=f"{label} max over α")
+        for j in range(len(labels), ncols - 1):
+            axes[i, j].axis("off")
+        ax_b.axhline(0, color="k", lw=0.6)
+        ax_b.set(title=f"barrier height — {ds}/{model}", xlabel="sparsity (%)", ylabel="barrier (train loss)")
+        ax_b.grid(alpha=0.3)
+        ax_b.legend(fontsize=7)
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, :-1].ravel().tolist(),
+                 label="sparsity (%)", shrink=0.8)
+    fig.suptitle("Loss along the linear path between two copies trained on different data orders")
+    save_fig(fig, out_dir, "fig3_4", res)
+    write_csv(out_dir, "fig3_4_curves.csv", ["dataset", "model", "variant", "round", "sparsity", "split", "alpha",
+                                              "loss_seed_mean", "n_seeds"], curve_rows, res)
+    write_csv(out_dir, "fig3_4_barriers.csv", ["dataset", "model", "variant", "seed", "round", "sparsity", "split",
+                                                "barrier_mid_loss", "barrier_max_loss"], barrier_rows, res)
+    res.notes.append("Curves: training loss along θ(α) = (1−α)θ_A + αθ_B, mean over seeds; error bars: sample "
+                     "std over seeds.")
+    return res

@@ -1,0 +1,84 @@
+"""The Hessian-diagonal table (paper Sec. 4.2): min/max, mean ± std, mean |h| and the top eigenvalue.
+
+Rows come from the `hessian_*` metrics (step = round). Round 0 of any chain is the dense network and is
+labelled `dense`; other rounds by variant and sparsity. With several seeds each statistic is the
+seed-mean (n given); the per-seed values are in hessian_runs.csv. Written as Markdown and CSV, plus a
+plot of mean ± std (thick), min..max (thin) and mean |h| (diamond) per subnetwork.
+"""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+
+from .load import Sweep, group, mean_std
+from .output import FigureResult, markdown_table, save_fig, write_csv
+
+STATS = ("min", "max", "mean", "std", "abs_mean", "top_eigenvalue")
+
+
+def make(sweep: Sweep, out_dir: str) -> FigureResult:
+    res = FigureResult("hessian", "Hessian diagonal statistics")
+    recs = []
+    for c in sweep.ok:
+        if not any(c.has(f"hessian_{s}") for s in STATS):
+            continue
+        rounds = sorted({r for s in STATS for r in c.history(f"hessian_{s}")})
+        for r in rounds:
+            vals = {s: c.history(f"hessian_{s}").get(r) for s in STATS}
+            for s, v in vals.items():
+                if v is None:
+                    res.missing.append(f"hessian: {c.describe()} has no hessian_{s} at round {r}")
+            recs.append({"ds": c.dataset, "model": c.model, "sub": "dense" if r == 0 else c.label,
+                         "round": r, "sparsity": c.sparsity_at(r), "seed": c.seed, **vals})
+    if not recs:
+        res.missing.append("hessian: no run logged hessian_* metrics")
+        return res
+    subs = {(x["ds"], x["model"]): set() for x in recs}
+    for x in recs:
+        subs[(x["ds"], x["model"])].add("dense" if x["sub"] == "dense" else
+                                        "IMP" if x["sub"].startswith("IMP") else "synthetic")
+    for (ds, model), have in subs.items():
+        for want in ("dense", "IMP", "synthetic"):
+            if want not in have:
+                res.missing.append(f"hessian: no {want} subnetwork on {ds}/{model}")
+    runs_rows = [[x["ds"], x["model"], x["sub"], x["seed"], x["round"], x["sparsity"], *[x[s] for s in STATS]]
+                 for x in recs]
+    write_csv(out_dir, "hessian_runs.csv", ["dataset", "model", "subnetwork", "seed", "round", "sparsity",
+                                            *STATS], runs_rows, res)
+    agg = []
+    for (ds, model, sub, r), xs in group(recs, lambda x: (x["ds"], x["model"], x["sub"], x["round"])).items():
+        m = {s: mean_std([x[s] for x in xs])[0] for s in STATS}
+        agg.append([ds, model, sub, r, mean_std([x["sparsity"] for x in xs])[0], len(xs), *[m[s] for s in STATS]])
+    agg.sort(key=lambda a: (a[0], a[1], a[4], a[2]))
+    header = ["dataset", "model", "subnetwork", "round", "sparsity", "n_seeds", *STATS]
+    write_csv(out_dir, "hessian.csv", header, agg, res)
+    md_rows = [[a[0], a[1], a[2], f"{100 * a[4]:.1f}%", a[5], f"{a[6]:.4g} / {a[7]:.4g}",
+                f"{a[8]:.3g} ± {a[9]:.3g}", f"{a[10]:.4g}", f"{a[11]:.4g}"] for a in agg]
+    md = markdown_table(["data set", "model", "subnetwork", "sparsity", "n", "min / max", "mean ± std",
+                         "mean abs", "top eigenvalue"], md_rows)
+    path = os.path.join(out_dir, "hessian.md")
+    with open(path, "w") as f:
+        f.write("# Hessian diagonal (seed means)\n\n" + md)
+    res.tables.append(path)
+    res.markdown.append(md)
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(agg)), 4))
+    for i, a in enumerate(agg):
+        ax.plot([i, i], [a[6], a[7]], color="0.6", lw=1)
+        ax.errorbar([i], [a[8]], yerr=[a[9]], fmt="o", color="C0", capsize=4, lw=2)
+        ax.plot([i], [a[10]], "D", color="C3", ms=5)
+    ax.plot([], [], "o", color="C0", label="mean ± std")
+    ax.plot([], [], color="0.6", label="min … max")
+    ax.plot([], [], "D", color="C3", label="mean |h|")
+    ax.set_xticks(range(len(agg)), [f"{a[2]}\n{100 * a[4]:.0f}%\n{a[0]}/{a[1]}" for a in agg], fontsize=7)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(ylabel="Hessian diagonal entry", title="Hessian diagonal per subnetwork (seed means)")
+    # symlog: entries straddle zero and span orders of magnitude; linear only well inside the spread
+    stds = [a[9] for a in agg if a[9] == a[9] and a[9] > 0]
+    ax.set_yscale("symlog", linthresh=min(stds) / 10 if stds else 1e-3)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_fig(fig, out_dir, "hessian", res)
+    return res

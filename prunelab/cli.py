@@ -1,0 +1,117 @@
+"""`python -m prunelab`: run one IMP chain (real or synthetic pruning data) from the command line.
+
+    python -m prunelab run                              # IMP on digits, evaluated at 0%, 59%, 87%
+    python -m prunelab run --set pruning_data.kind=distilled pruning_data.method=dm pruning_data.ipc=10
+    python -m prunelab run --config chain.yaml --eval-rounds 0,4,9 --out results/
+    python -m prunelab describe                         # every hyperparameter with its help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+from .hparams import ChainHparams, set_path
+
+# A chain on the embedded digits set that runs in about a minute on a laptop CPU.
+DEMO_CHAIN = {
+    "dataset": {"name": "digits"},
+    "model": {"name": "convnet3", "width": 32},
+    "pruning": {"rounds": 9},
+    "pruning_training": {"epochs": 20, "lr": 0.05},
+    "training": {"epochs": 20, "lr": 0.05},
+}
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    """`key.sub=value` strings -> (key, YAML-parsed value); `seeds=[0,1]` gives a list."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError("--set", f"{item!r} is not key=value", "write e.g. --set training.lr=0.1")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value)))
+    return out
+
+
+def load_chain_config(path: str | None, overrides: list[str]) -> ChainHparams:
+    data = json.loads(json.dumps(DEMO_CHAIN))
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError("--config", f"cannot read {path}: {e}", "give a readable YAML file") from None
+        data = loaded or {}
+    for key, value in parse_overrides(overrides):
+        set_path(data, key, value)
+    return ChainHparams.from_dict(data)
+
+
+def cmd_run(args) -> int:
+    from .chain import Chain
+
+    hp = load_chain_config(args.config, args.set)
+    eval_rounds = sorted({int(r) for r in args.eval_rounds.split(",")}) if args.eval_rounds else []
+    bad = [r for r in eval_rounds if r > hp.pruning.rounds]
+    if bad:
+        raise ConfigError("--eval-rounds", f"rounds {bad} exceed pruning.rounds={hp.pruning.rounds}",
+                          "evaluate at rounds up to pruning.rounds")
+    out = Path(args.out).resolve() if args.out else None
+    t0 = time.time()
+    chain = Chain(hp, device=args.device)
+    print(f"chain {hp.hash()}: {hp.model.name} on {hp.dataset.name}, pruning data {hp.pruning_data.kind} "
+          f"({len(chain.pruning_data)} images), {hp.pruning.rounds} rounds", flush=True)
+    rows = []
+    while True:
+        if chain.round in eval_rounds:
+            m = chain.evaluate()
+            rows.append({"round": chain.round, "sparsity": chain.sparsity, "test_accuracy": m["test_accuracy"],
+                         "test_loss": m["test_loss"]})
+            print(f"  round {chain.round:2d}  sparsity {chain.sparsity:6.1%}  test accuracy "
+                  f"{m['test_accuracy']:.3f}  (subnetwork trained on real data)", flush=True)
+        if chain.done:
+            break
+        rec = chain.step()
+        print(f"  round {rec['round']:2d}  trained on pruning data: accuracy {rec['pruning_accuracy']:.3f}"
+              f" -> pruned to {rec['sparsity']:.1%}", flush=True)
+    print(f"done in {time.time() - t0:.1f} s; final mask {chain.mask.hash()}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        chain.mask.save(out / "mask.pt")
+        (out / "results.json").write_text(json.dumps(
+            {"config": hp.to_dict(), "hash": hp.hash(), "evaluations": rows, "history": chain.state.history},
+            indent=2))
+        print(f"wrote {out / 'mask.pt'} and {out / 'results.json'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m prunelab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run one IMP chain")
+    r.add_argument("--config", help="chain YAML (ChainHparams); default: the digits demo chain")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    r.add_argument("--eval-rounds", default="0,4,9", help="rounds whose subnetwork is trained on real data")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    r.add_argument("--out", help="directory for the final mask and results.json")
+    sub.add_parser("describe", help="list every chain hyperparameter with its default and help")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "describe":
+            print(ChainHparams.describe())
+            return 0
+        return cmd_run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

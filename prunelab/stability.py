@@ -1,0 +1,340 @@
+"""Instability analysis (Frankle et al. 2020; the paper's Figures 3, 4 and 6).
+
+Two copies of one subnetwork (same weights, same mask) are trained on the real data with different
+data orders and augmentation; their weights are interpolated, θ(α) = (1−α)·θ_A + α·θ_B, and the loss
+and accuracy are measured along the line on the training and the test set. A bump in the loss (a
+*barrier*) means SGD noise sent the copies to different minima.
+
+Barriers, per split and for loss and error (1 − accuracy):
+  * `barrier_mid` (the paper, Fig. 6): value at α=0.5 minus the mean of the two endpoint values.
+    α=0.5 is always evaluated: with an even `num_points` it is added to the grid as an extra point.
+    It can be negative (the paper reports negative barriers on ImageNet-10).
+  * `barrier_max` (Frankle et al. 2020): max over the evaluated α of
+    value(α) − ((1−α)·value(0) + α·value(1)); zero at the endpoints, so never negative.
+
+Batch norm: `bn_mode="interpolate"` (default) interpolates running mean/var linearly like every other
+tensor — what the authors' code did, so it reproduces their curves. `"recompute"` resets the running
+statistics at every α and re-estimates them on a fixed set of `bn_batches` training batches (the same
+batches at every α, no augmentation), which measures the interpolated network as it would really run.
+Models without batch norm (ConvNet-3 uses instance norm) give identical results in both modes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .chain import derive_seed, train_subnetwork
+from .data import DataSplit, ImageData
+from .errors import ConfigError
+from .hparams import ChainHparams, Hparams, hp, require
+from .masks import Mask
+from .train import resolve_device, steps_per_epoch
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class LMCHparams(Hparams):
+    num_points: int = hp(11, "number of evenly spaced α in [0, 1] (11: α = 0, 0.1, …, 1)")
+    seeds: tuple[int, ...] = hp((0, 1), "seeds of the two copies' data order and augmentation")
+    bn_mode: Literal["interpolate", "recompute"] = hp(
+        "interpolate", "batch-norm statistics: interpolate linearly (authors' code) or recompute per α")
+    bn_batches: int = hp(20, "training batches used to recompute BN statistics (bn_mode=recompute)")
+    bn_batch_size: int = hp(128, "batch size for recomputing BN statistics")
+    splits: tuple[str, ...] = hp(SPLITS, "splits evaluated along the line (paper: train; authors' code: test)")
+    eval_examples: Optional[int] = hp(None, "evaluate on a fixed random subset of this many examples per split")
+    eval_batch_size: int = hp(1024, "batch size for evaluation")
+
+    def _validate(self, p):
+        require(self.num_points >= 2, p + "num_points", f"must be >= 2, got {self.num_points}",
+                "use 11 for α = 0, 0.1, …, 1")
+        require(len(self.seeds) == 2, p + "seeds", f"need exactly two seeds, got {list(self.seeds)}",
+                "e.g. [0, 1]")
+        require(self.bn_batches >= 1, p + "bn_batches", f"must be >= 1, got {self.bn_batches}")
+        require(self.bn_batch_size >= 1, p + "bn_batch_size", f"must be >= 1, got {self.bn_batch_size}")
+        require(len(self.splits) >= 1 and all(s in SPLITS for s in self.splits), p + "splits",
+                f"must be a non-empty subset of {list(SPLITS)}, got {list(self.splits)}", "e.g. [train, test]")
+        require(len(set(self.splits)) == len(self.splits), p + "splits", "contains duplicates")
+        require(self.eval_examples is None or self.eval_examples > 0, p + "eval_examples",
+                f"must be positive, got {self.eval_examples}")
+        require(self.eval_batch_size >= 1, p + "eval_batch_size", "must be >= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers (also used by landscape.py): batched evaluation, BN statistics, state checks.
+
+
+class EvalSet:
+    """A fixed evaluation set, normalized once and held on the device as batches.
+
+    `max_examples` keeps a seeded random subset (so a capped set is not biased by storage order).
+    Precomputing the normalized batches pays off when one set is evaluated many times (11 α, a grid).
+    """
+
+    def __init__(self, data: ImageData, device, batch_size: int = 1024, max_examples: Optional[int] = None,
+                 seed: int = 0):
+        device = resolve_device(device)
+        if max_examples is not None and max_examples < len(data):
+            g = torch.Generator().manual_seed(seed)
+            data = data.subset(torch.randperm(len(data), generator=g)[:max_examples].sort().values)
+        self.n = len(data)
+        self.batches = []
+        for i in range(0, self.n, batch_size):
+            x = data.normalize(data.pixels(data.x[i:i + batch_size].to(device)))
+            self.batches.append((x, data.y[i:i + batch_size].to(device)))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        """Mean cross-entropy and accuracy of `model` in eval mode."""
+        model.eval()
+        loss = torch.zeros((), dtype=torch.float64, device=self.batches[0][0].device if self.batches else "cpu")
+        correct = torch.zeros((), dtype=torch.int64, device=loss.device)
+        for x, y in self.batches:
+            out = model(x).float()
+            loss += F.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
+        n = max(self.n, 1)
+        return {"loss": float(loss) / n, "accuracy": float(correct) / n}
+
+
+def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The batch-norm layers that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def bn_batches(data: ImageData, device, num_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Fixed, normalized, unaugmented training batches for recomputing BN statistics."""
+    device = resolve_device(device)
+    g = torch.Generator().manual_seed(seed)
+    need = num_batches * batch_size
+    reps = math.ceil(need / max(len(data), 1))
+    order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(reps)])[:need]
+    out = []
+    for i in range(0, need, batch_size):
+        idx = order[i:i + batch_size]
+        out.append(data.normalize(data.pixels(data.x[idx].to(device))))
+    return out
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> bool:
+    """Reset every BN layer's running statistics and re-estimate them as an exact average over
+    `batches` (train-mode forward passes, momentum=None). Returns False if the model has no BN."""
+    bns = batchnorm_modules(model)
+    if not bns:
+        return False
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: the result does not depend on batch order
+    was_training = model.training
+    model.train()
+    for x in batches:
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+    return True
+
+
+def check_compatible(states: Sequence[dict], names: Sequence[str] = ()) -> None:
+    """Raise ConfigError unless all state dicts have the same keys, shapes and dtypes."""
+    ref = states[0]
+    label = list(names) or [f"model {i}" for i in range(len(states))]
+    for s, nm in zip(states[1:], label[1:]):
+        if list(s) != list(ref):
+            extra = sorted(set(s) ^ set(ref))[:3]
+            raise ConfigError("models", f"{nm} and {label[0]} have different tensors (e.g. {extra})",
+                              "compare copies of the same architecture")
+        for k in ref:
+            if s[k].shape != ref[k].shape or s[k].dtype != ref[k].dtype:
+                raise ConfigError("models", f"{nm}: {k!r} has shape {tuple(s[k].shape)} / {s[k].dtype}, "
+                                  f"{label[0]} has {tuple(ref[k].shape)} / {ref[k].dtype}",
+                                  "compare copies of the same architecture and data shape")
+
+
+def check_mask(mask: Optional[Mask], state: dict) -> None:
+    if mask is None:
+        return
+    for n, m in mask.items():
+        if n not in state:
+            raise ConfigError("mask", f"mask entry {n!r} is not a tensor of the model",
+                              "use the mask the copies were trained with")
+        if tuple(m.shape) != tuple(state[n].shape):
+            raise ConfigError("mask", f"mask entry {n!r} has shape {tuple(m.shape)}, the model's tensor "
+                              f"has {tuple(state[n].shape)}", "use the mask the copies were trained with")
+
+
+def device_mask(mask: Optional[Mask], state: dict) -> dict[str, torch.Tensor]:
+    """Mask entries in the dtype and device of the state's tensors."""
+    if mask is None:
+        return {}
+    return {n: m.to(device=state[n].device, dtype=state[n].dtype) for n, m in mask.items()}
+
+
+@torch.no_grad()
+def _interp_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    if a.is_floating_point() or a.is_complex():
+        # lerp switches formula at 0.5, so α=0 gives a and α=1 gives b bit for bit
+        torch.lerp(a, b, alpha, out=out)
+    elif a.dtype == torch.bool:
+        out.copy_(a if alpha < 0.5 else b)
+    else:
+        # integer buffers (num_batches_tracked): the interpolated count, rounded
+        out.copy_(torch.round(torch.lerp(a.double(), b.double(), alpha)).to(a.dtype))
+
+
+def interpolate_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float,
+                       mask: Optional[Mask] = None) -> dict[str, torch.Tensor]:
+    """(1−α)·a + α·b for every tensor of two state dicts (exact at α=0 and α=1).
+
+    Integer buffers are interpolated and rounded, bool buffers taken from the nearer endpoint. With
+    `mask`, pruned weights are set to exactly zero (they are zero in both endpoints anyway, but this
+    keeps the guarantee for extrapolated α and for endpoints that were not masked).
+    """
+    check_compatible([a, b], ["a", "b"])
+    check_mask(mask, a)
+    out = {}
+    for k in a:
+        t = torch.empty_like(a[k])
+        _interp_into(t, a[k], b[k].to(a[k].device), float(alpha))
+        out[k] = t
+    for n, m in device_mask(mask, out).items():
+        out[n].mul_(m)
+    return out
+
+
+def lmc_alphas(num_points: int) -> list[float]:
+    """The evaluated α: `num_points` evenly spaced in [0, 1], plus 0.5 if not already among them."""
+    alphas = [i / (num_points - 1) for i in range(num_points)]
+    if 0.5 not in alphas:
+        alphas = sorted(alphas + [0.5])
+    return alphas
+
+
+def barriers(alphas: Sequence[float], values: Sequence[float]) -> dict:
+    """Both barrier definitions for one curve (see the module docstring)."""
+    v0, v1 = values[0], values[-1]
+    mid = values[alphas.index(0.5)] - 0.5 * (v0 + v1)
+    mx = max(v - ((1 - a) * v0 + a * v1) for a, v in zip(alphas, values))
+    return {"mid": float(mid), "max": float(mx)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def lmc_curve(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: LMCHparams = LMCHparams(),
+              device="cpu", mask: Optional[Mask] = None) -> dict:
+    """Loss and accuracy along the line between two trained models, and the barriers.
+
+    One working model is reused: at every α its tensors are overwritten in place (no copies of the
+    network per α), and each split is evaluated from pre-normalized device batches. Returns plain
+    data: `alphas`; `<split>_loss` / `<split>_accuracy` lists; `barrier_mid` and `barrier_max`, each a
+    dict with keys `<split>_loss` and `<split>_error`; plus the settings used and `wall_s`.
+    """
+    t0 = time.perf_counter()
+    device = resolve_device(device)
+    lmc_hp.validate()
+    sa = {k: v.detach().to(device) for k, v in model_a.state_dict().items()}
+    sb = {k: v.detach().to(device) for k, v in model_b.state_dict().items()}
+    check_compatible([sa, sb], ["model_a", "model_b"])
+    check_mask(mask, sa)
+    work = copy.deepcopy(model_a).to(device).eval()
+    target = work.state_dict()  # aliases the working model's tensors: writes go straight into it
+    masks = device_mask(mask, target)
+
+    sets = {"train": data.train, "test": data.test}
+    evals = {s: EvalSet(sets[s], device, lmc_hp.eval_batch_size, lmc_hp.eval_examples, seed=i)
+             for i, s in enumerate(SPLITS) if s in lmc_hp.splits}
+    recompute = lmc_hp.bn_mode == "recompute" and bool(batchnorm_modules(work))
+    bn_data = bn_batches(data.train, device, lmc_hp.bn_batches, lmc_hp.bn_batch_size) if recompute else []
+
+    alphas = lmc_alphas(lmc_hp.num_points)
+    curves: dict[str, list[float]] = {f"{s}_{m}": [] for s in evals for m in ("loss", "accuracy")}
+    for alpha in alphas:
+        with torch.no_grad():
+            for k, t in target.items():
+                _interp_into(t, sa[k], sb[k], alpha)
+            for n, m in masks.items():
+                target[n].mul_(m)
+        if recompute:
+            recompute_bn_stats(work, bn_data)
+        for s, ev in evals.items():
+            r = ev.evaluate(work)
+            curves[f"{s}_loss"].append(r["loss"])
+            curves[f"{s}_accuracy"].append(r["accuracy"])
+
+    mid, mx = {}, {}
+    for s in evals:
+        for name, vals in (("loss", curves[f"{s}_loss"]), ("error", [1 - a for a in curves[f"{s}_accuracy"]])):
+            b = barriers(alphas, vals)
+            mid[f"{s}_{name}"], mx[f"{s}_{name}"] = b["mid"], b["max"]
+    return {"alphas": alphas, **curves, "barrier_mid": mid, "barrier_max": mx,
+            "bn_mode": lmc_hp.bn_mode, "bn_recomputed": recompute,
+            "eval_examples": {s: ev.n for s, ev in evals.items()}, "wall_s": time.perf_counter() - t0}
+
+
+def _lmc_seed(hp: ChainHparams, seed: int) -> int:
+    return derive_seed(hp.seed, "lmc", seed)
+
+
+def train_pair(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
+               seeds: Sequence[int] = (0, 1), device="cpu",
+               start_step: Optional[int] = None) -> tuple[tuple[nn.Module, nn.Module], list[dict]]:
+    """Train two copies of `weights ⊙ mask` on the real training set; returns ((A, B), [metrics_A, metrics_B]).
+
+    The copies share weights and mask and differ only in data order and augmentation: copy i uses
+    `derive_seed(hp.seed, "lmc", seeds[i])`, so equal seeds give bitwise-identical copies on CPU.
+    `start_step` defaults to the chain's convention: with `hp.pruning.rewind_epoch = k > 0`, `weights`
+    is the rewind point and training continues the schedule from epoch k.
+    """
+    if len(seeds) != 2:
+        raise ConfigError("seeds", f"need exactly two seeds, got {list(seeds)}", "e.g. (0, 1)")
+    if start_step is None:
+        k = hp.pruning.rewind_epoch
+        start_step = k * steps_per_epoch(len(data.train), hp.training.batch_size) if k else 0
+    models, metrics = [], []
+    for s in seeds:
+        model, m = train_subnetwork(hp, data, weights, mask, device=device, seed=_lmc_seed(hp, s),
+                                    start_step=start_step)
+        m = {k: v for k, v in m.items() if k != "curve"}
+        m["seed"] = int(s)
+        models.append(model)
+        metrics.append(m)
+    return (models[0], models[1]), metrics
+
+
+def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
+                lmc_hp: LMCHparams = LMCHparams(), device="cpu") -> dict:
+    """Train a pair (`train_pair` with `lmc_hp.seeds`) and measure its LMC curve (`lmc_curve`).
+
+    Returns the curve's plain data plus `copies` (each copy's seed, test accuracy/loss, final
+    training loss), `copy_test_accuracy` (their mean), `sparsity`, and `train_s` (training time).
+    """
+    lmc_hp.validate()
+    t0 = time.perf_counter()
+    (a, b), metrics = train_pair(hp, data, weights, mask, lmc_hp.seeds, device)
+    train_s = time.perf_counter() - t0
+    curve = lmc_curve(a, b, data, lmc_hp, device, mask=mask)
+    curve.update(copies=metrics, copy_test_accuracy=sum(m["test_accuracy"] for m in metrics) / 2,
+                 sparsity=mask.sparsity, train_s=train_s)
+    return curve
+
+
+def flat_barriers(result: dict, prefix: str = "lmc_") -> dict[str, float]:
+    """The barriers of an `lmc_curve`/`instability` result as flat metric names
+    (e.g. `lmc_train_loss_barrier_mid`), ready for a metrics logger."""
+    out = {}
+    for kind in ("mid", "max"):
+        for k, v in result[f"barrier_{kind}"].items():
+            out[f"{prefix}{k}_barrier_{kind}"] = v
+    return out

@@ -1,0 +1,96 @@
+"""The result store: one directory per chain, named by its config hash (see docs/results.md).
+
+It is what makes resume and dedup work: a chain that reached round r is never trained to round r
+again, and an evaluation already stored is never recomputed, whichever sweep asks for it. Every file
+is written atomically (temporary name in the same directory, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from .chain import ChainState, CorruptStateError
+from .hparams import ChainHparams
+from .masks import Mask
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ChainStore:
+    """Files of one chain under `<root>/chains/<hash>/`."""
+
+    def __init__(self, root, hp: ChainHparams):
+        self.root = Path(root)
+        self.hp = hp
+        self.hash = hp.hash()
+        self.dir = self.root / "chains" / self.hash
+
+    # ---- state ------------------------------------------------------------------------------
+    def save_state(self, state: ChainState) -> None:
+        """Store the state, the mask of its round and the round history; keep the previous state."""
+        if not (self.dir / "config.json").exists():
+            atomic_write(self.dir / "config.json", json.dumps(self.hp.to_dict(), indent=2).encode())
+        state_file = self.dir / "state.pt"
+        if state_file.exists():
+            os.replace(state_file, self.dir / "state.prev.pt")
+        atomic_write(self.dir / "rounds" / f"round_{state.round:02d}.mask.pt", state.mask.to_bytes())
+        atomic_write(self.dir / "history.jsonl",
+                     "".join(json.dumps(h) + "\n" for h in state.history).encode())
+        atomic_write(state_file, state.to_bytes())
+
+    def load_state(self, on_corrupt=None) -> Optional[ChainState]:
+        """The latest good state, or None. A corrupted latest state is reported through
+        `on_corrupt(message)` and the previous one is used instead."""
+        for name in ("state.pt", "state.prev.pt"):
+            path = self.dir / name
+            if not path.exists():
+                continue
+            try:
+                return ChainState.from_bytes(path.read_bytes(), source=str(path))
+            except CorruptStateError as e:
+                if on_corrupt is None:
+                    raise
+                on_corrupt(str(e))
+        return None
+
+    def mask_at(self, round: int) -> Optional[Mask]:
+        path = self.dir / "rounds" / f"round_{round:02d}.mask.pt"
+        return Mask.load(path) if path.exists() else None
+
+    # ---- evaluations -------------------------------------------------------------------------
+    def _eval_path(self, eval_hash: str, round: int) -> Path:
+        return self.dir / "evals" / eval_hash / f"round_{round:02d}.json"
+
+    def save_eval(self, eval_hash: str, round: int, result: dict) -> None:
+        atomic_write(self._eval_path(eval_hash, round), json.dumps(result).encode())
+
+    def load_eval(self, eval_hash: str, round: int) -> Optional[dict]:
+        path = self._eval_path(eval_hash, round)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def complete(self, eval_hash: str, rounds) -> bool:
+        """True when the chain reached its last round and every evaluation is stored."""
+        state = self.dir / "state.pt"
+        history = self.dir / "history.jsonl"
+        if not state.exists() or not history.exists():
+            return False
+        done_rounds = len(history.read_text().splitlines()) + self._start_round()
+        return (done_rounds >= self.hp.pruning.rounds
+                and all(self._eval_path(eval_hash, r).exists() for r in rounds))
+
+    def _start_round(self) -> int:
+        first = self.dir / "history.jsonl"
+        lines = first.read_text().splitlines() if first.exists() else []
+        return json.loads(lines[0])["round"] if lines else 0

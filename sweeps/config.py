@@ -1,0 +1,206 @@
+"""Sweep configs: YAML presets -> typed, validated SweepHparams -> the list of trials (one per chain).
+
+Everything here runs before Ray starts, so a bad config costs no compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from prunelab.errors import ConfigError
+from prunelab.evaluation import EvalHparams, result_key
+from prunelab.hparams import ChainHparams, Hparams, hp, require, set_path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+# short names accepted by --set for the common grid axes
+AXIS_ALIASES = {"model": "model.name", "dataset": "dataset.name", "seeds": "seed", "ipc": "pruning_data.ipc",
+                "root": "dataset.root"}
+SWEEP_KEYS = ("base", "grid", "variants", "evaluation", "resources", "experiment")
+
+
+@dataclass(frozen=True)
+class VariantHparams(Hparams):
+    name: str = hp("imp", "label of this kind of chain (imp, distilled, random_subset, ...)")
+    set: dict = hp({}, "chain config values that make this variant (nested mapping)")
+    grid: dict = hp({}, "extra grid axes for this variant only (dotted key -> list)")
+    start_from: Optional[str] = hp(None, "start from the mask of this other variant (same grid point)")
+    start_round: int = hp(0, "round of that variant's mask to start from")
+
+    def _validate(self, p):
+        require(bool(self.name), p + "name", "must not be empty")
+        require(self.start_from is None or self.start_round >= 1, p + "start_round",
+                "must be >= 1 with start_from", "e.g. 8 for the paper's 83% synthetic subnetwork")
+
+
+@dataclass(frozen=True)
+class ResourcesHparams(Hparams):
+    cpus_per_trial: float = hp(1.0, "CPUs reserved per chain")
+    gpus_per_trial: float = hp(0.0, "GPUs per chain; a fraction (0.25) packs chains on one GPU")
+    memory_fraction: Optional[float] = hp(None, "cap of GPU memory per chain (default: gpus_per_trial)")
+    max_concurrent: int = hp(0, "most chains at once (0: as many as resources allow)")
+    max_failures: int = hp(2, "retries of a failed chain, each from its last checkpoint")
+
+    def _validate(self, p):
+        require(self.cpus_per_trial > 0, p + "cpus_per_trial", f"must be positive, got {self.cpus_per_trial}")
+        g = self.gpus_per_trial
+        require(g >= 0, p + "gpus_per_trial", f"must be >= 0, got {g}")
+        if 0 < g < 1:
+            require(abs(1 / g - round(1 / g)) < 1e-6, p + "gpus_per_trial",
+                    f"{g} does not divide one GPU evenly", "use 1/n: 0.5, 0.25, 0.2, 0.125, ...")
+        elif g >= 1:
+            require(float(g).is_integer(), p + "gpus_per_trial", f"must be a whole number above 1, got {g}")
+        m = self.memory_fraction
+        require(m is None or 0 < m <= 1, p + "memory_fraction", f"must be in (0, 1], got {m}")
+        require(self.max_concurrent >= 0, p + "max_concurrent", "must be >= 0")
+        require(self.max_failures >= 0, p + "max_failures", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SweepHparams(Hparams):
+    experiment: str = hp("", "MLflow experiment (default prunelab-<figure>)")
+    base: dict = hp({}, "chain config shared by every trial (ChainHparams as a nested mapping)")
+    grid: dict = hp({}, "grid axes: dotted chain key -> list of values (cartesian product)")
+    variants: tuple[VariantHparams, ...] = hp((VariantHparams(),), "kinds of chain compared")
+    evaluation: EvalHparams = hp(EvalHparams(), "what is measured at the evaluation rounds")
+    resources: ResourcesHparams = hp(ResourcesHparams(), "Ray resources per chain")
+
+    def _validate(self, p):
+        for k, v in self.grid.items():
+            require(isinstance(v, (list, tuple)) and len(v) > 0, f"{p}grid.{k}", f"must be a non-empty list, got {v!r}",
+                    f"write e.g. {k}: [value1, value2]")
+        names = [v.name for v in self.variants]
+        require(len(set(names)) == len(names), p + "variants", f"variant names repeat: {names}", "name each variant once")
+        for i, v in enumerate(self.variants):
+            require(v.start_from is None or v.start_from in names, f"{p}variants[{i}].start_from",
+                    f"no variant named {v.start_from!r}", "use one of " + ", ".join(names))
+
+
+@dataclass
+class Trial:
+    """One chain of a sweep and what to measure on it."""
+
+    variant: str
+    chain: ChainHparams
+    rounds: list[int]
+    evaluation: EvalHparams
+    axes: dict
+
+    @property
+    def key(self) -> str:
+        """Trial identity: chain hash + evaluation settings + rounds (+ chain length)."""
+        blob = json.dumps([self.chain.hash(), self.chain.pruning.rounds, result_key(self.evaluation),
+                           self.rounds, self.variant], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        short = {v: k for k, v in AXIS_ALIASES.items()}
+        parts = [self.variant] + [f"{short.get(k, k.split('.')[-1])}={v}" for k, v in self.axes.items()]
+        return ",".join(parts)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_sweep_yaml(figure: str, preset: str, path: Optional[str] = None) -> dict:
+    """The raw mapping of one preset of a figure's YAML (sweeps/configs/<figure>.yaml)."""
+    file = Path(path) if path else CONFIG_DIR / f"{figure}.yaml"
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {file}: {e.strerror}", "give an existing YAML file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(file), f"malformed YAML: {e}", "fix the YAML syntax at the line shown") from None
+    if not isinstance(doc, dict) or "presets" not in doc:
+        raise ConfigError(str(file), "no 'presets' mapping", "put each preset under presets: <name>:")
+    unknown = sorted(set(doc) - {"figure", "description", "presets"})
+    if unknown:
+        raise ConfigError(f"{file.name}: {unknown[0]}", "unknown key", "use figure, description, presets")
+    presets = doc["presets"] or {}
+    if preset not in presets:
+        raise ConfigError("--preset", f"{figure} has no preset {preset!r}", "use one of " + ", ".join(sorted(presets)))
+    return copy.deepcopy(presets[preset]) or {}
+
+
+def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """`--set` values: keys starting with a sweep field (evaluation.lmc, resources.gpus_per_trial, ...)
+    set that field; any other key is a chain key made a grid axis (`model=resnet18_bn`,
+    `seeds=[0,1]`, `training.epochs=5`), replacing the base value and any grid entry for it."""
+    for key, value in overrides:
+        head = key.split(".", 1)[0]
+        if head in SWEEP_KEYS:
+            set_path(raw, key, value)
+            continue
+        axis = AXIS_ALIASES.get(key, key)
+        raw.setdefault("grid", {})[axis] = list(value) if isinstance(value, (list, tuple)) else [value]
+    return raw
+
+
+def _format_paths(data: dict) -> None:
+    """IDC files differ per data set and ipc: `pruning_data.path` may hold {dataset}, {ipc}, {model}."""
+    pd = data.get("pruning_data") or {}
+    if isinstance(pd.get("path"), str) and "{" in pd["path"]:
+        try:
+            pd["path"] = pd["path"].format(dataset=(data.get("dataset") or {}).get("name", "digits"),
+                                           ipc=pd.get("ipc"), model=(data.get("model") or {}).get("name", "convnet3"))
+        except (KeyError, IndexError) as e:
+            raise ConfigError("pruning_data.path", f"unknown placeholder {e} in {pd['path']!r}",
+                              "use {dataset}, {ipc} or {model}") from None
+
+
+def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
+    """Every (variant × grid point) as a validated Trial; duplicates (same key) removed."""
+    trials: dict[str, Trial] = {}
+    by_point: dict[tuple, dict[str, ChainHparams]] = {}
+    ordered = sorted(sweep.variants, key=lambda v: v.start_from is not None)  # start chains first
+    for vi, variant in enumerate(ordered):
+        axes = {**sweep.grid, **variant.grid}
+        keys = list(axes)
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            point = dict(zip(keys, combo))
+            data = _deep_merge(sweep.base, variant.set)
+            for k, v in point.items():
+                set_path(data, k, v)
+            _format_paths(data)
+            where = f"variant {variant.name!r}" + (f" at {point}" if point else "")
+            shared = tuple(sorted((k, json.dumps(v)) for k, v in point.items() if k in sweep.grid))
+            if variant.start_from:
+                start = by_point.get(shared, {}).get(variant.start_from)
+                if start is None:
+                    raise ConfigError(f"variants.{variant.name}.start_from",
+                                      f"no {variant.start_from!r} chain at {dict(shared)} ({where})",
+                                      "give both variants the same grid axes")
+                data["start_from"] = start.replace(pruning=start.pruning.replace(rounds=variant.start_round)).to_dict()
+                data["start_round"] = variant.start_round
+            try:
+                chain = ChainHparams.from_dict(data)
+                rounds = sweep.evaluation.resolve_rounds(chain)
+            except ConfigError as e:
+                raise ConfigError(e.field, f"{e.problem} ({where})", e.fix) from None
+            by_point.setdefault(shared, {})[variant.name] = chain
+            t = Trial(variant.name, chain, rounds, sweep.evaluation, point)
+            trials.setdefault(t.key, t)
+    return list(trials.values())
+
+
+def load_sweep(figure: str, preset: str, overrides: list[tuple[str, Any]] = (), path: Optional[str] = None
+               ) -> tuple[SweepHparams, dict]:
+    """Parse, override and validate one preset; returns the typed sweep and its resolved mapping."""
+    raw = apply_overrides(load_sweep_yaml(figure, preset, path), list(overrides))
+    typed = dict(raw)
+    variants = raw.get("variants")
+    if isinstance(variants, dict):  # YAML writes variants as name -> spec, so --set can reach them
+        typed["variants"] = [{"name": n, **(v or {})} for n, v in variants.items()]
+    return SweepHparams.from_dict(typed), raw

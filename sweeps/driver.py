@@ -1,0 +1,255 @@
+"""The shared sweep driver behind sweeps/fig*.py: validate, expand, dedup, start Ray, run, report.
+
+    python sweeps/fig6.py                          # demo preset on the embedded digits data, local Ray
+    python sweeps/fig6.py --address auto --preset paper --set root=/data/cifar --storage-path s3://bucket/prunelab
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from prunelab.errors import ConfigError
+from prunelab.evaluation import result_key
+
+from .config import Trial, expand, load_sweep
+from .preflight import check_cluster, check_data, check_storage, is_uri
+
+RUN_NAME_FORMAT = "{figure}-{preset}"
+
+
+def parse_args(figure: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python sweeps/{figure}.py",
+                                description=f"Run the {figure} sweep: one Ray Tune trial per IMP chain, logged to MLflow.")
+    p.add_argument("--preset", default="demo", help="config preset: demo (digits, CPU, minutes) or paper")
+    p.add_argument("--config", help="sweep YAML (default: sweeps/configs/%s.yaml)" % figure)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides: chain keys become grid axes (model=resnet18_bn seeds=[0,1] training.epochs=5); "
+                        "evaluation.*, resources.*, base.* set sweep fields")
+    p.add_argument("--address", help="Ray cluster to join ('auto' for the running one); none: start a local Ray")
+    p.add_argument("--storage-path", default=str(Path("runs") / figure),
+                   help="results: absolute path or s3:// / gs:// URI (relative paths are made absolute)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file next to the results)")
+    p.add_argument("--experiment", help="MLflow experiment name (default: prunelab-%s)" % figure)
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per chain; fractions (0.25) pack chains on a GPU")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per chain")
+    p.add_argument("--max-concurrent", type=int, help="most chains at once")
+    p.add_argument("--max-failures", type=int, help="retries of a failed chain")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    p.add_argument("--no-analysis", action="store_true", help="skip the figure at the end")
+    return p.parse_args(argv)
+
+
+def _overrides(args) -> list:
+    from prunelab.cli import parse_overrides
+
+    out = parse_overrides(args.set)
+    for flag, key in (("gpus_per_trial", "resources.gpus_per_trial"), ("cpus_per_trial", "resources.cpus_per_trial"),
+                      ("max_concurrent", "resources.max_concurrent"), ("max_failures", "resources.max_failures")):
+        if getattr(args, flag) is not None:
+            out.append((key, getattr(args, flag)))
+    return out
+
+
+def _storage(path: str) -> str:
+    if is_uri(path):
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _local_storage(storage: str) -> Path:
+    """Where the result store, the MLflow SQLite file and the synthetic-set cache live. For a URI
+    storage path, Ray's bookkeeping goes to the URI and the store to PRUNELAB_STORE (shared FS)."""
+    if not is_uri(storage):
+        return Path(storage)
+    shared = os.environ.get("PRUNELAB_STORE")
+    if not shared:
+        raise ConfigError("--storage-path", f"{storage} is a URI; the chain store needs a shared file system",
+                          "also set PRUNELAB_STORE to a directory every node mounts (e.g. NFS)")
+    return Path(shared).resolve()
+
+
+def trial_spec(t: Trial, figure: str, local: Path, res, extra: dict) -> dict:
+    return {"key": t.key, "variant": t.variant, "label": t.label(), "figure": figure, "chain": t.chain.to_dict(),
+            "chain_hash": t.chain.hash(), "eval": t.evaluation.to_dict(), "rounds": t.rounds,
+            "store": str(local / "store"), "cache_dir": str(local / "cache"),
+            "cpus": res.cpus_per_trial, "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None),
+            **extra}
+
+
+def print_trials(trials: list[Trial], res, skipped: set) -> None:
+    print(f"{len(trials)} trials ({len(skipped)} already complete), each {res.cpus_per_trial:g} CPU"
+          f" + {res.gpus_per_trial:g} GPU:")
+    for t in trials:
+        mark = "done " if t.key in skipped else "run  "
+        print(f"  {mark}{t.key}  {t.label():60s} rounds->{t.chain.pruning.rounds} eval@{t.rounds}")
+
+
+def _dirname(trial) -> str:
+    spec = trial.config["spec"]
+    return f"{spec['variant']}_{spec['key'][:10]}"
+
+
+def main(figure: str, argv=None) -> int:
+    args = parse_args(figure, argv)
+    try:
+        return run_sweep(figure, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_sweep(figure: str, args) -> int:
+    t0 = time.time()
+    # 1. everything that can be checked without Ray
+    sweep, raw = load_sweep(figure, args.preset, _overrides(args), args.config)
+    trials = expand(sweep, figure)
+    for t in trials:
+        check_data(t.chain)
+    storage = _storage(args.storage_path)
+    check_storage(storage, args.address)
+    local = _local_storage(storage)
+    res = sweep.resources
+    experiment = args.experiment or sweep.experiment or f"prunelab-{figure}"
+    from .tracking import default_tracking_uri, ensure_experiment, finished_trial_runs, start_parent_run
+
+    tracking_uri = args.tracking_uri or default_tracking_uri(local)
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        raise ConfigError("--tracking-uri", f"{tracking_uri} is a relative SQLite path; trials run in their own "
+                          "directories", "use an absolute path: sqlite:////abs/path/mlflow.db (four slashes)")
+
+    skipped: set = set()
+    if args.dry_run:
+        print_trials(trials, res, skipped)
+        return 0
+
+    # 2. MLflow store, experiment and parent run, before any trial can race to create them
+    local.mkdir(parents=True, exist_ok=True)
+    exp_id = ensure_experiment(tracking_uri, experiment)
+    done_runs = finished_trial_runs(tracking_uri, exp_id)
+    from prunelab.store import ChainStore
+
+    for t in trials:
+        if t.key in done_runs and ChainStore(local / "store", t.chain).complete(result_key(t.evaluation), t.rounds):
+            skipped.add(t.key)
+    print_trials(trials, res, skipped)
+    summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "chain_hash": t.chain.hash(),
+                "rounds": t.rounds, "run_id": done_runs.get(t.key)} for t in trials]
+    parent = start_parent_run(tracking_uri, exp_id, figure, args.preset, raw, summary)
+    print(f"MLflow: experiment {experiment!r} (id {exp_id}), parent run {parent}, tracking URI {tracking_uri}")
+
+    todo = [t for t in trials if t.key not in skipped]
+    errors: list[str] = []
+    if todo:
+        errors = _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent)
+    else:
+        print("every trial is already complete: nothing to compute")
+
+    # 3. the figure, from what MLflow holds
+    if not args.no_analysis:
+        _analysis(figure, experiment, tracking_uri, local, parent)
+    from .tracking import client
+
+    client(tracking_uri).set_terminated(parent, "FAILED" if errors else "FINISHED")
+    print(f"sweep finished in {time.time() - t0:.0f} s: {len(trials)} trials, {len(todo)} run, "
+          f"{len(skipped)} reused, {len(errors)} failed")
+    print(f"browse: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    if errors:
+        print("failed trials:", file=sys.stderr)
+        for e in errors:
+            print(f"  {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _init_ray(args, res):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if args.address:
+        try:
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError("--address", f"no Ray cluster at {args.address!r} ({str(e).splitlines()[0]})",
+                              "start one with `ray start --head` or drop --address to run locally") from None
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent) -> list[str]:
+    ray = _init_ray(args, res)
+    from ray import tune
+
+    from .trainable import chain_trial
+    from .tracking import ChainRun, git_commit
+
+    check_cluster(res, args.address, storage)
+    extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit()}
+    specs = [trial_spec(t, figure, local, res, extra) for t in todo]
+    trainable = tune.with_resources(chain_trial, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
+    name = RUN_NAME_FORMAT.format(figure=figure, preset=args.preset)
+    path = f"{ray_dir}/{name}"
+    run_config = tune.RunConfig(
+        name=name, storage_path=ray_dir,
+        failure_config=tune.FailureConfig(max_failures=res.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+    if args.resume and tune.Tuner.can_restore(path):
+        print(f"resuming {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True,
+                                   param_space={"spec": tune.grid_search(specs)})
+    else:
+        if (not is_uri(path)) and Path(path).exists():
+            # a fresh run of the same sweep: Tune's own bookkeeping starts over; the store dedups
+            os.replace(path, f"{path}.{time.strftime('%Y%m%d-%H%M%S')}")
+        tuner = tune.Tuner(trainable, param_space={"spec": tune.grid_search(specs)},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent or None,
+                                                       trial_dirname_creator=_dirname),
+                           run_config=run_config)
+    results = tuner.fit()
+    errors = []
+    for r in results:
+        spec = r.config["spec"] if r.config else {}
+        failure = r.error or (r.metrics or {}).get("failure")
+        if failure:
+            errors.append(f"{spec.get('label', '?')} [{spec.get('key', '?')}]: {str(failure).strip().splitlines()[-1]}")
+    if errors:
+        # runs of trials that gave up are closed as FAILED so that nothing looks still running
+        from .tracking import client
+
+        c = client(tracking_uri)
+        for r in results:
+            spec = r.config["spec"] if r.config else {}
+            if r.error and spec:
+                for run in c.search_runs([exp_id], f"tags.`prunelab.trial_key` = '{spec['key']}' and "
+                                         "tags.`prunelab.status` = 'running'"):
+                    ChainRun(tracking_uri, run.info.run_id).finish("FAILED", str(r.error).strip().splitlines()[-1])
+    return errors
+
+
+def _analysis(figure: str, experiment: str, tracking_uri: str, local: Path, parent: str) -> Optional[dict]:
+    try:
+        import analysis
+    except ImportError as e:
+        print(f"analysis skipped: {e}")
+        return None
+    out = local / "figures" / figure
+    result = analysis.run(figure, experiment, tracking_uri, out, parent_run_id=parent)
+    for p in result.get("figures", []):
+        print(f"figure: {p}")
+    for p in result.get("tables", []):
+        print(f"table:  {p}")
+    if result.get("report"):
+        print(f"report: {result['report']}")
+    for m in result.get("missing", []):
+        print(f"missing: {m}")
+    return result

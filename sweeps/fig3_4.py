@@ -1,0 +1,11 @@
+"""The fig3_4 sweep (see sweeps/configs/fig3_4.yaml). `python sweeps/fig3_4.py --help` lists the options."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, also when not installed
+
+from sweeps.driver import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("fig3_4"))

@@ -1,0 +1,78 @@
+"""Checks that stop a sweep with one clear message before it costs compute: data on disk, storage
+that every node can reach, and resource requests the cluster can satisfy (Ray would otherwise leave
+such trials pending forever)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prunelab.data import IMAGENET10_WNIDS
+from prunelab.errors import ConfigError, DataNotFoundError
+from prunelab.hparams import ChainHparams
+
+URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
+
+
+def is_uri(path: str) -> bool:
+    return path.startswith(URI_SCHEMES)
+
+
+def check_data(hp: ChainHparams) -> None:
+    """The data a chain reads exists (without loading it)."""
+    d = hp.dataset
+    layouts = {"cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
+               "imagenet10": [f"{s}/{w}" for s in ("train", "val") for w in IMAGENET10_WNIDS]}
+    if d.name in layouts:
+        if not d.root:
+            raise DataNotFoundError("dataset.root", f"{d.name} needs a local data directory",
+                                    f"--set root=/path/to/data (holding {layouts[d.name][0]}/)")
+        root = Path(d.root).expanduser()
+        if not root.is_absolute():
+            raise ConfigError("dataset.root", f"{d.root} is relative; trials run in their own directories",
+                              f"use an absolute path, e.g. {root.resolve()}")
+        missing = [p for p in layouts[d.name] if not (root / p).is_dir()]
+        if missing:
+            raise DataNotFoundError("dataset.root", f"{root} lacks {missing[0]}/" +
+                                    (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                                    f"put the {d.name} data there or point dataset.root at it")
+    pd = hp.pruning_data
+    if pd.kind == "idc_file":
+        p = Path(pd.path).expanduser()
+        if not p.is_absolute():
+            raise ConfigError("pruning_data.path", f"{pd.path} is relative", f"use an absolute path, e.g. {p.resolve()}")
+        if not (p.is_file() or (p / "data.pt").is_file()):
+            raise DataNotFoundError("pruning_data.path", f"no IDC data.pt at {p}",
+                                    "point it at IDC's data.pt or the folder holding it")
+    if hp.start_from is not None:
+        check_data(hp.start_chain())
+
+
+def check_storage(storage: str, address) -> None:
+    if is_uri(storage):
+        return
+    if not Path(storage).is_absolute():
+        raise ConfigError("--storage-path", f"{storage} is not absolute", "give an absolute path or an s3:// / gs:// URI")
+
+
+def check_cluster(res, address, storage: str) -> None:
+    """After ray.init: resource requests fit a node, and multi-node clusters get shared storage."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    if res.gpus_per_trial > 0:
+        best = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+        if res.gpus_per_trial > best:
+            raise ConfigError("resources.gpus_per_trial",
+                              f"each chain asks for {res.gpus_per_trial:g} GPU but no node has that many "
+                              f"(cluster total: {total.get('GPU', 0):g})",
+                              "lower --gpus-per-trial, or add GPU nodes to the cluster")
+    best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
+    if res.cpus_per_trial > best_cpu:
+        raise ConfigError("resources.cpus_per_trial",
+                          f"each chain asks for {res.cpus_per_trial:g} CPUs, the largest node has {best_cpu:g}",
+                          "lower --cpus-per-trial")
+    if len(nodes) > 1 and not is_uri(storage) and os.environ.get("PRUNELAB_SHARED_STORAGE") != "1":
+        raise ConfigError("--storage-path", f"{storage} is local but the cluster has {len(nodes)} nodes",
+                          "use an s3:// / gs:// URI, or a shared file system and set PRUNELAB_SHARED_STORAGE=1")

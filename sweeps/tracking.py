@@ -1,0 +1,159 @@
+"""MLflow at the edge: the driver creates the store, the experiment and the parent run before any
+trial starts; each chain logs into its own child run whose id lives in its checkpoint, so a retried
+or restored trial continues the same run. Metrics are synced from the result store by step, so a
+crash between computing and logging never loses or duplicates a step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+RETRIES = 5
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b": "value"} with JSON for lists and None."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, str) else json.dumps(v)
+    return out
+
+
+def retry(fn: Callable, *args, what: str = "MLflow call", **kwargs):
+    """Call `fn`, retrying transient failures (SQLite busy, server restarting) with backoff."""
+    delay = 0.5
+    for attempt in range(RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the store's errors vary by backend; the last one is raised
+            if attempt == RETRIES - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+
+
+def default_tracking_uri(storage: Path) -> str:
+    return f"sqlite:///{(storage / 'mlflow.db').resolve()}"  # sqlite:////abs/path: four slashes
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Create the store (SQLite tables) and the experiment once, in the driver; return its id."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def start_parent_run(tracking_uri: str, experiment_id: str, figure: str, preset: str, config: dict,
+                     trials: list[dict]) -> str:
+    c = client(tracking_uri)
+    run = c.create_run(experiment_id, run_name=f"{figure}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+                       tags={"prunelab.role": "sweep", "prunelab.figure": figure, "prunelab.preset": preset,
+                             "prunelab.git_commit": git_commit()})
+    c.log_param(run.info.run_id, "preset", preset)
+    c.log_param(run.info.run_id, "trials", str(len(trials)))
+    c.log_text(run.info.run_id, _yaml(config), "sweep/config.yaml")
+    c.log_text(run.info.run_id, json.dumps(trials, indent=2), "sweep/trials.json")
+    return run.info.run_id
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def finished_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
+    """trial key -> run id of the chain runs that finished in this experiment."""
+    c = client(tracking_uri)
+    runs = c.search_runs([experiment_id], filter_string="tags.`prunelab.role` = 'chain' and "
+                         "tags.`prunelab.status` = 'finished'", max_results=50000)
+    return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}
+
+
+class ChainRun:
+    """The child run of one chain, created once and reopened on retry."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.c = client(tracking_uri)
+        self.run_id = run_id
+
+    @classmethod
+    def open(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: dict,
+             run_id: Optional[str] = None) -> "ChainRun":
+        c = client(tracking_uri)
+        if run_id:
+            retry(c.update_run, run_id, status="RUNNING")
+            retry(c.set_tag, run_id, "prunelab.status", "running")
+            return cls(tracking_uri, run_id)
+        tags = {"mlflow.parentRunId": parent_run_id, "prunelab.role": "chain", "prunelab.figure": spec["figure"],
+                "prunelab.chain_hash": spec["chain_hash"], "prunelab.trial_key": spec["key"],
+                "prunelab.variant": spec["variant"], "prunelab.status": "running",
+                "prunelab.git_commit": spec.get("git_commit", "unknown")}
+        run = retry(c.create_run, experiment_id, run_name=spec["label"], tags=tags)
+        self = cls(tracking_uri, run.info.run_id)
+        from mlflow.entities import Param
+
+        params = flatten(spec["chain"])
+        params["eval.rounds"] = ",".join(map(str, spec["rounds"]))
+        params = {k: (v if len(v) <= 6000 else v[:5990] + "...") for k, v in params.items()}
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            retry(c.log_batch, self.run_id, params=items[i:i + 100])
+        return self
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in retry(self.c.get_metric_history, self.run_id, key)}
+
+    def log_steps(self, records: Iterable[tuple[int, dict]], sentinel: str) -> int:
+        """Log each (step, metrics) whose `sentinel` metric is not yet logged at that step; the
+        sentinel goes in the same batch, so a step is either fully logged or not at all."""
+        from mlflow.entities import Metric
+
+        done = self.logged_steps(sentinel)
+        n = 0
+        now = int(time.time() * 1000)
+        for step, metrics in records:
+            if step in done:
+                continue
+            batch = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())]
+            retry(self.c.log_batch, self.run_id, metrics=batch)
+            n += 1
+        return n
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        retry(self.c.log_text, self.run_id, text, artifact_file)
+
+    def log_file(self, path: str, artifact_path: Optional[str] = None) -> None:
+        retry(self.c.log_artifact, self.run_id, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED", reason: str = "") -> None:
+        tag = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}[status]
+        retry(self.c.set_tag, self.run_id, "prunelab.status", tag)
+        if reason:
+            retry(self.c.set_tag, self.run_id, "prunelab.failure", reason[:5000])
+        retry(self.c.set_terminated, self.run_id, status)
+
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
