@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Union
@@ -102,10 +101,9 @@ class Mask(OrderedDict):
         return cls((k, v.bool()) for k, v in d.items())
 
     def save(self, path: Union[str, Path]) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)
+        from .files import atomic_write
+
+        atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Mask":

@@ -13,19 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from .chain import ChainState, CorruptStateError
+from .files import atomic_write
 from .hparams import ChainHparams
 from .masks import Mask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ChainStore:

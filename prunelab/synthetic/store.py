@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..data import ImageData, cache_dir
+from ..files import atomic_write
 
 # bump when a distiller's output changes for the same inputs, so old entries are not reused
 CODE_VERSION = 1
@@ -39,15 +39,6 @@ def make_key(spec: dict) -> str:
     """Content hash of a synthetic set's defining inputs (`spec` must be JSON-ready)."""
     blob = json.dumps({"code_version": CODE_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class SyntheticStore:
@@ -78,8 +69,8 @@ class SyntheticStore:
         payload = buf.getvalue()
         full = {**meta, "key": key, "code_version": CODE_VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
                 "bytes": len(payload), "shape": list(data.x.shape), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write(d / "data.pt", payload)
-        _atomic_write(d / "meta.json", json.dumps(full, indent=2, sort_keys=True).encode())
+        atomic_write(d / "data.pt", payload)
+        atomic_write(d / "meta.json", json.dumps(full, indent=2, sort_keys=True).encode())
         return full
 
     def load_tensors(self, key: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
