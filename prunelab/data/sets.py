@@ -204,6 +204,30 @@ def load_imagenet10(hp) -> DataSplit:
                      _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))
 
 
+ROOT_LAYOUTS = {"cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
+                "imagenet10": [f"{s}/{w}" for s in ("train", "val") for w in IMAGENET10_WNIDS]}
+
+
+def check_root(hp) -> None:
+    """Without loading anything: the folders `hp` (DatasetHparams) reads are there, at an absolute
+    path (sweep trials run in their own directories). Data sets without a root pass."""
+    if hp.name not in ROOT_LAYOUTS:
+        return
+    layout = ROOT_LAYOUTS[hp.name]
+    if not hp.root:
+        raise DataNotFoundError("dataset.root", f"{hp.name} needs a local data directory",
+                                f"--set root=/path/to/data (holding {layout[0]}/)")
+    root = Path(hp.root).expanduser()
+    if not root.is_absolute():
+        raise ConfigError("dataset.root", f"{hp.root} is relative; trials run in their own directories",
+                          f"use an absolute path, e.g. {root.resolve()}")
+    missing = [p for p in layout if not (root / p).is_dir()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataNotFoundError("dataset.root", f"{root} lacks {missing[0]}/{more}",
+                                f"put the {hp.name} data there or point dataset.root at it")
+
+
 DATASETS = {
     "digits": load_digits,
     "shapes": load_shapes,

@@ -1,0 +1,225 @@
+"""`python -m prunelab.doctor`: check this machine before a sweep wastes compute on it.
+
+    python -m prunelab.doctor
+    python -m prunelab.doctor --address auto --tracking-uri sqlite:////abs/runs/mlflow.db \
+        --data-root cifar10=/data/cifar --data-root imagenet10=/data/imagenet
+
+Each check prints `ok`, `warn` or `FAIL` with what is wrong and how to fix it; the exit code is 1
+when any check fails. Ray and MLflow are imported only inside their checks (the science core does not
+depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}[self.status]
+        out = f"[{mark}] {self.name}: {self.detail}"
+        return out + (f"\n         fix: {self.fix}" if self.fix and self.status != "ok" else "")
+
+
+def check_imports() -> list[Check]:
+    out = []
+    for mod, fix in (("torch", "pip install -e . (installs torch)"),
+                     ("torchvision", "pip install -e . ; do not pin torch to a version whose torchvision wheel "
+                                     "fails to import on this machine"),
+                     ("ray.tune", "pip install -e . (installs ray[tune,train]==2.60.0)"),
+                     ("mlflow", "pip install -e . (installs mlflow>=3.17,<3.18)"),
+                     ("sklearn", "pip install -e . (installs scikit-learn, which ships the digits set)")):
+        try:
+            m = importlib.import_module(mod)
+            version = getattr(m, "__version__", "") or getattr(sys.modules[mod.split(".")[0]], "__version__", "")
+            out.append(Check(f"import {mod}", "ok", version))
+        except Exception as e:  # noqa: BLE001 - any import failure is the finding
+            out.append(Check(f"import {mod}", "fail", f"{type(e).__name__}: {e}", fix))
+    return out
+
+
+def check_cuda() -> Check:
+    import torch
+
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        return Check("CUDA", "warn", f"no GPU visible{why}; chains run on the CPU",
+                     "on a GPU machine install a CUDA build of torch and check nvidia-smi")
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    try:
+        torch.ones(1, device="cuda").add_(1).item()
+    except Exception as e:  # noqa: BLE001
+        return Check("CUDA", "fail", f"{len(names)} GPU(s) visible but a kernel failed: {e}",
+                     "check the driver version against torch.version.cuda")
+    return Check("CUDA", "ok", f"{len(names)} GPU(s): {', '.join(names)}; torch CUDA {torch.version.cuda}")
+
+
+def check_digits() -> Check:
+    try:
+        from .data import load_dataset
+        from .hparams import DatasetHparams
+
+        split = load_dataset(DatasetHparams(name="digits"))
+        return Check("embedded data set", "ok", f"digits: {len(split.train)} train / {len(split.test)} test images")
+    except Exception as e:  # noqa: BLE001
+        return Check("embedded data set", "fail", f"digits cannot be loaded: {e}", "pip install scikit-learn")
+
+
+def resolve_ray_address(address: str, timeout: float = 3.0) -> str:
+    """`address` ('auto' or host:port) as the host:port of a Ray cluster that accepts connections.
+
+    Raises ConfigError('--address', ...) at once when none is running there; `ray.init` itself would
+    retry for minutes before giving up."""
+    import socket
+
+    from .errors import ConfigError
+
+    fix = "start one with `ray start --head`, or drop --address to start a local Ray"
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError/ValueError here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("--address", f"no Ray cluster found for {address!r} ({first})", fix) from None
+    if resolved is None:
+        raise ConfigError("--address", f"no Ray cluster found for {address!r}", fix)
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError("--address", f"no Ray cluster answers at {resolved} ({e})", fix) from None
+    return resolved
+
+
+def check_ray(address: Optional[str]) -> Check:
+    from .errors import ConfigError
+
+    if not address:
+        return Check("Ray cluster", "ok", "no --address given: sweeps start a local Ray")
+    try:
+        resolved = resolve_ray_address(address)
+    except ConfigError as e:
+        return Check("Ray cluster", "fail", e.problem, e.fix)
+    try:
+        import ray
+
+        ray.init(address=resolved, include_dashboard=False, log_to_driver=False)
+        try:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            res = ray.cluster_resources()
+        finally:
+            ray.shutdown()
+        return Check("Ray cluster", "ok", f"{resolved}: {len(nodes)} node(s), {res.get('CPU', 0):g} CPUs, "
+                                          f"{res.get('GPU', 0):g} GPUs")
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Check("Ray cluster", "fail", f"cannot join {resolved}: {first}",
+                     "check the cluster's token (RAY_AUTH_TOKEN) and version match this machine's Ray")
+
+
+def check_tracking(uri: Optional[str]) -> Check:
+    if not uri:
+        return Check("MLflow tracking", "ok", "no --tracking-uri given: sweeps use a SQLite file next to the results")
+    if uri.startswith("sqlite:"):
+        if not uri.startswith("sqlite:////"):
+            return Check("MLflow tracking", "fail", f"{uri} is a relative SQLite path",
+                         "use sqlite:////absolute/path/mlflow.db (four slashes): trials run in their own directories")
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            return Check("MLflow tracking", "fail", f"{folder} does not exist", f"mkdir -p {folder}")
+        if not os.access(folder, os.W_OK):
+            return Check("MLflow tracking", "fail", f"{folder} is not writable", "choose a writable directory")
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        return Check("MLflow tracking", "ok", f"{uri} answers")
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return Check("MLflow tracking", "fail", f"{uri}: {first}",
+                     "start the server (mlflow server --backend-store-uri sqlite:////abs/mlflow.db) or fix the URI")
+
+
+def check_writable(name: str, folder: Path) -> Check:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+        return Check(name, "ok", f"{folder} is writable")
+    except OSError as e:
+        return Check(name, "fail", f"{folder}: {e.strerror}", "point it at a writable directory")
+
+
+def check_data_root(spec: str) -> Check:
+    from .data import ROOT_LAYOUTS, check_root
+    from .errors import ConfigError
+    from .hparams import DatasetHparams
+
+    if "=" not in spec:
+        return Check("data root", "fail", f"{spec!r} is not NAME=PATH", "write e.g. --data-root cifar10=/data/cifar")
+    name, root = spec.split("=", 1)
+    try:
+        hp = DatasetHparams.from_dict({"name": name, "root": root}, "dataset")
+        if hp.name not in ROOT_LAYOUTS:
+            return Check(f"data root {name}", "warn", f"{name} reads no root (it ships or is generated)",
+                         "drop this --data-root")
+        check_root(hp)
+    except ConfigError as e:
+        return Check(f"data root {name}", "fail", e.problem, e.fix)
+    return Check(f"data root {name}", "ok", f"{root} has the expected layout")
+
+
+def run_checks(address: Optional[str] = None, tracking_uri: Optional[str] = None, data_roots=(),
+               storage: Optional[str] = None) -> list[Check]:
+    """Every check, in order; imports first (the others need torch)."""
+    checks = check_imports()
+    if any(c.status == "fail" and c.name == "import torch" for c in checks):
+        return checks
+    from .data import cache_dir
+
+    steps: list[Callable[[], Check]] = [check_cuda, check_digits,
+                                        lambda: check_writable("cache directory", cache_dir())]
+    if storage:
+        steps.append(lambda: check_writable("storage path", Path(storage)))
+    steps += [lambda: check_ray(address), lambda: check_tracking(tracking_uri)]
+    steps += [lambda s=s: check_data_root(s) for s in data_roots]
+    for step in steps:
+        checks.append(step())
+    return checks
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m prunelab.doctor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", help="Ray cluster to check (e.g. auto)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI to check")
+    p.add_argument("--storage-path", help="local result directory to check for write access")
+    p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
+                   help="a data set root to check, e.g. cifar10=/data/cifar (repeatable)")
+    args = p.parse_args(argv)
+    checks = run_checks(args.address, args.tracking_uri, args.data_root, args.storage_path)
+    for c in checks:
+        print(c.line())
+    failed = [c for c in checks if c.status == "fail"]
+    print(f"\n{len(checks)} checks: {len(failed)} failed, {sum(c.status == 'warn' for c in checks)} warnings")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
