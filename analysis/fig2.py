@@ -18,13 +18,15 @@ from .output import FigureResult, save_fig, write_csv
 
 
 def data_per_mask(chain) -> dict[int, tuple[float, float]]:
-    """round r -> (cumulative images seen before mask r, distinct images); only where all r rounds logged."""
+    """round r -> (cumulative images seen before mask r, distinct images); only where all those rounds
+    logged. A chain started from another chain's mask at round S counts from S (its record holds
+    only its own rounds)."""
     seen, size = chain.history("pruning_images_seen"), chain.history("pruning_set_size")
     out, total = {}, 0.0
-    r = 0
+    r = start = chain.start_round
     while r in seen:
         total += seen[r]
-        out[r + 1] = (total, max(size.get(s, float("nan")) for s in range(r + 1)))
+        out[r + 1] = (total, max((size[s] for s in range(start, r + 1) if s in size), default=float("nan")))
         r += 1
     return out
 
@@ -85,6 +87,10 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                              label=f"{label}: distinct images")
             else:
                 res.missing.append(f"fig2: {label} on {ds}/{model} logged no pruning_images_seen")
+            starts = sorted({c.start_round for c in by_label[label] if c.then_imp})
+            if pts and starts:
+                res.notes.append(f"fig2: {label} on {ds}/{model}: data used counted from round "
+                                 f"{', '.join(map(str, starts))}, without the rounds of the chain it started from")
             for p in s:
                 rows.append([ds, model, label, p["round"], p["sparsity"], p["acc_mean"], p["acc_std"], p["n"],
                              " ".join(map(str, p["seeds"])), p["images_seen"], p["distinct"]])

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib import cm
 from matplotlib.colors import Normalize
 
-from .load import Sweep, group, mean_std, missing_seeds, sort_labels
+from .load import Sweep, group, label_kind, mean_std, missing_seeds, sort_labels
 from .output import FigureResult, save_fig, write_csv
 
 
@@ -69,14 +69,15 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res.missing += missing_seeds([c for c in sweep.chains if not c.is_dense], "fig3_4")
     settings = group(chains, lambda c: c.setting)
     ncols = 1 + max(len(group(cs, lambda c: c.label)) for cs in settings.values())
-    fig, axes = plt.subplots(len(settings), ncols, figsize=(4.6 * ncols, 3.9 * len(settings)), squeeze=False)
+    fig, axes = plt.subplots(len(settings), ncols, figsize=(4.6 * ncols, 3.9 * len(settings)), squeeze=False,
+                             layout="constrained")
     max_sp = max(c.sparsity_at(r) for c, cur in data.values() for r in cur) or 1.0
     norm, cmap = Normalize(0, max_sp * 100), cm.viridis
     curve_rows, barrier_rows = [], []
     for i, ((ds, model), cs) in enumerate(settings.items()):
         by_label = group(cs, lambda c: c.label)
-        labels = [l for l in sort_labels(by_label) if not l.startswith("IMP")] + \
-                 [l for l in sort_labels(by_label) if l.startswith("IMP")]
+        labels = [l for l in sort_labels(by_label) if label_kind(l) != "imp"] + \
+                 [l for l in sort_labels(by_label) if label_kind(l) == "imp"]
         if not any(c.is_imp for c in cs):
             res.missing.append(f"fig3_4: no IMP LMC results on {ds}/{model}")
         if not any(c.is_synthetic for c in cs):

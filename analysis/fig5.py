@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
 
-from .load import Sweep, group, sort_labels
+from .load import Sweep, label_kind, sort_labels
 from .output import FigureResult, save_fig, slug, write_csv
 
 
@@ -26,7 +26,8 @@ def grid_of(d: dict):
 
 def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res = FigureResult("fig5", "Figure 5 — 2D loss landscapes")
-    found = {}  # (ds, model) -> label -> round -> (chain, data)
+    found = {}  # (ds, model) -> label -> round -> (chain, data, rank)
+    candidates = {}  # (setting, label, round) -> number of runs with that landscape
     for c in sweep.ok:
         for r in sorted(c.artifact_rounds("landscape")):
             d = c.landscape(r)
@@ -40,22 +41,24 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
             # prefer dense/IMP chains for the dense panel, then the lowest seed
             rank = (0 if c.is_dense else 1 if c.is_imp else 2, c.seed if c.seed is not None else 1 << 30)
             if prev is None or rank < prev[2]:
-                if prev is not None:
-                    res.notes.append(f"fig5: {label} round {r} on {c.dataset}/{c.model}: several runs, showing "
-                                     f"{c.describe()}")
                 slot[r] = (c, d, rank)
+            candidates[(c.setting, label, r)] = candidates.get((c.setting, label, r), 0) + 1
     if not found:
         res.missing.append("fig5: no run has landscape/round_XX.npz artifacts")
         return res
+    for ((ds, model), label, r), n in candidates.items():
+        if n > 1:
+            res.notes.append(f"fig5: {label} round {r} on {ds}/{model}: {n} runs, showing "
+                             f"{found[(ds, model)][label][r][0].describe()}")
     rows = []
     for (ds, model), by_label in found.items():
         dense = by_label.get("dense", {}).get(0)
         if dense is None:
             res.missing.append(f"fig5: no dense (round 0) landscape on {ds}/{model}")
         labels = [l for l in sort_labels(by_label) if l != "dense"]
-        if not any(l.startswith("IMP") for l in labels):
+        if not any(label_kind(l) == "imp" for l in labels):
             res.missing.append(f"fig5: no IMP landscape on {ds}/{model}")
-        if not any(not l.startswith("IMP") and "then_imp" not in l for l in labels):
+        if not any(label_kind(l) == "synthetic" for l in labels):
             res.missing.append(f"fig5: no synthetic landscape on {ds}/{model}")
         rounds = sorted({r for l in labels for r in by_label[l] if r > 0}) or [0]
         for r in rounds:
@@ -70,7 +73,8 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
             pos = np.concatenate([g[np.isfinite(g) & (g > 0)] for g in grids])
             lo, hi = float(pos.min()), float(pos.max())
             levels = np.geomspace(lo, hi * (1 + 1e-9), 25) if hi > lo else None
-            fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+            fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False,
+                                     layout="constrained")
             for ax, (name, (c, d, _)), g in zip(axes[0], panels, grids):
                 xs, ys = np.asarray(d["xs"], float), np.asarray(d["ys"], float)
                 cf = ax.contourf(xs, ys, np.clip(g, lo, hi), levels=levels, norm=LogNorm(lo, hi), cmap="viridis")
@@ -92,7 +96,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                              float(np.nanmax(g)), g.shape[0], g.shape[1],
                              " ".join(f"({x:.4g},{y:.4g})" for x, y in np.asarray(d.get("coords", np.zeros((0, 2))),
                                                                                     float).reshape(-1, 2))])
-            fig.colorbar(cf, ax=axes[0].tolist(), label="train loss (log scale)", shrink=0.85)
+            fig.colorbar(cf, ax=axes[0].tolist(), label="train loss (log scale)", shrink=0.85, format="%.3g")
             save_fig(fig, out_dir, slug("fig5", ds, model, f"r{r:02d}"), res)
     write_csv(out_dir, "fig5.csv", ["dataset", "model", "panel", "seed", "round", "sparsity", "loss_min", "loss_max",
                                      "ny", "nx", "copies_xy"], rows, res)

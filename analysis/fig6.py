@@ -7,7 +7,8 @@ only when no k = 0 chain exists, noted) of the same data set, model and seed; wi
 seed-mean of that setting's IMP chains (noted). Per pair: acc ratio = acc_syn / acc_imp, barrier ratio
 = barrier_syn / barrier_imp. A point is the mean over its seed pairs, one per (data set, model,
 variant+ipc, target), the two targets joined by a dotted line; marker area ∝ compression ratio (real
-training images per class / ipc); IMP itself is the star at (1, 1).
+training images per class / ipc): `MAX_AREA` pt² at the largest, never below `MIN_AREA` (noted);
+IMP itself is the star at (1, 1).
 
 Non-positive IMP barriers. A ratio over an IMP barrier ≤ `BARRIER_EPS` (train-loss units; zero or
 negative, as the paper sees on ImageNet-10) has no meaning, so such pairs never enter a barrier-ratio
@@ -22,13 +23,14 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
-from .load import Sweep, group, mean_std, sort_labels
+from .load import Sweep, group, mean_std
 from .output import FigureResult, save_fig, write_csv
 
 TARGETS = {"60%": 1 - 0.8 ** 4, "87%": 1 - 0.8 ** 9}
 TOLERANCE = 0.05  # largest accepted |sparsity − target|
 BARRIER_EPS = 1e-3  # IMP barriers at or below this make the ratio meaningless
 MARKERS = {"60%": "o", "87%": "s"}
+MAX_AREA, MIN_AREA, DEFAULT_AREA = 500.0, 8.0, 60.0  # marker areas in pt²
 
 
 def at_target(chain, target: float) -> dict | None:
@@ -132,13 +134,17 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
     colors = {s: f"C{i}" for i, s in enumerate(sorted({(p["ds"], p["model"]) for p in points}))}
     for p in points:
         p["x"] = p["bar"] if p["defined"] else undefined_x
-        p["size"] = 20 + 480 * p["comp"] / cmax if p["comp"] == p["comp"] else 60
+        p["size"] = MAX_AREA * p["comp"] / cmax if p["comp"] == p["comp"] else DEFAULT_AREA
+        if p["size"] < MIN_AREA:
+            res.notes.append(f"fig6: {p['label']} on {p['ds']}/{p['model']}: compression {p['comp']:.3g} drawn at "
+                             f"the minimum marker area {MIN_AREA:g} pt² (proportional would be {p['size']:.2g})")
+            p["size"] = MIN_AREA
     for row, p in zip(point_rows, points):
         row += [p["x"], p["size"], p["defined"]]
     if any(not p["defined"] for p in points):
         ax.axvspan(undefined_x - 0.1 * span, undefined_x + 0.1 * span, color="0.9", hatch="//", zorder=0)
-        ax.text(undefined_x, 0.02, "IMP barrier ≤ ε:\nratio undefined", transform=ax.get_xaxis_transform(),
-                ha="center", fontsize=7)
+        ax.text(undefined_x, 0.98, "IMP barrier ≤ ε:\nratio undefined", transform=ax.get_xaxis_transform(),
+                ha="center", va="top", fontsize=7)
     for (ds, model, label), ps in group(points, lambda p: (p["ds"], p["model"], p["label"])).items():
         ps = sorted(ps, key=lambda p: TARGETS[p["target"]])
         color = colors[(ds, model)]

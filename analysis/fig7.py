@@ -1,10 +1,11 @@
 """Figure 7: accuracy vs sparsity for IMP k=0, IMP with rewinding (k>0) and IMP from a synthetic subnetwork.
 
-Series: `IMP (k=0)` (variant imp, pruning.rewind_epoch 0), `IMP (k=K)` (rewind_epoch K > 0) and every
-variant whose name contains `then_imp` (e.g. synthetic_then_imp, IMP started from a distilled-pruning
-mask). Mean ± sample std over seeds of `test_accuracy`; x = sparsity on a log axis of the remaining
-weights (long IMP chains reach 99%+, which a linear axis would crush). Made only when at least one
-k>0 or then_imp run exists; each of the three kinds that is absent is reported.
+Series: `IMP (k=0)` (IMP on the real data, pruning.rewind_epoch 0), `IMP (k=K)` (rewind_epoch K > 0)
+and every chain started from another chain's mask (param `start_round` > 0, e.g. IMP from a
+distilled-pruning mask; labelled `<variant> (from rS)`, dashed). Mean ± sample std over seeds of
+`test_accuracy`; x = sparsity on a log axis of the remaining weights (long IMP chains reach 99%+,
+which a linear axis would crush). Made only when at least one k>0 or started-from-a-mask run
+exists; each of the three kinds that is absent is reported.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-from .load import Sweep, group, mean_std, missing_seeds, sort_labels
+from .load import Sweep, group, label_kind, mean_std, missing_seeds, sort_labels
 from .output import FigureResult, save_fig, write_csv
 
 REMAINING_TICKS = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001]
@@ -45,7 +46,8 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                 pts.append((sp, m, s, n))
                 rows.append([ds, model, label, r, sp, m, s, n, " ".join(str(c.seed) for c in have)])
             ax.errorbar([1 - p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
-                        marker="o", ms=3.5, capsize=2.5, color=f"C{k}", ls="--" if "then_imp" in label else "-",
+                        marker="o", ms=3.5, capsize=2.5, color=f"C{k}",
+                        ls="--" if label_kind(label) == "then_imp" else "-",
                         label=f"{label} (n={max(p[3] for p in pts)})")
         ax.set_xscale("log")
         lo = min(1 - c.sparsity_at(r) for c in cs for r in c.history("test_accuracy"))

@@ -1,18 +1,20 @@
 """The Hessian-diagonal table (paper Sec. 4.2): min/max, mean ± std, mean |h| and the top eigenvalue.
 
-Rows come from the `hessian_*` metrics (step = round). Round 0 of any chain is the dense network and is
-labelled `dense`; other rounds by variant and sparsity. With several seeds each statistic is the
+Rows come from the `hessian_*` metrics (step = round). Round 0 of any chain is the dense network,
+labelled `dense` (`dense (k=K)` from a rewind point); chains of one seed share it, so it counts once
+per (seed, rewind epoch). Other rounds by variant and sparsity. With several seeds each statistic is the
 seed-mean (n given); the per-seed values are in hessian_runs.csv. Written as Markdown and CSV, plus a
 plot of mean ± std (thick), min..max (thin) and mean |h| (diamond) per subnetwork.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib.pyplot as plt
 
-from .load import Sweep, group, mean_std
+from .load import Sweep, group, label_kind, mean_std
 from .output import FigureResult, markdown_table, save_fig, write_csv
 
 STATS = ("min", "max", "mean", "std", "abs_mean", "top_eigenvalue")
@@ -20,25 +22,31 @@ STATS = ("min", "max", "mean", "std", "abs_mean", "top_eigenvalue")
 
 def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res = FigureResult("hessian", "Hessian diagonal statistics")
-    recs = []
+    recs, dense_seen = [], set()
     for c in sweep.ok:
         if not any(c.has(f"hessian_{s}") for s in STATS):
             continue
         rounds = sorted({r for s in STATS for r in c.history(f"hessian_{s}")})
         for r in rounds:
+            if r == 0:
+                key = (c.dataset, c.model, c.seed, c.rewind_epoch)
+                if key in dense_seen:  # the same dense network, measured again by another chain
+                    continue
+                dense_seen.add(key)
             vals = {s: c.history(f"hessian_{s}").get(r) for s in STATS}
             for s, v in vals.items():
                 if v is None:
                     res.missing.append(f"hessian: {c.describe()} has no hessian_{s} at round {r}")
-            recs.append({"ds": c.dataset, "model": c.model, "sub": "dense" if r == 0 else c.label,
+            dense = "dense" if c.rewind_epoch == 0 else f"dense (k={c.rewind_epoch})"
+            recs.append({"ds": c.dataset, "model": c.model, "sub": dense if r == 0 else c.label,
                          "round": r, "sparsity": c.sparsity_at(r), "seed": c.seed, **vals})
     if not recs:
         res.missing.append("hessian: no run logged hessian_* metrics")
         return res
     subs = {(x["ds"], x["model"]): set() for x in recs}
     for x in recs:
-        subs[(x["ds"], x["model"])].add("dense" if x["sub"] == "dense" else
-                                        "IMP" if x["sub"].startswith("IMP") else "synthetic")
+        subs[(x["ds"], x["model"])].add("dense" if x["round"] == 0 else
+                                        "IMP" if label_kind(x["sub"]) == "imp" else "synthetic")
     for (ds, model), have in subs.items():
         for want in ("dense", "IMP", "synthetic"):
             if want not in have:
@@ -77,7 +85,8 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
     ax.set(ylabel="Hessian diagonal entry", title="Hessian diagonal per subnetwork (seed means)")
     # symlog: entries straddle zero and span orders of magnitude; linear only well inside the spread
     stds = [a[9] for a in agg if a[9] == a[9] and a[9] > 0]
-    ax.set_yscale("symlog", linthresh=min(stds) / 10 if stds else 1e-3)
+    lin = 10.0 ** math.floor(math.log10(min(stds) / 10)) if stds else 1e-3  # a decade: ticks clear of 0
+    ax.set_yscale("symlog", linthresh=lin, linscale=2)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_fig(fig, out_dir, "hessian", res)

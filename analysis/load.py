@@ -58,6 +58,7 @@ class Chain:
     last: dict  # metric -> last value (what search_runs returns)
     _sweep: "Sweep" = field(repr=False)
     _hist: dict = field(default_factory=dict, repr=False)
+    _arts: dict = field(default_factory=dict, repr=False)
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -104,42 +105,40 @@ class Chain:
         return "imp" if self.kind == "real" else self.kind
 
     @property
+    def start_round(self) -> int:
+        """Rounds of the start chain's mask this chain began from (param `start_round`), else 0."""
+        return _int(self.params.get("start_round")) or 0
+
+    @property
     def then_imp(self) -> bool:
-        return "then_imp" in self.variant
+        """IMP started from another chain's mask (e.g. a synthetic one): param `start_round` > 0."""
+        return self.start_round > 0 or "then_imp" in self.variant
 
     @property
     def is_dense(self) -> bool:
-        """A chain that only holds the dense network (variant `dense`, e.g. for Figure 5)."""
-        return self.variant == "dense"
+        """A chain that only holds the dense network (variant `dense`, or no pruning rounds)."""
+        return self.variant == "dense" or self.params.get("pruning.rounds") == "0"
 
     @property
     def is_imp(self) -> bool:
-        """Plain IMP on the real data (any rewind epoch), not IMP started from a synthetic mask."""
-        return not self.then_imp and self.variant.startswith("imp")
+        """Plain IMP on the real data (any rewind epoch), not IMP started from another chain's mask."""
+        return self.kind == "real" and not self.then_imp and not self.is_dense
 
     @property
     def is_synthetic(self) -> bool:
         return not (self.is_imp or self.then_imp or self.is_dense)
 
     @property
-    def start_round(self) -> int:
-        """Rounds of distilled pruning before IMP took over (synthetic-then-IMP chains), else 0."""
-        for src in (self.params, self.tags):
-            for k, v in src.items():
-                if "start" in k and "round" in k and _int(v) is not None:
-                    return _int(v)
-        return 0
-
-    @property
     def label(self) -> str:
-        """The variant as plotted: `IMP (k=0)`, `distilled ipc10`, `synthetic_then_imp (start r8)`."""
+        """The variant as plotted: `IMP (k=0)`, `distilled ipc10`, `<variant> (from r8)`, `dense`
+        (see `label_kind`)."""
         if self.then_imp:
             s = self.start_round
             return f"{self.variant} (from r{s})" if s else self.variant
-        if self.is_imp:
-            return f"IMP (k={self.rewind_epoch})"
         if self.is_dense:
             return "dense"
+        if self.is_imp:
+            return f"IMP (k={self.rewind_epoch})"
         return f"{self.variant} ipc{self.ipc}" if self.ipc is not None else self.variant
 
     @property
@@ -148,8 +147,11 @@ class Chain:
 
     @property
     def eval_rounds(self) -> list[int]:
+        """Rounds listed in `eval.rounds` that this chain can evaluate (a then-IMP chain starts at
+        its start round)."""
         raw = self.params.get("eval.rounds", "")
-        return sorted({int(x) for x in re.split(r"[,\s]+", raw.strip("[] ")) if x.strip().lstrip("-").isdigit()})
+        rounds = {int(x) for x in re.split(r"[,\s]+", raw.strip("[] ")) if x.strip().lstrip("-").isdigit()}
+        return sorted(r for r in rounds if r >= self.start_round)
 
     def describe(self) -> str:
         """A human-readable name for reports: run name, variant, setting and seed."""
@@ -178,41 +180,52 @@ class Chain:
         return self._hist[key]
 
     def sparsity_at(self, rnd: int) -> float:
-        """Sparsity of the subnetwork after `rnd` rounds: logged `eval_sparsity`/`sparsity`, else 1-(1-f)^r."""
+        """Sparsity of the subnetwork after `rnd` rounds: logged `eval_sparsity`/`sparsity`, else
+        1-(1-f)^r (rounds count from the dense network, in then-IMP chains too)."""
         for key in ("eval_sparsity", "sparsity"):
             v = self.history(key).get(rnd)
             if v is not None:
                 return v
-        return 1.0 - (1.0 - self.fraction) ** (rnd + self.start_round if self.then_imp else rnd)
+        return 1.0 - (1.0 - self.fraction) ** rnd
 
     # -- artifacts ------------------------------------------------------------------------------
     def artifact_rounds(self, folder: str) -> dict[int, str]:
-        """round -> artifact path for files `folder/round_XX.(json|npz)`."""
-        try:
-            infos = self._sweep.client.list_artifacts(self.run_id, folder)
-        except Exception:  # a missing folder raises on some artifact stores
-            return {}
-        out = {}
-        for fi in infos:
-            m = _ROUND_RE.search(fi.path)
-            if m and not fi.is_dir:
-                out[int(m.group(1))] = fi.path
-        return out
+        """round -> artifact path for files `folder/round_XX.(json|npz)` (listed once per folder)."""
+        if folder not in self._arts:
+            try:
+                infos = self._sweep.client.list_artifacts(self.run_id, folder)
+            except Exception:  # a missing folder raises on some artifact stores
+                infos = []
+            out = {}
+            for fi in infos:
+                m = _ROUND_RE.search(fi.path)
+                if m and not fi.is_dir:
+                    out[int(m.group(1))] = fi.path
+            self._arts[folder] = out
+        return self._arts[folder]
 
     def download(self, path: str) -> Optional[str]:
         return self._sweep.download(self.run_id, path)
 
+    def _round_file(self, folder: str, rnd: int) -> Optional[str]:
+        """Local copy of `folder/round_XX.*`; the whole folder is fetched in one call the first time."""
+        p = self.artifact_rounds(folder).get(rnd)
+        if p is None:
+            return None
+        local = os.path.join(self._sweep.scratch, self.run_id, p)
+        if not os.path.exists(local):
+            self.download(folder)
+        return local if os.path.exists(local) else self.download(p)
+
     def lmc(self, rnd: int) -> Optional[dict]:
-        p = self.artifact_rounds("lmc").get(rnd)
-        local = self.download(p) if p else None
+        local = self._round_file("lmc", rnd)
         if local is None:
             return None
         with open(local) as f:
             return json.load(f)
 
     def landscape(self, rnd: int) -> Optional[dict]:
-        p = self.artifact_rounds("landscape").get(rnd)
-        local = self.download(p) if p else None
+        local = self._round_file("landscape", rnd)
         if local is None:
             return None
         with np.load(local, allow_pickle=False) as z:
@@ -365,14 +378,26 @@ def missing_seeds(chains, figure: str) -> list[str]:
     return msgs
 
 
+def label_kind(label: str) -> str:
+    """What a `Chain.label` names: 'imp', 'then_imp', 'dense' or 'synthetic'."""
+    if label == "dense":
+        return "dense"
+    if re.fullmatch(r"IMP \(k=\d+\)", label):
+        return "imp"
+    if re.search(r"\(from r\d+\)$", label) or "then_imp" in label:
+        return "then_imp"
+    return "synthetic"
+
+
 def sort_labels(labels) -> list[str]:
-    """IMP first (by k), then synthetic-then-IMP, then synthetic variants by ipc."""
+    """IMP first (by k), then IMP from another chain's mask, then synthetic variants by ipc."""
     def key(l):
         m = re.search(r"k=(\d+)", l)
         i = re.search(r"ipc(\d+)", l)
-        if l.startswith("IMP"):
+        kind = label_kind(l)
+        if kind == "imp":
             return (0, int(m.group(1)) if m else 0, l)
-        if "then_imp" in l:
+        if kind == "then_imp":
             return (1, 0, l)
         return (2, int(i.group(1)) if i else 0, l)
     return sorted(labels, key=key)
