@@ -102,7 +102,7 @@ class Trial:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def label(self) -> str:
-        short = {v: k for k, v in AXIS_ALIASES.items()}
+        short = {v: k for k, v in AXIS_ALIASES.items() if k != "seeds"}  # seed=0, not seeds=0
         parts = [self.variant] + [f"{short.get(k, k.split('.')[-1])}={v}" for k, v in self.axes.items()]
         return ",".join(parts)
 

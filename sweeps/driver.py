@@ -18,7 +18,7 @@ from prunelab.errors import ConfigError
 from prunelab.evaluation import result_key
 
 from .config import Trial, expand, load_sweep
-from .preflight import check_cluster, check_data, check_storage, is_uri
+from .preflight import check_cluster, check_data, check_local_resources, check_storage, is_uri
 
 RUN_NAME_FORMAT = "{figure}-{preset}"
 
@@ -31,9 +31,11 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides: chain keys become grid axes (model=resnet18_bn seeds=[0,1] training.epochs=5); "
                         "evaluation.*, resources.*, base.* set sweep fields")
-    p.add_argument("--address", help="Ray cluster to join ('auto' for the running one); none: start a local Ray")
-    p.add_argument("--storage-path", default=str(Path("runs") / figure),
-                   help="results: absolute path or s3:// / gs:// URI (relative paths are made absolute)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
+                   help="Ray cluster to join ('auto' for the running one; default: $RAY_ADDRESS); "
+                        "none: start a local Ray")
+    p.add_argument("--storage-path", help="results: absolute path or s3:// / gs:// URI "
+                   f"(default: <current directory>/runs/{figure})")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file next to the results)")
     p.add_argument("--experiment", help="MLflow experiment name (default: prunelab-%s)" % figure)
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per chain; fractions (0.25) pack chains on a GPU")
@@ -44,7 +46,33 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
     p.add_argument("--no-analysis", action="store_true", help="skip the figure at the end")
-    return p.parse_args(argv)
+    # test hook (hidden): ROUND[:ATTEMPTS[:VARIANT]] -- raise in that round, on the first ATTEMPTS
+    # attempts (0: every attempt), in every trial or only in those of VARIANT
+    p.add_argument("--inject-fault", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.storage_path is None:
+        args.storage_path = str(Path.cwd() / "runs" / figure)
+    return args
+
+
+def fault_spec(args) -> Optional[dict]:
+    """The injected fault (test hook) from --inject-fault or the PRUNELAB_FAIL_AT_ROUND variable of
+    the driver: it travels in each trial's spec, so it reaches workers on any node."""
+    from .trainable import FAIL_ENV
+
+    raw = args.inject_fault or os.environ.get(FAIL_ENV)
+    if not raw:
+        return None
+    parts = str(raw).split(":")
+    try:
+        fault = {"round": int(parts[0]), "attempts": int(parts[1]) if len(parts) > 1 and parts[1] else 1,
+                 "variant": parts[2] if len(parts) > 2 and parts[2] else None}
+    except ValueError:
+        raise ConfigError("--inject-fault", f"{raw!r} is not ROUND[:ATTEMPTS[:VARIANT]]",
+                          "e.g. 2 (first attempt fails in round 2) or 1:0:imp (every attempt of imp)") from None
+    if fault["round"] < 0 or fault["attempts"] < 0:
+        raise ConfigError("--inject-fault", f"{raw!r}: round and attempts must be >= 0", "e.g. 2:1")
+    return fault
 
 
 def _overrides(args) -> list:
@@ -61,7 +89,11 @@ def _overrides(args) -> list:
 def _storage(path: str) -> str:
     if is_uri(path):
         return path
-    return str(Path(path).expanduser().resolve())
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        raise ConfigError("--storage-path", f"{path} is relative; trials run in their own directories and "
+                          "other nodes cannot resolve it", f"use an absolute path, e.g. {p.resolve()}")
+    return str(p.resolve())
 
 
 def _local_storage(storage: str) -> Path:
@@ -99,14 +131,20 @@ def _dirname(trial) -> str:
 
 def main(figure: str, argv=None) -> int:
     args = parse_args(figure, argv)
+    started_ray = []
     try:
-        return run_sweep(figure, args)
+        return run_sweep(figure, args, started_ray)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if started_ray:  # a Ray the driver started goes with it; a caller's own session stays
+            import ray
+
+            ray.shutdown()
 
 
-def run_sweep(figure: str, args) -> int:
+def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     t0 = time.time()
     # 1. everything that can be checked without Ray
     sweep, raw = load_sweep(figure, args.preset, _overrides(args), args.config)
@@ -117,6 +155,7 @@ def run_sweep(figure: str, args) -> int:
     check_storage(storage, args.address)
     local = _local_storage(storage)
     res = sweep.resources
+    fault = fault_spec(args)
     experiment = args.experiment or sweep.experiment or f"prunelab-{figure}"
     from .tracking import default_tracking_uri, ensure_experiment, finished_trial_runs, start_parent_run
 
@@ -125,39 +164,62 @@ def run_sweep(figure: str, args) -> int:
         raise ConfigError("--tracking-uri", f"{tracking_uri} is a relative SQLite path; trials run in their own "
                           "directories", "use an absolute path: sqlite:////abs/path/mlflow.db (four slashes)")
 
-    skipped: set = set()
     if args.dry_run:
-        print_trials(trials, res, skipped)
+        print_trials(trials, res, _complete_without_writing(trials, tracking_uri, experiment, local))
         return 0
+    import ray
+
+    if not args.address and not ray.is_initialized():
+        check_local_resources(res, args.num_cpus)  # checked against the Ray this driver would start
+    if args.address and not ray.is_initialized():
+        from prunelab.doctor import resolve_ray_address
+
+        resolve_ray_address(args.address)  # no cluster there: say so before anything is written
 
     # 2. MLflow store, experiment and parent run, before any trial can race to create them
     local.mkdir(parents=True, exist_ok=True)
     exp_id = ensure_experiment(tracking_uri, experiment)
     done_runs = finished_trial_runs(tracking_uri, exp_id)
-    from prunelab.store import ChainStore
-
-    for t in trials:
-        if t.key in done_runs and ChainStore(local / "store", t.chain).complete(result_key(t.evaluation), t.rounds):
-            skipped.add(t.key)
+    skipped = _complete(trials, done_runs, local)
     print_trials(trials, res, skipped)
+    todo = [t for t in trials if t.key not in skipped]
+    if todo:  # the cluster can run these chains: checked before the sweep leaves any record
+        _init_ray(args, res, started_ray if started_ray is not None else [])
+        check_cluster(res, args.address, storage)
+    # reused trials point at their runs (children of an earlier sweep run); the others get child runs
     summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "chain_hash": t.chain.hash(),
-                "rounds": t.rounds, "run_id": done_runs.get(t.key)} for t in trials]
+                "rounds": t.rounds, "run_id": done_runs[t.key] if t.key in skipped else None} for t in trials]
     parent = start_parent_run(tracking_uri, exp_id, figure, args.preset, raw, summary)
     print(f"MLflow: experiment {experiment!r} (id {exp_id}), parent run {parent}, tracking URI {tracking_uri}")
+    from .tracking import client, find_trial_run
 
-    todo = [t for t in trials if t.key not in skipped]
+    c = client(tracking_uri)
     errors: list[str] = []
-    if todo:
-        errors = _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent)
-    else:
-        print("every trial is already complete: nothing to compute")
+    analysis_error = ""
+    try:
+        if todo:
+            errors = _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent, fault)
+            # trials resumed from an earlier sweep run (--resume) kept that run's child runs: list them
+            lost = [row for row in summary
+                    if row["run_id"] is None and find_trial_run(tracking_uri, exp_id, parent, row["key"]) is None]
+            finished = finished_trial_runs(tracking_uri, exp_id) if lost else {}
+            for row in lost:
+                row["run_id"] = finished.get(row["key"])
+            if any(row["run_id"] for row in lost):
+                c.log_text(parent, json.dumps(summary, indent=2), "sweep/trials.json")
+        else:
+            print("every trial is already complete: nothing to compute")
 
-    # 3. the figure, from what MLflow holds
-    if not args.no_analysis:
-        _analysis(figure, experiment, tracking_uri, local, parent)
-    from .tracking import client
-
-    client(tracking_uri).set_terminated(parent, "FAILED" if errors else "FINISHED")
+        # 3. the figure, from what MLflow holds
+        if not args.no_analysis:
+            try:
+                _analysis(figure, experiment, tracking_uri, local, parent)
+            except Exception as e:  # noqa: BLE001 - the chains' results stand; say why there is no figure
+                analysis_error = f"{type(e).__name__}: {e}"
+    except BaseException:
+        c.set_terminated(parent, "KILLED")  # never leave the sweep run looking alive
+        raise
+    c.set_terminated(parent, "FAILED" if errors or analysis_error else "FINISHED")
     print(f"sweep finished in {time.time() - t0:.0f} s: {len(trials)} trials, {len(todo)} run, "
           f"{len(skipped)} reused, {len(errors)} failed")
     print(f"browse: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
@@ -165,35 +227,59 @@ def run_sweep(figure: str, args) -> int:
         print("failed trials:", file=sys.stderr)
         for e in errors:
             print(f"  {e}", file=sys.stderr)
-        return 1
-    return 0
+    if analysis_error:
+        print(f"analysis failed: {analysis_error}", file=sys.stderr)
+    return 1 if errors or analysis_error else 0
 
 
-def _init_ray(args, res):
+def _complete(trials: list[Trial], done_runs: dict, local: Path) -> set:
+    """Keys of the trials whose chain run finished in MLflow and whose results are all in the store."""
+    from prunelab.store import ChainStore
+
+    return {t.key for t in trials if t.key in done_runs
+            and ChainStore(local / "store", t.chain).complete(result_key(t.evaluation), t.rounds)}
+
+
+def _complete_without_writing(trials: list[Trial], tracking_uri: str, experiment: str, local: Path) -> set:
+    """For --dry-run: the complete trials, read from an existing local SQLite store only (creates nothing)."""
+    db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
+    if not db or not Path(db).is_file() or not (local / "store").is_dir():
+        return set()
+    from .tracking import client, finished_trial_runs
+
+    exp = client(tracking_uri).get_experiment_by_name(experiment)
+    return _complete(trials, finished_trial_runs(tracking_uri, exp.experiment_id), local) if exp else set()
+
+
+def _init_ray(args, res, started: list):
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # the caller's session (e.g. tests) is used as it is
         return ray
+    started.append(True)
     if args.address:
+        from prunelab.doctor import resolve_ray_address
+
+        address = resolve_ray_address(args.address)  # fails at once; ray.init retries for minutes
         try:
-            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
             raise ConfigError("--address", f"no Ray cluster at {args.address!r} ({str(e).splitlines()[0]})",
                               "start one with `ray start --head` or drop --address to run locally") from None
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     return ray
 
 
-def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent) -> list[str]:
-    ray = _init_ray(args, res)
+def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent, fault) -> list[str]:
     from ray import tune
 
     from .trainable import chain_trial
     from .tracking import ChainRun, git_commit
 
-    check_cluster(res, args.address, storage)
-    extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit()}
+    extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
+             "fault": fault}
     specs = [trial_spec(t, figure, local, res, extra) for t in todo]
     trainable = tune.with_resources(chain_trial, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
@@ -210,7 +296,10 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
     else:
         if (not is_uri(path)) and Path(path).exists():
             # a fresh run of the same sweep: Tune's own bookkeeping starts over; the store dedups
-            os.replace(path, f"{path}.{time.strftime('%Y%m%d-%H%M%S')}")
+            old, n = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}", 1
+            while Path(old).exists():
+                old, n = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+            os.replace(path, old)
         tuner = tune.Tuner(trainable, param_space={"spec": tune.grid_search(specs)},
                            tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent or None,
                                                        trial_dirname_creator=_dirname),
@@ -231,6 +320,7 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
             spec = r.config["spec"] if r.config else {}
             if r.error and spec:
                 for run in c.search_runs([exp_id], f"tags.`prunelab.trial_key` = '{spec['key']}' and "
+                                         f"tags.`mlflow.parentRunId` = '{spec.get('parent_run_id', parent)}' and "
                                          "tags.`prunelab.status` = 'running'"):
                     ChainRun(tracking_uri, run.info.run_id).finish("FAILED", str(r.error).strip().splitlines()[-1])
     return errors

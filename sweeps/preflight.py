@@ -76,3 +76,21 @@ def check_cluster(res, address, storage: str) -> None:
     if len(nodes) > 1 and not is_uri(storage) and os.environ.get("PRUNELAB_SHARED_STORAGE") != "1":
         raise ConfigError("--storage-path", f"{storage} is local but the cluster has {len(nodes)} nodes",
                           "use an s3:// / gs:// URI, or a shared file system and set PRUNELAB_SHARED_STORAGE=1")
+
+
+def check_local_resources(res, num_cpus=None) -> None:
+    """Before starting a local Ray: the chains' requests fit this machine (its GPUs, its CPUs or
+    --num-cpus), so an impossible request stops here instead of leaving trials pending."""
+    if res.gpus_per_trial > 0:
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if res.gpus_per_trial > have:
+            raise ConfigError("resources.gpus_per_trial",
+                              f"each chain asks for {res.gpus_per_trial:g} GPU but this machine has {have}",
+                              "lower --gpus-per-trial (0 runs on the CPU), or join a GPU cluster with --address")
+    cpus = num_cpus if num_cpus else (os.cpu_count() or 1)
+    if res.cpus_per_trial > cpus:
+        raise ConfigError("resources.cpus_per_trial",
+                          f"each chain asks for {res.cpus_per_trial:g} CPUs but the local Ray has {cpus}",
+                          "lower --cpus-per-trial" + (" or raise --num-cpus" if num_cpus else ""))

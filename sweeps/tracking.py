@@ -92,6 +92,15 @@ def finished_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]
     return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}
 
 
+def find_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, key: str) -> Optional[str]:
+    """The run id of trial `key` under the sweep run `parent_run_id`, or None."""
+    runs = retry(client(tracking_uri).search_runs, [experiment_id],
+                 filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                               f"tags.`prunelab.trial_key` = '{key}'", max_results=10,
+                 order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
+
+
 class ChainRun:
     """The child run of one chain, created once and reopened on retry."""
 
@@ -103,6 +112,10 @@ class ChainRun:
     def open(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: dict,
              run_id: Optional[str] = None) -> "ChainRun":
         c = client(tracking_uri)
+        if not run_id:
+            # a retry that failed before its first checkpoint has no run id in hand: find the run
+            # an earlier attempt of this trial opened under this parent, never open a second one
+            run_id = find_trial_run(tracking_uri, experiment_id, parent_run_id, spec["key"])
         if run_id:
             retry(c.update_run, run_id, status="RUNNING")
             retry(c.set_tag, run_id, "prunelab.status", "running")
@@ -153,6 +166,9 @@ class ChainRun:
         retry(self.c.set_tag, self.run_id, "prunelab.status", tag)
         if reason:
             retry(self.c.set_tag, self.run_id, "prunelab.failure", reason[:5000])
+        elif status == "FINISHED" and "prunelab.failure" in retry(self.c.get_run, self.run_id).data.tags:
+            # an attempt failed, a retry finished: the reason no longer applies (warnings/ keeps it)
+            retry(self.c.delete_tag, self.run_id, "prunelab.failure")
         retry(self.c.set_terminated, self.run_id, status)
 
 

@@ -24,10 +24,31 @@ from prunelab.evaluation import EvalHparams, evaluate_round, result_key
 from prunelab.hparams import ChainHparams
 from prunelab.store import ChainStore
 
-from .tracking import ChainRun
+from .tracking import ChainRun, retry
 
-# test hook: raise in the given round of the first attempt (a fault injected from the config)
+# test hook: raise in a given round (a fault injected by the driver, see sweeps.driver.fault_spec).
+# The driver reads this variable and carries the fault in each trial's spec: environment variables
+# of the driver process do not reach Ray workers that are already running (or on other nodes).
 FAIL_ENV = "PRUNELAB_FAIL_AT_ROUND"
+
+
+def _inject_fault(spec: dict, round: int) -> None:
+    """Raise if the spec's fault hits this trial in this round. `attempts` faults are injected
+    (0: every attempt); each is counted by a marker file under the result store, which survives
+    retries on any node."""
+    fault = spec.get("fault")
+    if not fault or int(fault["round"]) != round:
+        return
+    if fault.get("variant") and fault["variant"] != spec["variant"]:
+        return
+    marks = Path(spec["store"]) / "faults" / spec["parent_run_id"] / spec["key"]
+    marks.mkdir(parents=True, exist_ok=True)
+    n = len(list(marks.iterdir()))
+    attempts = int(fault.get("attempts", 1))
+    if attempts and n >= attempts:
+        return
+    (marks / f"{n + 1}").touch()
+    raise RuntimeError(f"fault injected in round {round} (fault {n + 1} of {attempts or 'every attempt'})")
 
 
 def trial_device(spec: dict) -> str:
@@ -83,8 +104,11 @@ def _log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> 
             p.write_bytes(buf.getvalue())
             run.log_file(str(p), "landscape")
     mask_file = store.dir / "rounds" / f"round_{r:02d}.mask.pt"
-    if mask_file.exists():
-        run.log_file(str(mask_file), "masks")
+    if mask_file.exists():  # logged as masks/round_XX.pt (docs/results.md)
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / f"round_{r:02d}.pt"
+            p.write_bytes(mask_file.read_bytes())
+            run.log_file(str(p), "masks")
 
 
 def _report(tune, metrics: dict, run_id: str, round: int) -> None:
@@ -110,6 +134,7 @@ def _start_mask(hp: ChainHparams, store_root: str, data, device):
 
 def chain_trial(config: dict) -> None:
     """Tune entry point. `config["spec"]` is one trial as made by sweeps.driver."""
+    import ray
     from ray import tune
 
     spec = config["spec"]
@@ -127,6 +152,11 @@ def chain_trial(config: dict) -> None:
             run_id = json.loads(Path(d, "meta.json").read_text())["run_id"]
     run = ChainRun.open(spec["tracking_uri"], spec["experiment_id"], spec["parent_run_id"], spec, run_id)
     try:
+        node = ray.get_runtime_context().get_node_id()
+        run.c.set_tag(run.run_id, "prunelab.node_id", node)  # the node of the latest attempt
+    except Exception:  # noqa: BLE001 - a missing tag must not fail the chain
+        pass
+    try:
         data = load_dataset(hp.dataset)
         state = store.load_state(on_corrupt=lambda msg: run.log_text(msg, "warnings/corrupt_state.txt"))
         start = {}
@@ -137,8 +167,6 @@ def chain_trial(config: dict) -> None:
             store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it
         artifacts_done: set = set()
         _sync(run, store, chain.state, rkey, rounds, artifacts_done)
-        fail_at = int(os.environ.get(FAIL_ENV, "-1"))
-        first_attempt = ckpt is None
 
         def evaluate_pending(upto: int) -> None:
             for r in rounds:
@@ -153,8 +181,7 @@ def chain_trial(config: dict) -> None:
         evaluate_pending(chain.round)
         last = hp.pruning.rounds
         while chain.round < last:
-            if first_attempt and chain.round == fail_at:
-                raise RuntimeError(f"fault injected in round {fail_at} ({FAIL_ENV})")
+            _inject_fault(spec, chain.round)
             rec = chain.step()
             store.save_state(chain.state)
             _sync(run, store, chain.state, rkey, rounds, artifacts_done)
@@ -170,6 +197,9 @@ def chain_trial(config: dict) -> None:
         return
     except Exception as e:
         # the run stays open for a retry; the reason is recorded now in case there is none
-        run.log_text(traceback.format_exc(), "warnings/last_error.txt")
-        run.c.set_tag(run.run_id, "prunelab.failure", f"{type(e).__name__}: {e}"[:5000])
+        try:
+            run.log_text(traceback.format_exc(), "warnings/last_error.txt")
+            retry(run.c.set_tag, run.run_id, "prunelab.failure", f"{type(e).__name__}: {e}"[:5000])
+        except Exception:  # noqa: BLE001 - MLflow trouble must not hide the error itself
+            pass
         raise

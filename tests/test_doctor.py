@@ -36,3 +36,14 @@ def test_unreachable_cluster_fails_clearly():
     c = doctor.check_ray("127.0.0.1:1")  # answers at once, where ray.init would retry for minutes
     assert c.status == "fail" and "ray start --head" in c.fix and ":1 " in c.detail
     assert doctor.main(["--tracking-uri", "sqlite:///x.db"]) == 1
+
+
+def test_sweep_with_no_cluster_at_address_stops_at_once(tmp_path, capsys):
+    import ray
+
+    from sweeps.driver import main
+
+    rc = main("fig6", ["--address", "127.0.0.1:1", "--storage-path", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--address" in err and "ray start --head" in err
+    assert not ray.is_initialized() and not (tmp_path / "runs" / "mlflow.db").exists()
