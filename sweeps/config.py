@@ -103,7 +103,12 @@ class Trial:
 
     def label(self) -> str:
         short = {v: k for k, v in AXIS_ALIASES.items() if k != "seeds"}  # seed=0, not seeds=0
-        parts = [self.variant] + [f"{short.get(k, k.split('.')[-1])}={v}" for k, v in self.axes.items()]
+        def name(k: str) -> str:
+            if k.startswith("start."):
+                return "start_" + name(k[len("start."):])
+            return short.get(k, k.split(".")[-1])
+
+        parts = [self.variant] + [f"{name(k)}={v}" for k, v in self.axes.items()]
         return ",".join(parts)
 
 
@@ -161,37 +166,49 @@ def _format_paths(data: dict) -> None:
 
 
 def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
-    """Every (variant × grid point) as a validated Trial; duplicates (same key) removed."""
+    """Every (variant × grid point) as a validated Trial; duplicates (same key) removed.
+
+    A variant with `start_from` gets one chain per chain of the start variant at the same point of
+    the shared grid; when the start variant has grid axes of its own (e.g. ipc), each start chain's
+    values of those axes appear in the trial's axes as `start.<axis>`."""
     trials: dict[str, Trial] = {}
-    by_point: dict[tuple, dict[str, ChainHparams]] = {}
+    # shared-grid point -> variant -> [(the variant's own axes, chain)]
+    by_point: dict[tuple, dict[str, list[tuple[dict, ChainHparams]]]] = {}
     ordered = sorted(sweep.variants, key=lambda v: v.start_from is not None)  # start chains first
-    for vi, variant in enumerate(ordered):
+    for variant in ordered:
         axes = {**sweep.grid, **variant.grid}
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             point = dict(zip(keys, combo))
-            data = _deep_merge(sweep.base, variant.set)
-            for k, v in point.items():
-                set_path(data, k, v)
-            _format_paths(data)
-            where = f"variant {variant.name!r}" + (f" at {point}" if point else "")
             shared = tuple(sorted((k, json.dumps(v)) for k, v in point.items() if k in sweep.grid))
+            where = f"variant {variant.name!r}" + (f" at {point}" if point else "")
+            starts: list[tuple[dict, Optional[ChainHparams]]] = [({}, None)]
             if variant.start_from:
-                start = by_point.get(shared, {}).get(variant.start_from)
-                if start is None:
+                starts = by_point.get(shared, {}).get(variant.start_from, [])
+                if not starts:
                     raise ConfigError(f"variants.{variant.name}.start_from",
                                       f"no {variant.start_from!r} chain at {dict(shared)} ({where})",
                                       "give both variants the same grid axes")
-                data["start_from"] = start.replace(pruning=start.pruning.replace(rounds=variant.start_round)).to_dict()
-                data["start_round"] = variant.start_round
-            try:
-                chain = ChainHparams.from_dict(data)
-                rounds = sweep.evaluation.resolve_rounds(chain)
-            except ConfigError as e:
-                raise ConfigError(e.field, f"{e.problem} ({where})", e.fix) from None
-            by_point.setdefault(shared, {})[variant.name] = chain
-            t = Trial(variant.name, chain, rounds, sweep.evaluation, point)
-            trials.setdefault(t.key, t)
+            for start_axes, start in starts:
+                data = _deep_merge(sweep.base, variant.set)
+                for k, v in point.items():
+                    set_path(data, k, v)
+                _format_paths(data)
+                trial_axes = dict(point)
+                if start is not None:
+                    data["start_from"] = start.replace(
+                        pruning=start.pruning.replace(rounds=variant.start_round)).to_dict()
+                    data["start_round"] = variant.start_round
+                    trial_axes.update({f"start.{k}": v for k, v in start_axes.items()})
+                try:
+                    chain = ChainHparams.from_dict(data)
+                    rounds = sweep.evaluation.resolve_rounds(chain)
+                except ConfigError as e:
+                    raise ConfigError(e.field, f"{e.problem} ({where})", e.fix) from None
+                own = {k: v for k, v in point.items() if k not in sweep.grid}
+                by_point.setdefault(shared, {}).setdefault(variant.name, []).append((own, chain))
+                t = Trial(variant.name, chain, rounds, sweep.evaluation, trial_axes)
+                trials.setdefault(t.key, t)
     return list(trials.values())
 
 

@@ -571,3 +571,28 @@ def test_two_node_cluster(two_nodes, tmp_path):
     nodes = {c.data.tags["prunelab.node_id"] for c in chains}
     print("two-node sweep: cluster nodes", two_nodes.ids, "chain nodes", sorted(nodes))
     assert nodes == set(two_nodes.ids), "both chains ran on one node"
+
+
+def test_start_from_a_variant_with_its_own_grid_axes_gives_one_chain_per_start_chain():
+    from sweeps.config import SweepHparams, expand
+
+    sweep = SweepHparams.from_dict({
+        "base": {"model": {"name": "convnet3", "width": 8}, "pruning": {"rounds": 4},
+                 "pruning_training": {"epochs": 1}, "training": {"epochs": 1}},
+        "grid": {"seed": [0, 1]},
+        "variants": [
+            {"name": "distilled", "set": {"pruning": {"rounds": 2},
+                                          "pruning_data": {"kind": "distilled", "method": "dm"}},
+             "grid": {"pruning_data.ipc": [1, 10]}},
+            {"name": "then_imp", "start_from": "distilled", "start_round": 2}],
+        "evaluation": {"every_round": True, "lmc": False}})
+    trials = expand(sweep, "fig7")
+    combined = [t for t in trials if t.variant == "then_imp"]
+    assert len(combined) == 4  # 2 seeds x 2 start chains (ipc 1, ipc 10)
+    starts = {(t.chain.seed, t.chain.start_chain().pruning_data.ipc) for t in combined}
+    assert starts == {(0, 1), (0, 10), (1, 1), (1, 10)}
+    for t in combined:
+        start = t.chain.start_chain()
+        assert start.seed == t.chain.seed and t.axes["start.pruning_data.ipc"] == start.pruning_data.ipc
+        assert f"start_ipc={start.pruning_data.ipc}" in t.label()
+    assert len({t.key for t in combined}) == 4
