@@ -65,4 +65,36 @@ def run(figure: str, experiment: str, tracking_uri: Optional[str], out_dir: str,
     return out
 
 
-__all__ = ["FIGURES", "make_figures", "run"]
+def sweep_experiments(tracking_uri: Optional[str]) -> list[str]:
+    """Names of the experiments at `tracking_uri` that hold at least one sweep (parent) run."""
+    from mlflow import MlflowClient
+
+    from .load import ROLE_TAG
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    names = []
+    for exp in client.search_experiments():
+        if client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1):
+            names.append(exp.name)
+    return sorted(names)
+
+
+def run_everything(tracking_uri: Optional[str], out_dir: str, log_to_mlflow: bool = True) -> dict:
+    """Every figure of every sweep at `tracking_uri` (one sub-folder per experiment) plus an index page."""
+    import html
+
+    out_dir = os.path.abspath(str(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    per = {name: run("all", name, tracking_uri, os.path.join(out_dir, name), log_to_mlflow=log_to_mlflow)
+           for name in sweep_experiments(tracking_uri)}
+    rows = "".join(f"<li><a href='{html.escape(name)}/report.html'>{html.escape(name)}</a>: "
+                   f"{sum(p.endswith('.png') for p in r['figures'])} figures, {len(r['tables'])} tables, "
+                   f"{len(r['missing'])} missing</li>" for name, r in per.items())
+    index = os.path.join(out_dir, "index.html")
+    with open(index, "w") as f:
+        f.write(f"<!doctype html><meta charset='utf-8'><title>prunelab sweeps</title><h1>prunelab sweeps</h1>"
+                f"<ul>{rows or '<li>no sweep runs found</li>'}</ul>")
+    return {"experiments": per, "index": index}
+
+
+__all__ = ["FIGURES", "make_figures", "run", "run_everything", "sweep_experiments"]

@@ -1,4 +1,7 @@
-"""`python -m analysis <figure|all> --experiment NAME [--tracking-uri URI] [--out DIR] [--run-id ID]`."""
+"""`python -m analysis <figure|all> [--experiment NAME] [--tracking-uri URI] [--out DIR] [--run-id ID]`.
+
+Without --experiment, a single figure reads the experiment `prunelab-<figure>` and `all` draws every
+figure of every sweep in the tracking store (one folder per experiment, with an index.html)."""
 
 from __future__ import annotations
 
@@ -6,22 +9,46 @@ import argparse
 import os
 import sys
 
-from . import FIGURES, run
+from . import FIGURES, run, run_everything
 from .load import AnalysisError
+
+
+def _default_store():
+    """The SQLite store the sweeps write by default (./runs/mlflow.db), if there is one."""
+    db = os.path.abspath(os.path.join("runs", "mlflow.db"))
+    return f"sqlite:///{db}" if os.path.isfile(db) else None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__)
     p.add_argument("figure", choices=FIGURES + ("all",), help="which figure or table; all: every one")
-    p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep, e.g. prunelab-fig6")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="MLflow experiment of the sweep (default: prunelab-<figure>; "
+                                        "with all: every experiment that holds a sweep)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or _default_store(),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the sweeps' runs/mlflow.db)")
     p.add_argument("--run-id", help="the sweep's parent run (default: the newest sweep of the experiment)")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.add_argument("--no-log", action="store_true", help="do not log the outputs to the parent run")
     args = p.parse_args(argv)
+    if not args.tracking_uri:
+        print("error: --tracking-uri: no MLflow store given and no runs/mlflow.db here — fix: pass "
+              "--tracking-uri sqlite:////abs/path/mlflow.db (or http://host:5000)", file=sys.stderr)
+        return 2
+    if args.figure == "all" and not args.experiment:
+        try:
+            every = run_everything(args.tracking_uri, args.out, log_to_mlflow=not args.no_log)
+        except AnalysisError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for name, res in every["experiments"].items():
+            print(f"{name}: {len(res['figures'])} figure files, {len(res['tables'])} tables, report {res['report']}")
+            for m in res["missing"]:
+                print(f"  missing: {m}")
+        print(f"index  {every['index']}")
+        return 0 if every["experiments"] else 1
+    experiment = args.experiment or f"prunelab-{args.figure}"
     try:
-        res = run(args.figure, args.experiment, args.tracking_uri, args.out, parent_run_id=args.run_id,
+        res = run(args.figure, experiment, args.tracking_uri, args.out, parent_run_id=args.run_id,
                   log_to_mlflow=not args.no_log)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)

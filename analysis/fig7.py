@@ -2,7 +2,7 @@
 
 Series: `IMP (k=0)` (IMP on the real data, pruning.rewind_epoch 0), `IMP (k=K)` (rewind_epoch K > 0)
 and every chain started from another chain's mask (param `start_round` > 0, e.g. IMP from a
-distilled-pruning mask; labelled `<variant> (from rS)`, dashed). Mean ± sample std over seeds of
+distilled-pruning mask; labelled `<variant> (from ipcN rS)`, dashed). Mean ± sample std over seeds of
 `test_accuracy`; x = sparsity on a log axis of the remaining weights (long IMP chains reach 99%+,
 which a linear axis would crush). Made only when at least one k>0 or started-from-a-mask run
 exists; each of the three kinds that is absent is reported.

@@ -130,11 +130,13 @@ class Chain:
 
     @property
     def label(self) -> str:
-        """The variant as plotted: `IMP (k=0)`, `distilled ipc10`, `<variant> (from r8)`, `dense`
+        """The variant as plotted: `IMP (k=0)`, `distilled ipc10`, `<variant> (from ipc10 r8)`, `dense`
         (see `label_kind`)."""
         if self.then_imp:
             s = self.start_round
-            return f"{self.variant} (from r{s})" if s else self.variant
+            ipc = _int(self.params.get("start_from.pruning_data.ipc"))
+            start = f"ipc{ipc} r{s}" if ipc is not None else f"r{s}"  # one series per start chain
+            return f"{self.variant} (from {start})" if s else self.variant
         if self.is_dense:
             return "dense"
         if self.is_imp:
@@ -384,7 +386,7 @@ def label_kind(label: str) -> str:
         return "dense"
     if re.fullmatch(r"IMP \(k=\d+\)", label):
         return "imp"
-    if re.search(r"\(from r\d+\)$", label) or "then_imp" in label:
+    if re.search(r"\(from (ipc\d+ )?r\d+\)$", label) or "then_imp" in label:
         return "then_imp"
     return "synthetic"
 

@@ -34,8 +34,8 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
                    help="Ray cluster to join ('auto' for the running one; default: $RAY_ADDRESS); "
                         "none: start a local Ray")
-    p.add_argument("--storage-path", help="results: absolute path or s3:// / gs:// URI "
-                   f"(default: <current directory>/runs/{figure})")
+    p.add_argument("--storage-path", help="results: absolute path or s3:// / gs:// URI (default: "
+                   "<current directory>/runs, shared by every figure so common chains run once)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file next to the results)")
     p.add_argument("--experiment", help="MLflow experiment name (default: prunelab-%s)" % figure)
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per chain; fractions (0.25) pack chains on a GPU")
@@ -51,7 +51,7 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     p.add_argument("--inject-fault", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.storage_path is None:
-        args.storage_path = str(Path.cwd() / "runs" / figure)
+        args.storage_path = str(Path.cwd() / "runs")
     return args
 
 

@@ -197,7 +197,9 @@ def build_store(tmp: Path, sweep: dict, figure: str = "fig6", experiment: str = 
     assert uri.startswith("sqlite:////")
     typed = dict(sweep, variants=[{"name": n, **v} for n, v in sweep["variants"].items()])
     hp = SweepHparams.from_dict(typed)
-    trials = expand(hp, figure)
+    # one then-IMP chain per (model, seed): the one started from the ipc-10 distilled chain
+    trials = [t for t in expand(hp, figure)
+              if not (t.chain.start_from and t.chain.start_chain().pruning_data.ipc != 10)]
     exp_id = ensure_experiment(uri, experiment)
     summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "chain_hash": t.chain.hash(),
                 "rounds": t.rounds, "run_id": None} for t in trials]  # as sweeps.driver.run_sweep
@@ -320,7 +322,7 @@ def test_chain_identity_comes_from_what_the_sweep_logs(built):
     then = by_id[built.runs[("convnet3", "then", 0)]]
     assert then.then_imp and not then.is_imp and not then.is_synthetic
     assert then.start_round == THEN_START
-    assert then.label == f"imp_from_distilled (from r{THEN_START})"
+    assert then.label == f"imp_from_distilled (from ipc10 r{THEN_START})"
     rewind = by_id[built.runs[("convnet3", "rewind3", 1)]]
     assert rewind.is_imp and not rewind.is_synthetic and rewind.rewind_epoch == 3
     # rounds are counted from the dense network in a then-IMP chain too
@@ -452,7 +454,7 @@ def test_fig2_data_used_panel(built):
     assert num(got[("convnet3", "IMP (k=0)", 3)]["images_seen_cumulative"]) == 6015  # (6000 + 6030) / 2
     assert num(got[("convnet3", "distilled ipc10", 3)]["images_seen_cumulative"]) == 1515  # (1500 + 1530) / 2
     # IMP from a distilled mask at round 8: its own rounds only, counted from round 8
-    then = f"imp_from_distilled (from r{THEN_START})"
+    then = f"imp_from_distilled (from ipc10 r{THEN_START})"
     assert got[("convnet3", then, THEN_START)]["images_seen_cumulative"] == ""
     assert num(got[("convnet3", then, THEN_START + 1)]["images_seen_cumulative"]) == 505
     assert num(got[("convnet3", then, THEN_START + 2)]["images_seen_cumulative"]) == 1010
@@ -542,7 +544,7 @@ def test_hessian_table_is_the_seed_mean_of_the_metrics(built):
 def test_fig7_series_from_sweep_variants(built):
     rows = read_csv(built.out / "fig7.csv")
     labels = {r["variant"] for r in rows}
-    then = f"imp_from_distilled (from r{THEN_START})"
+    then = f"imp_from_distilled (from ipc10 r{THEN_START})"
     assert labels == {"IMP (k=0)", "IMP (k=3)", then}
     got = {(r["model"], r["variant"], int(r["round"])): r for r in rows}
     for model in ("convnet3", "resnet10_bn"):
@@ -676,3 +678,17 @@ def test_cli_unknown_experiment_exits_2(built, capsys):
                  "--out", str(built.tmp / "x")]) == 2
     err = capsys.readouterr().err
     assert "no-such-experiment" in err and "not found" in err
+
+
+def test_cli_all_without_experiment_draws_every_sweep(only_imp, tmp_path, capsys):
+    from analysis.__main__ import main
+
+    out = tmp_path / "every"
+    rc = main(["all", "--tracking-uri", only_imp.uri, "--out", str(out), "--no-log"])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    for name in (EXPERIMENT, "only-imp"):  # both experiments of the store, each in its own folder
+        assert (out / name / "report.html").exists() and f"{name}: " in stdout
+    assert (out / EXPERIMENT / "fig6.png").exists() and (out / "only-imp" / "fig2.png").exists()
+    index = (out / "index.html").read_text()
+    assert f"{EXPERIMENT}/report.html" in index and "only-imp/report.html" in index
