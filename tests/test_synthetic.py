@@ -125,14 +125,14 @@ def _acc(data, test, seed):
 
 
 def test_distilled_beats_random_subset(digits):
-    # distribution matching at ipc 10 gave 86.6 / 86.9 % here, random subsets 84.7 / 84.7 % (seeds 0 / 1)
-    distilled, random = [], []
+    # seen here at ipc 10 (seeds 0 / 1): idc 88.0 / 87.5 %, dm 88.6 / 88.3 %, random subsets 84.7 / 84.7 %
+    accs = {"idc": [], "dm": [], "random": []}
     for seed in (0, 1):
-        syn = distill_mod.distill_dm(digits.train, 10, seed)
-        rnd = distill_mod.random_subset(digits.train, 10, seed)
-        distilled.append(_acc(syn, digits.test, seed))
-        random.append(_acc(rnd, digits.test, seed))
-    assert statistics.mean(distilled) > statistics.mean(random) + 0.01, (distilled, random)
+        accs["idc"].append(_acc(distill_mod.distill_idc(digits.train, 10, seed), digits.test, seed))
+        accs["dm"].append(_acc(distill_mod.distill_dm(digits.train, 10, seed), digits.test, seed))
+        accs["random"].append(_acc(distill_mod.random_subset(digits.train, 10, seed), digits.test, seed))
+    for method in ("idc", "dm"):
+        assert statistics.mean(accs[method]) > statistics.mean(accs["random"]) + 0.02, accs
 
 
 def test_config_errors_before_compute(digits):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..data import ImageData
 from ..data.dsa import dsa, dsa_siamese
 from ..errors import ConfigError
+from ..models import default_convnet_depth
 from ..models.convnet import ConvNet
 from .idc import decode_zoom, default_factor
 
@@ -61,7 +62,7 @@ def _net(real: ImageData, width: int, seed: int, device) -> ConvNet:
     c, h, _ = real.shape
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = ConvNet(c, h, real.num_classes, width=width, depth=3)
+        net = ConvNet(c, h, real.num_classes, width=width, depth=default_convnet_depth(h))
     return net.to(device)
 
 
