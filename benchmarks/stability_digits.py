@@ -35,6 +35,7 @@ def parse_args(argv=None):
                    help="ChainHparams.pruning_data.kind: real, distilled, idc_file, random_subset, herding")
     p.add_argument("--ipc", type=int, default=None, help="images per class of a synthetic pruning set (default 10)")
     p.add_argument("--pruning-data-path", default=None, help="IDC data.pt (kind idc_file)")
+    p.add_argument("--method", default="dm", help="distillation method (kind distilled): dm or idc")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="chain seeds (init, masks, orders)")
     p.add_argument("--rounds", type=int, nargs="+", default=[0, 4, 9], help="rounds measured (20%%/round)")
     p.add_argument("--width", type=int, default=32)
@@ -55,7 +56,7 @@ def make_hp(a, seed: int) -> ChainHparams:
     prune_train = train.replace(epochs=a.pruning_epochs or a.epochs, lr=a.pruning_lr or a.lr)
     kind = a.pruning_data
     pd = PruningDataHparams(kind=kind, ipc=(a.ipc or 10) if kind not in ("real", "idc_file") else a.ipc,
-                            path=a.pruning_data_path)
+                            path=a.pruning_data_path, method=a.method if kind == "distilled" else None)
     hp = ChainHparams(dataset=DatasetHparams(name="digits"), model=ModelHparams(name="convnet3", width=a.width),
                       pruning=PruningHparams(fraction=0.2, rounds=max(a.rounds)), pruning_data=pd,
                       pruning_training=prune_train, training=train, seed=seed)
