@@ -18,7 +18,8 @@ from prunelab.errors import ConfigError
 from prunelab.evaluation import result_key
 
 from .config import Trial, expand, load_sweep
-from .preflight import check_cluster, check_data, check_local_resources, check_storage, is_uri
+from .autoscaler import check_cluster
+from .preflight import check_data, check_local_resources, check_storage, is_uri
 
 RUN_NAME_FORMAT = "{figure}-{preset}"
 
@@ -260,12 +261,16 @@ def _init_ray(args, res, started: list):
     if args.address:
         from prunelab.doctor import resolve_ray_address
 
+        from .autoscaler import auth_hint, enable_token_auth_if_available
+
         address = resolve_ray_address(args.address)  # fails at once; ray.init retries for minutes
+        enable_token_auth_if_available()  # a client does not switch token mode on by itself
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
             raise ConfigError("--address", f"no Ray cluster at {args.address!r} ({str(e).splitlines()[0]})",
-                              "start one with `ray start --head` or drop --address to run locally") from None
+                              auth_hint(e) or "start one with `ray start --head` or drop --address to run "
+                              "locally") from None
     else:
         # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
