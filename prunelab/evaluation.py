@@ -39,11 +39,17 @@ class EvalHparams(Hparams):
             require(r >= 0, f"{p}rounds[{i}]", f"must be >= 0, got {r}")
 
     def resolve_rounds(self, chain: ChainHparams, path: str = "evaluation") -> list[int]:
-        """The evaluation rounds for this chain, checked against its number of rounds."""
+        """The evaluation rounds for this chain, checked against its number of rounds.
+
+        A chain started from another chain's mask (`start_from`, e.g. IMP from a synthetic
+        subnetwork) has no masks before `start_round`: those rounds belong to the start chain and
+        are left out (its first round is its starting subnetwork)."""
         f = chain.pruning.fraction
+        first = chain.start_round if chain.start_from is not None else 0
         if self.every_round:
-            return list(range(0, chain.pruning.rounds + 1))
+            return list(range(first, chain.pruning.rounds + 1))
         rounds = set(self.rounds) | {rounds_for_sparsity(s, f) for s in self.sparsities}
+        rounds = {r for r in rounds if r >= first}
         too_far = sorted(r for r in rounds if r > chain.pruning.rounds)
         require(not too_far, path, f"needs rounds {too_far} but the chain stops at round {chain.pruning.rounds} "
                 f"(sparsity {1 - (1 - f) ** chain.pruning.rounds:.1%})",

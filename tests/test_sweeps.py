@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -561,16 +563,75 @@ def test_two_node_cluster(two_nodes, tmp_path):
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "error: --storage-path:" in r.stderr and "2 nodes" in r.stderr
 
+    # the multi-node way: one `mlflow server` that every node reaches over HTTP
     env["PRUNELAB_SHARED_STORAGE"] = "1"
-    r = subprocess.run([sys.executable, "-c", code, *argv], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    chains = runs(storage, "chain")
-    assert len(chains) == 2
-    assert all(c.data.tags["prunelab.status"] == "finished" for c in chains)
-    nodes = {c.data.tags["prunelab.node_id"] for c in chains}
-    print("two-node sweep: cluster nodes", two_nodes.ids, "chain nodes", sorted(nodes))
+    with mlflow_server(tmp_path) as uri:
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-c", code, *argv, "--tracking-uri", uri], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        wall = time.time() - t0
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        # what the MLflow UI shows, read through the tracking server's REST API
+        exp = rest(uri, "experiments/get-by-name", {"experiment_name": f"prunelab-{FIGURE}"})["experiment"]
+        found = rest(uri, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100},
+                     post=True)["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in found]
+    parents = [run["info"]["run_id"] for run, t in zip(found, tags) if t.get("prunelab.role") == "sweep"]
+    chains = [(run, t) for run, t in zip(found, tags) if t.get("prunelab.role") == "chain"]
+    assert len(parents) == 1 and len(chains) == 2
+    for run, t in chains:
+        assert t["prunelab.status"] == "finished" and run["info"]["status"] == "FINISHED"
+        assert t["mlflow.parentRunId"] == parents[0]
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["dataset.name"] == "digits" and params["pruning_data.kind"] == "real"
+        assert {m["key"] for m in run["data"]["metrics"]} >= {"pruning_accuracy", "sparsity"}
+    nodes = {t["prunelab.node_id"] for _, t in chains}
+    print(f"two-node sweep in {wall:.0f} s: cluster nodes", two_nodes.ids, "chain nodes", sorted(nodes))
     assert nodes == set(two_nodes.ids), "both chains ran on one node"
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp: Path):
+    """`mlflow server` on a free localhost port, SQLite behind it, artifacts served by the server."""
+    port = _free_port()
+    log = open(tmp / "mlflow-server.log", "w")
+    proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                             "--artifacts-destination", str(tmp / "server-artifacts"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, "mlflow server exited: " + (tmp / "mlflow-server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow server did not answer in 90 s"
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def rest(uri: str, endpoint: str, payload: dict, post: bool = False) -> dict:
+    """One call of MLflow's REST API (what the UI reads)."""
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if post:
+        req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    else:
+        req = urllib.request.Request(url + "?" + urllib.parse.urlencode(payload))
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
 
 
 def test_start_from_a_variant_with_its_own_grid_axes_gives_one_chain_per_start_chain():
