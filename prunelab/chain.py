@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask, density_after, magnitude_prune, masked_state
 from .models import build_model
-from .train import evaluate, resolve_device, steps_per_epoch, train
+from .train import evaluate, examples_drawn, resolve_device, steps_per_epoch, train
 
 STATE_MAGIC = b"PRUNELAB-CHAIN-1\n"
 
@@ -196,7 +196,7 @@ class Chain:
             "pruning_train_loss": res.train_loss,
             "pruning_accuracy": fit["accuracy"],
             "pruning_set_size": len(self.pruning_data),
-            "pruning_images_seen": res.steps * hp.batch_size,
+            "pruning_images_seen": examples_drawn(len(self.pruning_data), hp.batch_size, res.steps),
         }
         self.state.mask = new_mask
         self.state.round = r + 1

@@ -45,6 +45,8 @@ class EvalHparams(Hparams):
         subnetwork) has no masks before `start_round`: those rounds belong to the start chain and
         are left out (its first round is its starting subnetwork)."""
         f = chain.pruning.fraction
+        if chain.pruning.rounds == 0:
+            return [0]  # a dense chain (e.g. Figure 5's dense network): its only subnetwork
         first = chain.start_round if chain.start_from is not None else 0
         if self.every_round:
             return list(range(first, chain.pruning.rounds + 1))

@@ -69,6 +69,12 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+def examples_drawn(n: int, batch_size: int, steps: int) -> int:
+    """Training examples drawn by `steps` steps over a set of `n` (an epoch's last batch is partial)."""
+    spe = steps_per_epoch(n, batch_size)
+    return (steps // spe) * n + min((steps % spe) * batch_size, n)
+
+
 def total_steps(hp: TrainingHparams, n: int) -> int:
     return hp.steps if hp.steps else hp.epochs * steps_per_epoch(n, hp.batch_size)
 

@@ -51,3 +51,20 @@ def test_set_path_builds_nested_overrides():
 def test_describe_lists_help():
     text = ChainHparams.describe()
     assert "fraction" in text and "remaining weights" in text
+
+
+def test_chain_hash_follows_the_synthetic_code_version(monkeypatch):
+    import prunelab.synthetic.store as store
+
+    real = ChainHparams()
+    distilled = ChainHparams.from_dict({"pruning_data": {"kind": "distilled", "method": "dm", "ipc": 10}})
+    before = (real.hash(), distilled.hash())
+    monkeypatch.setattr(store, "CODE_VERSION", store.CODE_VERSION + 1)
+    assert real.hash() == before[0] and distilled.hash() != before[1]
+
+
+def test_dense_chain_is_evaluated_at_round_zero_only():
+    from prunelab.evaluation import EvalHparams
+
+    dense = ChainHparams.from_dict({"pruning": {"rounds": 0}})
+    assert EvalHparams(sparsities=(0.6, 0.87)).resolve_rounds(dense) == [0]

@@ -75,3 +75,11 @@ def test_callback_gets_epoch_metrics(digits):
           callback=lambda e, m: seen.append((e, m)))
     assert [e for e, _ in seen] == [1, 2]
     assert "test_accuracy" in seen[-1][1] and seen[-1][1]["train_loss"] > 0
+
+
+def test_examples_drawn_counts_partial_batches():
+    from prunelab.train import examples_drawn
+
+    assert examples_drawn(10, 64, 5) == 50  # a 10-image set: 10 per step, not 64
+    assert examples_drawn(100, 64, 2) == 100 and examples_drawn(100, 64, 3) == 164
+    assert examples_drawn(1438, 64, 23 * 4) == 4 * 1438
