@@ -244,8 +244,9 @@ class TrainingHparams(Hparams):
     milestones: tuple[float, ...] = hp((2 / 3, 5 / 6), "lr decay points as fractions of training")
     gamma: float = hp(0.2, "lr multiplier at each milestone")
     warmup_steps: int = hp(0, "linear lr warm-up steps")
-    augment: Literal["standard", "none", "dsa", "dsa_cutmix"] = hp(
-        "standard", "augmentation: data set's standard (crop+flip), none, DSA, DSA with CutMix")
+    augment: Literal["standard", "standard_cutmix", "none", "dsa", "dsa_cutmix"] = hp(
+        "standard", "augmentation: data set's standard (crop+flip), with CutMix (IDC's ImageNet recipe), "
+                    "none, DSA, DSA with CutMix")
     precision: Literal["fp32", "bf16"] = hp("fp32", "bf16 autocast (CUDA only)")
     channels_last: bool = hp(False, "channels-last memory format (CUDA only)")
     compile: bool = hp(False, "torch.compile the model")

@@ -40,8 +40,15 @@ def make_augment(kind: str, data: ImageData) -> Optional[Augment]:
     """The augmentation named by TrainingHparams.augment, for this data set."""
     if kind == "none":
         return None
-    if kind == "standard":
-        pad, flip = data.crop_pad, data.flip
+    if kind in ("standard", "standard_cutmix"):
+        pad, flip, k = data.crop_pad, data.flip, data.num_classes
+        if kind == "standard_cutmix":
+            from .data.dsa import apply_cutmix
+
+            def standard_cutmix(x, y, gen):
+                return apply_cutmix(random_crop_flip(x, pad, flip, gen), y, k, gen)
+
+            return standard_cutmix
 
         def standard(x, y, gen):
             return random_crop_flip(x, pad, flip, gen), y
@@ -51,7 +58,8 @@ def make_augment(kind: str, data: ImageData) -> Optional[Augment]:
         from .data.dsa import make_dsa_augment
 
         return make_dsa_augment(cutmix=kind == "dsa_cutmix", num_classes=data.num_classes)
-    raise ConfigError("training.augment", f"unknown augmentation {kind!r}", "use standard, none, dsa or dsa_cutmix")
+    raise ConfigError("training.augment", f"unknown augmentation {kind!r}",
+                      "use standard, standard_cutmix, none, dsa or dsa_cutmix")
 
 
 def place(data: ImageData, device: torch.device) -> ImageData:

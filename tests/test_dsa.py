@@ -56,3 +56,17 @@ def test_train_accepts_dsa_cutmix(digits):
     model = build_model(ModelHparams(name="convnet3", width=8), digits.train.shape, 10, seed=0)
     res = train(model, digits.train.subset(torch.arange(64)), TrainingHparams(steps=3, augment="dsa_cutmix"))
     assert res.steps == 3
+
+
+def test_standard_cutmix_mixes_crops_and_labels(digits):
+    from prunelab.hparams import ModelHparams, TrainingHparams
+    from prunelab.models import build_model
+    from prunelab.train import make_augment, train
+
+    aug = make_augment("standard_cutmix", digits.train)
+    x, y = digits.train.pixels(digits.train.x[:32]), digits.train.y[:32]
+    mixed = [aug(x, y, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert all(t.shape == (32, 10) and torch.allclose(t.sum(1), torch.ones(32)) for _, t in mixed)
+    assert any((t.max(1).values < 1).any() for _, t in mixed)  # some batches were cut and mixed
+    model = build_model(ModelHparams(name="convnet3", width=8), digits.train.shape, 10, seed=0)
+    assert train(model, digits.train.subset(torch.arange(64)), TrainingHparams(steps=3, augment="standard_cutmix")).steps == 3
