@@ -47,8 +47,8 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
     p.add_argument("--no-analysis", action="store_true", help="skip the figure at the end")
-    # test hook (hidden): ROUND[:ATTEMPTS[:VARIANT]] -- raise in that round, on the first ATTEMPTS
-    # attempts (0: every attempt), in every trial or only in those of VARIANT
+    # test hook (hidden): ROUND[:ATTEMPTS[:VARIANT[:KIND]]] -- in that round, on the first ATTEMPTS
+    # attempts (0: every attempt), in every trial or only in those of VARIANT: raise, or kill the worker
     p.add_argument("--inject-fault", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.storage_path is None:
@@ -67,10 +67,13 @@ def fault_spec(args) -> Optional[dict]:
     parts = str(raw).split(":")
     try:
         fault = {"round": int(parts[0]), "attempts": int(parts[1]) if len(parts) > 1 and parts[1] else 1,
-                 "variant": parts[2] if len(parts) > 2 and parts[2] else None}
+                 "variant": parts[2] if len(parts) > 2 and parts[2] else None,
+                 "kind": parts[3] if len(parts) > 3 and parts[3] else "raise"}
     except ValueError:
-        raise ConfigError("--inject-fault", f"{raw!r} is not ROUND[:ATTEMPTS[:VARIANT]]",
+        raise ConfigError("--inject-fault", f"{raw!r} is not ROUND[:ATTEMPTS[:VARIANT[:KIND]]]",
                           "e.g. 2 (first attempt fails in round 2) or 1:0:imp (every attempt of imp)") from None
+    if fault["kind"] not in ("raise", "kill"):
+        raise ConfigError("--inject-fault", f"{raw!r}: unknown kind {fault['kind']!r}", "use raise or kill")
     if fault["round"] < 0 or fault["attempts"] < 0:
         raise ConfigError("--inject-fault", f"{raw!r}: round and attempts must be >= 0", "e.g. 2:1")
     return fault

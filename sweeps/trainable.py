@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tempfile
 import traceback
 from pathlib import Path
@@ -32,23 +33,32 @@ from .tracking import ChainRun, retry
 FAIL_ENV = "PRUNELAB_FAIL_AT_ROUND"
 
 
-def _inject_fault(spec: dict, round: int) -> None:
-    """Raise if the spec's fault hits this trial in this round. `attempts` faults are injected
-    (0: every attempt); each is counted by a marker file under the result store, which survives
-    retries on any node."""
+def _fault_hook(spec: dict, round: int):
+    """The training callback that injects the spec's fault into this round, or None.
+
+    The fault hits mid-round, after the first epoch of training on the pruning data: `raise` raises,
+    `kill` ends the worker process with SIGKILL (as a preempted machine would). `attempts` faults are
+    injected (0: every attempt); each is counted by a marker file under the result store, which
+    survives retries on any node."""
     fault = spec.get("fault")
     if not fault or int(fault["round"]) != round:
-        return
+        return None
     if fault.get("variant") and fault["variant"] != spec["variant"]:
-        return
-    marks = Path(spec["store"]) / "faults" / spec["parent_run_id"] / spec["key"]
-    marks.mkdir(parents=True, exist_ok=True)
-    n = len(list(marks.iterdir()))
-    attempts = int(fault.get("attempts", 1))
-    if attempts and n >= attempts:
-        return
-    (marks / f"{n + 1}").touch()
-    raise RuntimeError(f"fault injected in round {round} (fault {n + 1} of {attempts or 'every attempt'})")
+        return None
+
+    def hit(epoch, metrics):
+        marks = Path(spec["store"]) / "faults" / spec["parent_run_id"] / spec["key"]
+        marks.mkdir(parents=True, exist_ok=True)
+        n = len(list(marks.iterdir()))
+        attempts = int(fault.get("attempts", 1))
+        if attempts and n >= attempts:
+            return
+        (marks / f"{n + 1}").touch()
+        if fault.get("kind") == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"fault injected in round {round} (fault {n + 1} of {attempts or 'every attempt'})")
+
+    return hit
 
 
 def trial_device(spec: dict) -> str:
@@ -181,8 +191,7 @@ def chain_trial(config: dict) -> None:
         evaluate_pending(chain.round)
         last = hp.pruning.rounds
         while chain.round < last:
-            _inject_fault(spec, chain.round)
-            rec = chain.step()
+            rec = chain.step(callback=_fault_hook(spec, chain.round))
             store.save_state(chain.state)
             _sync(run, store, chain.state, rkey, rounds, artifacts_done)
             _report(tune, {"round": chain.round, **round_metrics(rec)}, run.run_id, chain.round)

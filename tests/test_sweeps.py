@@ -357,6 +357,29 @@ def test_fault_resumes_same_mask(reference_sweep, tmp_path, capsys, ray_session,
         assert same_masks(got, want), f"chain {chash}: resumed masks differ from the uninterrupted run"
 
 
+def test_worker_killed_mid_round_resumes_same_mask(reference_sweep, tmp_path, capsys, ray_session):
+    """Each chain's worker process dies by SIGKILL in the middle of round 2 (after an epoch of its
+    training): the retry resumes from the round-1 checkpoint and ends with the uninterrupted sweep's
+    masks, in one MLflow run per chain with each metric step logged once."""
+    ray_session()
+    storage = tmp_path / "storage"
+    rc, out, err = drive(capsys, reference_sweep["config"], storage, "--inject-fault", "2:1::kill")
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert "2 trials, 2 run, 0 reused, 0 failed" in out
+    parent = runs(storage, "sweep")[0].info.run_id
+    chains = runs(storage, "chain")
+    assert len(chains) == 2, "a retried chain opened a second MLflow run"
+    for c in chains:
+        key, chash = c.data.tags["prunelab.trial_key"], c.data.tags["prunelab.chain_hash"]
+        assert sorted(p.name for p in (storage / "store" / "faults" / parent / key).iterdir()) == ["1"]
+        # the process died: no Python error handler ran (a raised fault records warnings/last_error.txt)
+        logged = {a.path for a in mlflow_client(storage).list_artifacts(c.info.run_id, "warnings")}
+        assert "warnings/last_error.txt" not in logged
+        assert c.data.tags["prunelab.status"] == "finished" and c.info.status == "FINISHED"
+        check_metric_steps(storage, c)
+        assert same_masks(masks(storage, chash), masks(reference_sweep["storage"], chash))
+
+
 def test_chain_failing_every_attempt(tmp_path, capsys, ray_session):
     """A fault before the first checkpoint on every attempt: the driver exits 1 and names the trial;
     the retry reopened the same MLflow run (no checkpoint held its id), which ends failed."""
