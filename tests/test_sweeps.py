@@ -691,3 +691,51 @@ def test_start_from_a_variant_with_its_own_grid_axes_gives_one_chain_per_start_c
         assert start.seed == t.chain.seed and t.axes["start.pruning_data.ipc"] == start.pruning_data.ipc
         assert f"start_ipc={start.pruning_data.ipc}" in t.label()
     assert len({t.key for t in combined}) == 4
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_sweep_then_resume(tmp_path, capsys, no_ray):
+    """The driver process (and the local Ray it started) dies by SIGKILL once a chain has finished;
+    `--resume` finishes the remaining chains, reuses the finished one, and the experiment ends with
+    one run per chain, each metric step logged once."""
+    config = write_config(tmp_path, sweep_doc(grid={"seed": [0, 1, 2]}, variants={"imp": {}},
+                                              evaluation={"rounds": [2], "lmc": False},
+                                              resources={"cpus_per_trial": 1, "max_concurrent": 1}))
+    storage = tmp_path / "storage"
+    code = f"import sys; from sweeps.driver import main; sys.exit(main({FIGURE!r}, sys.argv[1:]))"
+    env = dict(os.environ, PRUNELAB_CACHE=str(tmp_path / "cache"))
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--config", config, "--storage-path", str(storage),
+                             "--num-cpus", "1", "--no-analysis"], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while True:
+            assert proc.poll() is None, "the driver ended before it was killed: " + \
+                (tmp_path / "driver.log").read_text()[-3000:]
+            # the store is read only once the driver has made it (a second writer races its migration)
+            if "MLflow: experiment" in (tmp_path / "driver.log").read_text():
+                done = [r for r in runs(storage, "chain") if r.data.tags.get("prunelab.status") == "finished"]
+                if done:
+                    break
+            assert time.time() < deadline, "no chain finished in 240 s"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished_before = {r.data.tags["prunelab.trial_key"] for r in done}
+    time.sleep(2)  # Ray's processes share the driver's fate; let them go
+
+    rc = subprocess.run([sys.executable, "-c", code, "--config", config, "--storage-path", str(storage),
+                         "--num-cpus", "2", "--no-analysis", "--resume"], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+    assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
+    assert f"{len(finished_before)} reused" in rc.stdout, rc.stdout[-2000:]
+    chains = runs(storage, "chain")
+    keys = [c.data.tags["prunelab.trial_key"] for c in chains]
+    assert len(set(keys)) == 3 and len(keys) == 3, f"one MLflow run per chain, got {len(keys)} for {len(set(keys))}"
+    for c in chains:
+        assert c.data.tags["prunelab.status"] == "finished" and c.info.status == "FINISHED"
+        for key in ("sparsity", "pruning_accuracy"):
+            assert steps(storage, c.info.run_id, key) == [0, 1, 2, 3], key
