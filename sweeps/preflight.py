@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prunelab.data import IMAGENET10_WNIDS
+from prunelab.data import check_root
 from prunelab.errors import ConfigError, DataNotFoundError
 from prunelab.hparams import ChainHparams
 
@@ -20,22 +20,7 @@ def is_uri(path: str) -> bool:
 
 def check_data(hp: ChainHparams) -> None:
     """The data a chain reads exists (without loading it)."""
-    d = hp.dataset
-    layouts = {"cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
-               "imagenet10": [f"{s}/{w}" for s in ("train", "val") for w in IMAGENET10_WNIDS]}
-    if d.name in layouts:
-        if not d.root:
-            raise DataNotFoundError("dataset.root", f"{d.name} needs a local data directory",
-                                    f"--set root=/path/to/data (holding {layouts[d.name][0]}/)")
-        root = Path(d.root).expanduser()
-        if not root.is_absolute():
-            raise ConfigError("dataset.root", f"{d.root} is relative; trials run in their own directories",
-                              f"use an absolute path, e.g. {root.resolve()}")
-        missing = [p for p in layouts[d.name] if not (root / p).is_dir()]
-        if missing:
-            raise DataNotFoundError("dataset.root", f"{root} lacks {missing[0]}/" +
-                                    (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
-                                    f"put the {d.name} data there or point dataset.root at it")
+    check_root(hp.dataset)
     pd = hp.pruning_data
     if pd.kind == "idc_file":
         p = Path(pd.path).expanduser()

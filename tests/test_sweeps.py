@@ -207,6 +207,11 @@ CONFIG_ERRORS = {
     "relative storage path": ({}, ["--storage-path", "relative/runs"], "--storage-path"),
     "relative sqlite uri": ({}, ["--tracking-uri", "sqlite:///mlflow.db"], "--tracking-uri"),
     "bad --set": ({}, ["--set", "training.epochs"], "--set"),
+    "missing data root": ({}, ["--set", "dataset=cifar10", "root=/nonexistent/cifar"], "dataset.root"),
+    "unknown model": ({}, ["--set", "model=vgg16"], "model.name"),
+    "unknown synthetic method": ({}, ["--set", "pruning_data.method=dc"], "pruning_data.method"),
+    "missing IDC file": ({}, ["--set", "pruning_data.kind=idc_file", "pruning_data.path=/nonexistent/data.pt"],
+                         "pruning_data.path"),
 }
 
 
