@@ -80,14 +80,25 @@ def load_subnetwork(model: nn.Module, weights: dict[str, torch.Tensor], mask: Ma
     return model
 
 
+def rewind_start_step(hp: ChainHparams, n_train: int, batch_size: int) -> int:
+    """Where real-data training of a subnetwork starts its schedule: from a rewind point k > 0
+    (`pruning.rewind_epoch`) it continues from epoch k; from the initialization it starts at 0."""
+    k = hp.pruning.rewind_epoch
+    return k * steps_per_epoch(n_train, batch_size) if k else 0
+
+
 def train_subnetwork(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask, *,
                      device="cpu", seed: int = 0, training: Optional[TrainingHparams] = None,
-                     start_step: int = 0, eval_every: int = 0, callback=None) -> tuple[nn.Module, dict]:
+                     start_step: Optional[int] = None, eval_every: int = 0, callback=None
+                     ) -> tuple[nn.Module, dict]:
     """Train `weights ⊙ mask` on the real training set; returns the model and its metrics.
 
-    `seed` picks the data order and augmentation (two copies for LMC differ only here).
+    `seed` picks the data order and augmentation (two copies for LMC differ only here);
+    `start_step` defaults to `rewind_start_step` (the chain's rewind convention).
     """
     training = training or hp.training
+    if start_step is None:
+        start_step = rewind_start_step(hp, len(data.train), training.batch_size)
     model = build_model(hp.model, data.train.shape, data.train.num_classes, seed=0)
     load_subnetwork(model, weights, mask)
     res = train(model, data.train, training, device=device, order_seed=derive_seed(seed, "order"),
@@ -168,10 +179,8 @@ class Chain:
         return load_subnetwork(self.new_model(), self.state.rewind_point, self.state.mask)
 
     def _rewind_start_step(self, data: ImageData, training: TrainingHparams) -> int:
-        # from a rewind point k > 0, real-data training continues its schedule from epoch k
-        if self.hp.pruning.rewind_epoch and data is self.data.train:
-            return self.hp.pruning.rewind_epoch * steps_per_epoch(len(data), training.batch_size)
-        return 0
+        # only real-data training continues from the rewind point; a synthetic set starts afresh
+        return rewind_start_step(self.hp, len(data), training.batch_size) if data is self.data.train else 0
 
     def step(self, callback=None) -> dict:
         """One round: train the subnetwork on the pruning data, prune, rewind. Returns the round's record."""
@@ -216,7 +225,6 @@ class Chain:
         _, metrics = train_subnetwork(
             self.hp, self.data, self.state.rewind_point, self.state.mask, device=self.device,
             seed=derive_seed(seed, "evaluate"),
-            start_step=self._rewind_start_step(self.data.train, self.hp.training),
             eval_every=eval_every, callback=callback)
         metrics.update(round=self.state.round, sparsity=self.state.mask.sparsity)
         return metrics

@@ -16,7 +16,6 @@ from .hparams import ChainHparams, Hparams, hp, require
 from .landscape import LandscapeHparams, landscape
 from .masks import Mask, rounds_for_sparsity
 from .stability import LMCHparams, instability
-from .train import steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,6 @@ class EvalHparams(Hparams):
         return sorted(rounds)
 
 
-def _start_step(hp: ChainHparams, data: DataSplit) -> int:
-    k = hp.pruning.rewind_epoch
-    return k * steps_per_epoch(len(data.train), hp.training.batch_size) if k else 0
-
-
 def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: dict, mask: Mask,
                    round: int, device="cpu") -> dict:
     """Train the subnetwork `weights ⊙ mask` on real data and measure what `ev` asks for.
@@ -89,7 +83,7 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
         out["landscape"] = landscape(hp, data, weights, mask, ev.landscape_hparams, device)
     if ev.hessian or not ev.lmc:
         model, m = train_subnetwork(hp, data, weights, mask, device=device,
-                                    seed=derive_seed(hp.seed, "evaluate"), start_step=_start_step(hp, data))
+                                    seed=derive_seed(hp.seed, "evaluate"))
         if not ev.lmc:
             metrics.update(test_accuracy=m["test_accuracy"], test_loss=m["test_loss"], train_loss=m["train_loss"])
         trained = model

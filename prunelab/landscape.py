@@ -36,7 +36,7 @@ from .hparams import ChainHparams, Hparams, hp, require
 from .masks import Mask
 from .stability import (EvalSet, batchnorm_modules, bn_batches, check_compatible, check_mask, device_mask,
                         recompute_bn_stats)
-from .train import resolve_device, steps_per_epoch
+from .train import resolve_device
 
 
 @dataclass(frozen=True)
@@ -227,13 +227,11 @@ def landscape(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor
     returns `loss_landscape`'s data plus each copy's test metrics under `copies[i]["test_accuracy"]`.
     """
     land_hp.validate()
-    k = hp.pruning.rewind_epoch
-    start = k * steps_per_epoch(len(data.train), hp.training.batch_size) if k else 0
     models, metrics = [], []
     t0 = time.perf_counter()
     for s in land_hp.seeds:
         model, m = train_subnetwork(hp, data, weights, mask, device=device,
-                                    seed=derive_seed(hp.seed, "landscape", s), start_step=start)
+                                    seed=derive_seed(hp.seed, "landscape", s))
         models.append(model)
         metrics.append({"seed": int(s), "test_accuracy": m["test_accuracy"], "test_loss": m["test_loss"]})
     train_s = time.perf_counter() - t0

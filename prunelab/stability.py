@@ -36,7 +36,7 @@ from .data import DataSplit, ImageData
 from .errors import ConfigError
 from .hparams import ChainHparams, Hparams, hp, require
 from .masks import Mask
-from .train import resolve_device, steps_per_epoch
+from .train import resolve_device
 
 SPLITS = ("train", "test")
 
@@ -299,9 +299,6 @@ def train_pair(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tenso
     """
     if len(seeds) != 2:
         raise ConfigError("seeds", f"need exactly two seeds, got {list(seeds)}", "e.g. (0, 1)")
-    if start_step is None:
-        k = hp.pruning.rewind_epoch
-        start_step = k * steps_per_epoch(len(data.train), hp.training.batch_size) if k else 0
     models, metrics = [], []
     for s in seeds:
         model, m = train_subnetwork(hp, data, weights, mask, device=device, seed=_lmc_seed(hp, s),

@@ -178,7 +178,8 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     if args.address and not ray.is_initialized():
         from prunelab.doctor import resolve_ray_address
 
-        resolve_ray_address(args.address)  # no cluster there: say so before anything is written
+        # no cluster there: say so at once (ray.init retries for minutes), before anything is written
+        args.address = resolve_ray_address(args.address)
 
     # 2. MLflow store, experiment and parent run, before any trial can race to create them
     local.mkdir(parents=True, exist_ok=True)
@@ -261,15 +262,12 @@ def _init_ray(args, res, started: list):
     if ray.is_initialized():  # the caller's session (e.g. tests) is used as it is
         return ray
     started.append(True)
-    if args.address:
-        from prunelab.doctor import resolve_ray_address
-
+    if args.address:  # resolved by run_sweep: a cluster answers there
         from .autoscaler import auth_hint, enable_token_auth_if_available
 
-        address = resolve_ray_address(args.address)  # fails at once; ray.init retries for minutes
         enable_token_auth_if_available()  # a client does not switch token mode on by itself
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
             raise ConfigError("--address", f"no Ray cluster at {args.address!r} ({str(e).splitlines()[0]})",
                               auth_hint(e) or "start one with `ray start --head` or drop --address to run "

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from prunelab.data import load_dataset
 from prunelab.errors import ConfigError
-from prunelab.hparams import ChainHparams, DatasetHparams, ModelHparams, TrainingHparams
+from prunelab.hparams import ChainHparams, ModelHparams, TrainingHparams
 from prunelab.landscape import LandscapeHparams, combine_into, fit_plane, landscape, loss_landscape
 from prunelab.masks import Mask, magnitude_prune
 from prunelab.models import build_model
@@ -16,9 +15,9 @@ HP = ChainHparams(model=ModelHparams(name="convnet3", width=8),
                   training=TrainingHparams(lr=0.05, epochs=3, batch_size=64))
 
 
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset(DatasetHparams())
+@pytest.fixture
+def data(digits):  # the session's digits split (conftest)
+    return digits
 
 
 def _models(hp, data, seeds):

@@ -7,9 +7,8 @@ import torch
 
 from prunelab import stability
 from prunelab.chain import train_subnetwork
-from prunelab.data import load_dataset
 from prunelab.errors import ConfigError
-from prunelab.hparams import ChainHparams, DatasetHparams, ModelHparams, TrainingHparams
+from prunelab.hparams import ChainHparams, ModelHparams, TrainingHparams
 from prunelab.masks import Mask, magnitude_prune
 from prunelab.models import build_model
 from prunelab.stability import (LMCHparams, barriers, bn_batches, flat_barriers, instability,
@@ -19,9 +18,9 @@ HP = ChainHparams(model=ModelHparams(name="convnet3", width=8),
                   training=TrainingHparams(lr=0.05, epochs=8, batch_size=64))
 
 
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset(DatasetHparams())
+@pytest.fixture
+def data(digits):  # the session's digits split (conftest)
+    return digits
 
 
 def _init(hp, data, seed):

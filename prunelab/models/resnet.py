@@ -3,7 +3,6 @@ ImageNet stem (7x7 stride 2 + max-pool) for inputs of 64 px and more."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
