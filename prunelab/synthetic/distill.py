@@ -12,13 +12,13 @@ generators.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..chain import derive_seed
 from ..data import ImageData
 from ..data.dsa import dsa, dsa_siamese
 from ..errors import ConfigError
@@ -31,11 +31,6 @@ Log = Optional[Callable[[str], None]]
 # Outer iterations when `budget` is None. IDC runs 2,000 on CIFAR (hours on a GPU); these sizes fit
 # 8x8 digits on a CPU core in seconds and still beat a random subset clearly.
 DEFAULT_BUDGETS = {"idc": 30, "dm": 200}
-
-
-def _seed(seed: int, *labels) -> int:
-    h = hashlib.sha256(repr((int(seed),) + labels).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
 
 
 def _pixels(real: ImageData) -> torch.Tensor:
@@ -111,7 +106,7 @@ def random_subset(real: ImageData, ipc: int, seed: int, budget: Optional[int] = 
                   log: Log = None) -> ImageData:
     """`ipc` random real images per class (seeded); `budget` is unused."""
     check_ipc(real, ipc)
-    x, y = init_from_real(real, ipc, torch.Generator().manual_seed(_seed(seed, "random_subset")))
+    x, y = init_from_real(real, ipc, torch.Generator().manual_seed(derive_seed(seed, "random_subset")))
     return _out(real, x, y, "random_subset", ipc, factor=1)
 
 
@@ -127,7 +122,7 @@ def herding(real: ImageData, ipc: int, seed: int, budget: Optional[int] = None, 
     """
     check_ipc(real, ipc)
     device = torch.device(device)
-    net = _net(real, width, _seed(seed, "herding", "net"), device).eval()
+    net = _net(real, width, derive_seed(seed, "herding", "net"), device).eval()
     x = _pixels(real)
     xs, ys = [], []
     for k, idx in enumerate(_class_index(real)):
@@ -182,8 +177,8 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
     check_ipc(real, ipc, f)
     budget = budget or DEFAULT_BUDGETS["idc"]
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(_seed(seed, "idc", "data"))
-    aug_gen = torch.Generator(device=device).manual_seed(_seed(seed, "idc", "augment"))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "idc", "data"))
+    aug_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "idc", "augment"))
     x0, y0 = init_from_real(real, ipc, gen, f)
     syn = x0.to(device).requires_grad_(True)
     y_syn = y0.to(device)
@@ -192,7 +187,7 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
     by_class = [i.to(device) for i in _class_index(real)]
     k = real.num_classes
     for it in range(budget):
-        net = _net(real, net_width, _seed(seed, "idc", "net", it), device).train()
+        net = _net(real, net_width, derive_seed(seed, "idc", "net", it), device).train()
         opt_net = torch.optim.SGD(net.parameters(), lr=net_lr, momentum=0.9, weight_decay=5e-4)
         with torch.no_grad():
             syn.clamp_(0, 1)
@@ -238,15 +233,15 @@ def distill_dm(real: ImageData, ipc: int, seed: int, budget: Optional[int] = Non
     check_ipc(real, ipc)
     budget = budget or DEFAULT_BUDGETS["dm"]
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(_seed(seed, "dm", "data"))
-    aug_gen = torch.Generator(device=device).manual_seed(_seed(seed, "dm", "augment"))
+    gen = torch.Generator().manual_seed(derive_seed(seed, "dm", "data"))
+    aug_gen = torch.Generator(device=device).manual_seed(derive_seed(seed, "dm", "augment"))
     x0, y0 = init_from_real(real, ipc, gen)
     syn = x0.to(device).requires_grad_(True)
     opt_img = torch.optim.SGD([syn], lr=lr_img, momentum=mom_img)
     x_real = _pixels(real).to(device)
     by_class = [i.to(device) for i in _class_index(real)]
     for it in range(budget):
-        net = _net(real, net_width, _seed(seed, "dm", "net", it), device).train()
+        net = _net(real, net_width, derive_seed(seed, "dm", "net", it), device).train()
         for p in net.parameters():
             p.requires_grad_(False)
         loss = torch.zeros((), device=device)
