@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .data import DataSplit, ImageData, load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, CorruptFileError
+from .files import frame, unframe
 from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask, density_after, magnitude_prune, masked_state
 from .models import build_model
+from .stacked import train_copies
 from .train import evaluate, examples_drawn, resolve_device, steps_per_epoch, train
 
 STATE_MAGIC = b"PRUNELAB-CHAIN-1\n"
@@ -32,7 +34,7 @@ def derive_seed(seed: int, *labels) -> int:
     return int.from_bytes(h[:8], "little") >> 1
 
 
-class CorruptStateError(ValueError):
+class CorruptStateError(CorruptFileError):
     """A serialized chain state failed its checksum or could not be parsed."""
 
 
@@ -57,17 +59,14 @@ class ChainState:
         torch.save({"round": self.round, "init": self.init, "rewind": self.rewind,
                     "mask": dict(self.mask), "history": self.history, "start_round": self.start_round,
                     "config_hash": self.config_hash}, buf)
-        payload = buf.getvalue()
-        return STATE_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+        return frame(STATE_MAGIC, buf.getvalue())
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "chain state") -> "ChainState":
-        if not data.startswith(STATE_MAGIC):
-            raise CorruptStateError(f"{source}: not a prunelab chain state (bad header)")
-        rest = data[len(STATE_MAGIC):]
-        digest, _, payload = rest.partition(b"\n")
-        if hashlib.sha256(payload).hexdigest().encode() != digest:
-            raise CorruptStateError(f"{source}: checksum mismatch (truncated or corrupted file)")
+        try:
+            payload = unframe(STATE_MAGIC, data, source)
+        except CorruptFileError as e:
+            raise CorruptStateError(str(e)) from None
         d = torch.load(io.BytesIO(payload), weights_only=True)
         return cls(round=d["round"], init=d["init"], rewind=d["rewind"], mask=Mask(d["mask"]),
                    history=list(d["history"]), start_round=d["start_round"], config_hash=d["config_hash"])
@@ -87,6 +86,26 @@ def rewind_start_step(hp: ChainHparams, n_train: int, batch_size: int) -> int:
     return k * steps_per_epoch(n_train, batch_size) if k else 0
 
 
+def _subnetwork_setup(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
+                      training: Optional[TrainingHparams], start_step: Optional[int]):
+    training = training or hp.training
+    if start_step is None:
+        start_step = rewind_start_step(hp, len(data.train), training.batch_size)
+    model = build_model(hp.model, data.train.shape, data.train.num_classes, seed=0)
+    return load_subnetwork(model, weights, mask), training, start_step
+
+
+def _copy_seeds(seed: int) -> tuple[int, int]:
+    """(order seed, augmentation seed) of a subnetwork trained with `seed`."""
+    return derive_seed(seed, "order"), derive_seed(seed, "augment")
+
+
+def _subnetwork_metrics(model: nn.Module, data: DataSplit, res, training: TrainingHparams, device) -> dict:
+    test = evaluate(model, data.test, device=device, batch_size=training.eval_batch_size)
+    return {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "train_loss": res.train_loss, "steps": res.steps, "curve": res.history}
+
+
 def train_subnetwork(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask, *,
                      device="cpu", seed: int = 0, training: Optional[TrainingHparams] = None,
                      start_step: Optional[int] = None, eval_every: int = 0, callback=None
@@ -96,17 +115,31 @@ def train_subnetwork(hp: ChainHparams, data: DataSplit, weights: dict[str, torch
     `seed` picks the data order and augmentation (two copies for LMC differ only here);
     `start_step` defaults to `rewind_start_step` (the chain's rewind convention).
     """
-    training = training or hp.training
-    if start_step is None:
-        start_step = rewind_start_step(hp, len(data.train), training.batch_size)
-    model = build_model(hp.model, data.train.shape, data.train.num_classes, seed=0)
-    load_subnetwork(model, weights, mask)
-    res = train(model, data.train, training, device=device, order_seed=derive_seed(seed, "order"),
-                aug_seed=derive_seed(seed, "augment"), mask=mask, start_step=start_step,
-                eval_data=data.test, eval_every=eval_every, callback=callback)
-    test = evaluate(model, data.test, device=device, batch_size=training.eval_batch_size)
-    return model, {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
-                   "train_loss": res.train_loss, "steps": res.steps, "curve": res.history}
+    model, training, start_step = _subnetwork_setup(hp, data, weights, mask, training, start_step)
+    order_seed, aug_seed = _copy_seeds(seed)
+    res = train(model, data.train, training, device=device, order_seed=order_seed, aug_seed=aug_seed,
+                mask=mask, start_step=start_step, eval_data=data.test, eval_every=eval_every, callback=callback)
+    return model, _subnetwork_metrics(model, data, res, training, device)
+
+
+def train_subnetworks(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
+                      seeds: Sequence[int], *, device="cpu", stacked: bool = False,
+                      training: Optional[TrainingHparams] = None, start_step: Optional[int] = None
+                      ) -> tuple[list[nn.Module], list[dict]]:
+    """Train one copy of `weights ⊙ mask` per seed on the real training set; (models, metrics).
+
+    Copy i is `train_subnetwork(..., seed=seeds[i])`. With `stacked`, the copies train together as
+    one stacked network (`prunelab.stacked.train_copies`): the same batches, augmentation and
+    schedule, equal to the one-by-one copies up to float rounding, and faster at small batch on a GPU.
+    """
+    if not stacked:
+        runs = [train_subnetwork(hp, data, weights, mask, device=device, seed=s, training=training,
+                                 start_step=start_step) for s in seeds]
+        return [m for m, _ in runs], [m for _, m in runs]
+    model, training, start_step = _subnetwork_setup(hp, data, weights, mask, training, start_step)
+    models, results = train_copies(model, data.train, training, device=device,
+                                   seeds=[_copy_seeds(s) for s in seeds], mask=mask, start_step=start_step)
+    return models, [_subnetwork_metrics(m, data, r, training, device) for m, r in zip(models, results)]
 
 
 class Chain:

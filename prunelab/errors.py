@@ -20,3 +20,7 @@ class DataNotFoundError(ConfigError, FileNotFoundError):
 
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss."""
+
+
+class CorruptFileError(ValueError):
+    """A stored file failed its checksum or could not be parsed; the message names the file."""

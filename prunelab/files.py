@@ -1,9 +1,13 @@
-"""Atomic file writes: readers see the old file or the new one, never a part of it."""
+"""Atomic file writes (readers see the old file or the new one, never a part of it) and checksummed
+frames (a truncated or corrupted file is detected, never loaded silently)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+from .errors import CorruptFileError
 
 
 def atomic_write(path, data: bytes) -> None:
@@ -16,3 +20,18 @@ def atomic_write(path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def frame(magic: bytes, payload: bytes) -> bytes:
+    """`magic` (one line naming the format), the payload's sha256, then the payload."""
+    return magic + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def unframe(magic: bytes, data: bytes, source: str) -> bytes:
+    """The payload of a `frame`, checked; CorruptFileError naming `source` if anything is off."""
+    if not data.startswith(magic):
+        raise CorruptFileError(f"{source}: not a {magic.decode().strip()} file (bad header)")
+    digest, _, payload = data[len(magic):].partition(b"\n")
+    if hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CorruptFileError(f"{source}: checksum mismatch (truncated or corrupted file)")
+    return payload

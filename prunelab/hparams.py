@@ -151,8 +151,7 @@ class Hparams:
         return dataclasses.replace(self, **changes)
 
     def canonical_json(self) -> str:
-        return json.dumps({"schema": SCHEMA_VERSION, "hparams": self.to_dict()}, sort_keys=True,
-                          separators=(",", ":"))
+        return canonical_json(self.to_dict())
 
     def hash(self, length: int = 16) -> str:
         """Content hash of the resolved values (sorted JSON plus schema version)."""
@@ -171,6 +170,11 @@ class Hparams:
             else:
                 lines.append(f"{f.name} = {default!r}  # {f.metadata.get('help', '')}")
         return "\n".join(lines)
+
+
+def canonical_json(values: dict) -> str:
+    """Sorted, compact JSON of resolved values plus the schema version: what config hashes are of."""
+    return json.dumps({"schema": SCHEMA_VERSION, "hparams": values}, sort_keys=True, separators=(",", ":"))
 
 
 def require(cond: bool, field: str, problem: str, fix: str = "") -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chain import derive_seed, train_subnetwork
+from .chain import derive_seed, train_subnetworks
 from .data import DataSplit, ImageData
 from .errors import ConfigError
 from .hparams import ChainHparams, Hparams, hp, require
@@ -52,6 +52,7 @@ class LMCHparams(Hparams):
     splits: tuple[str, ...] = hp(SPLITS, "splits evaluated along the line (paper: train; authors' code: test)")
     eval_examples: Optional[int] = hp(None, "evaluate on a fixed random subset of this many examples per split")
     eval_batch_size: int = hp(1024, "batch size for evaluation")
+    stacked: bool = hp(False, "train the copies as one stacked model (faster at small batch on a GPU)")
 
     def _validate(self, p):
         require(self.num_points >= 2, p + "num_points", f"must be >= 2, got {self.num_points}",
@@ -288,25 +289,21 @@ def _lmc_seed(hp: ChainHparams, seed: int) -> int:
 
 
 def train_pair(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
-               seeds: Sequence[int] = (0, 1), device="cpu",
-               start_step: Optional[int] = None) -> tuple[tuple[nn.Module, nn.Module], list[dict]]:
+               seeds: Sequence[int] = (0, 1), device="cpu", start_step: Optional[int] = None,
+               stacked: bool = False) -> tuple[tuple[nn.Module, nn.Module], list[dict]]:
     """Train two copies of `weights ⊙ mask` on the real training set; returns ((A, B), [metrics_A, metrics_B]).
 
     The copies share weights and mask and differ only in data order and augmentation: copy i uses
     `derive_seed(hp.seed, "lmc", seeds[i])`, so equal seeds give bitwise-identical copies on CPU.
     `start_step` defaults to the chain's convention: with `hp.pruning.rewind_epoch = k > 0`, `weights`
-    is the rewind point and training continues the schedule from epoch k.
+    is the rewind point and training continues the schedule from epoch k. `stacked` trains both
+    copies as one stacked model (`prunelab.stacked`; equal up to float rounding).
     """
     if len(seeds) != 2:
         raise ConfigError("seeds", f"need exactly two seeds, got {list(seeds)}", "e.g. (0, 1)")
-    models, metrics = [], []
-    for s in seeds:
-        model, m = train_subnetwork(hp, data, weights, mask, device=device, seed=_lmc_seed(hp, s),
-                                    start_step=start_step)
-        m = {k: v for k, v in m.items() if k != "curve"}
-        m["seed"] = int(s)
-        models.append(model)
-        metrics.append(m)
+    models, runs = train_subnetworks(hp, data, weights, mask, [_lmc_seed(hp, s) for s in seeds], device=device,
+                                     stacked=stacked, start_step=start_step)
+    metrics = [{**{k: v for k, v in m.items() if k != "curve"}, "seed": int(s)} for s, m in zip(seeds, runs)]
     return (models[0], models[1]), metrics
 
 
@@ -319,7 +316,7 @@ def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tens
     """
     lmc_hp.validate()
     t0 = time.perf_counter()
-    (a, b), metrics = train_pair(hp, data, weights, mask, lmc_hp.seeds, device)
+    (a, b), metrics = train_pair(hp, data, weights, mask, lmc_hp.seeds, device, stacked=lmc_hp.stacked)
     train_s = time.perf_counter() - t0
     curve = lmc_curve(a, b, data, lmc_hp, device, mask=mask)
     curve.update(copies=metrics, copy_test_accuracy=sum(m["test_accuracy"] for m in metrics) / 2,

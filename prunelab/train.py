@@ -1,7 +1,8 @@
 """The training engine: SGD/Adam over a device-resident tensor data set, masks enforced every step.
 
 Data order and augmentation have their own seeds (the model's initialization is seeded where it is
-built), so two copies that differ only in data order are one argument apart.
+built), so two copies that differ only in data order are one argument apart. The loop's pieces
+(`Loop`, `DataOrder`, `LossMeter`, `optimizer_step`) also drive `prunelab.stacked.train_copies`.
 """
 
 from __future__ import annotations
@@ -119,16 +120,143 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _autocast(hp: TrainingHparams, device: torch.device):
+def autocast(hp: TrainingHparams, device: torch.device):
+    """bf16 autocast where `hp.precision` asks for it and the device is CUDA; a no-op otherwise."""
     enabled = hp.precision == "bf16" and device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _prepare(model: nn.Module, hp: TrainingHparams, device: torch.device):
+def prepare(model: nn.Module, hp: TrainingHparams, device: torch.device) -> nn.Module:
+    """Move `model` to the device (channels-last where asked); returns what the loop calls (compiled
+    if asked)."""
     model.to(device)
     if hp.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return torch.compile(model) if hp.compile else model
+
+
+def masker(mask: Optional[Mask], model: nn.Module) -> Callable[[], None]:
+    """A function zeroing `model`'s pruned weights in place (one fused multiply; a no-op without a mask)."""
+    pairs = mask.device_tensors(model) if mask is not None else []
+    params, values = [p for p, _ in pairs], [m for _, m in pairs]
+
+    @torch.no_grad()
+    def apply() -> None:
+        if params:
+            torch._foreach_mul_(params, values)
+
+    return apply
+
+
+class DataOrder:
+    """One run's data order: a fresh permutation of the set every epoch from its own CPU generator."""
+
+    def __init__(self, seed: int, n: int, batch_size: int, start_step: int = 0, device=None):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.n, self.batch_size = n, batch_size
+        self.spe = steps_per_epoch(n, batch_size)
+        self.device = device  # where the indices go (the data's device), None = stay on the CPU
+        self.perm: Optional[torch.Tensor] = None
+        # skip the permutations of the epochs before start_step, so a resumed run sees the same order
+        for _ in range(start_step // self.spe):
+            torch.randperm(n, generator=self.gen)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The example indices of `step`'s batch (steps are visited in order)."""
+        pos = step % self.spe
+        if self.perm is None or pos == 0:
+            self.perm = torch.randperm(self.n, generator=self.gen)
+            if self.device is not None:
+                self.perm = self.perm.to(self.device)
+        return self.perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+class LossMeter:
+    """Sums per-step losses on the device (one value, or one per copy); `take` is the epoch's single
+    host sync."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.sum = torch.zeros(size, device=device)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss.detach().float()
+        self.count += 1
+
+    def take(self) -> list[float]:
+        """The mean losses since the last call, then reset."""
+        means = [v / self.count for v in self.sum.tolist()]
+        self.sum.zero_()
+        self.count = 0
+        return means
+
+
+@dataclass
+class Loop:
+    """What a training loop needs besides the model: the placed data, the schedule, the augmentation."""
+
+    hp: TrainingHparams
+    data: ImageData
+    device: torch.device
+    spe: int
+    stop: int
+    factor: Callable[[int], float]
+    augment: Optional[Augment]
+
+    @classmethod
+    def make(cls, data: ImageData, hp: TrainingHparams, device, stop_step: Optional[int] = None) -> "Loop":
+        device = resolve_device(device)
+        data = place(data, device)
+        n = len(data)
+        total = total_steps(hp, n)
+        return cls(hp, data, device, steps_per_epoch(n, hp.batch_size),
+                   total if stop_step is None else min(stop_step, total), lr_factor(hp, n),
+                   make_augment(hp.augment, data))
+
+    def order(self, seed: int, start_step: int) -> DataOrder:
+        return DataOrder(seed, len(self.data), self.hp.batch_size, start_step,
+                         self.device if self.data.x.device == self.device else None)
+
+    def aug_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized (augmented) pixels and targets of the examples `idx`, on the device."""
+        data, device = self.data, self.device
+        xb = data.pixels(data.x[idx].to(device, non_blocking=True))
+        yb = data.y[idx].to(device, non_blocking=True)
+        if self.augment is not None:
+            xb, yb = self.augment(xb, yb, gen)
+        return data.normalize(xb), yb
+
+    def memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hp.channels_last and self.device.type == "cuda":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def lr(self, step: int) -> float:
+        return self.hp.lr * self.factor(step)
+
+    def epoch_ends(self, step: int) -> bool:
+        """True after the last step of an epoch, or of the run."""
+        return step % self.spe == 0 or step == self.stop
+
+    def record(self, step: int, loss: float, lr: float) -> dict:
+        return {"epoch": step / self.spe, "step": step, "train_loss": loss, "lr": lr}
+
+    def divergence(self, loss: float, step: int, lr: float, who: str = "") -> DivergenceError:
+        return DivergenceError(f"{who}training loss became {loss} at step {step} (epoch {step / self.spe:.2f}, "
+                               f"lr {lr:g}); lower the learning rate")
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, remask: Callable[[], None]) -> None:
+    """Backward and one optimizer step at `lr`, then zero the pruned weights again."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    remask()
 
 
 def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu", order_seed: int = 0,
@@ -143,81 +271,42 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
     epoch with the mean training loss; with `eval_data` and `eval_every=k`, every k-th epoch also
     reports test loss and accuracy. A non-finite loss raises DivergenceError.
     """
-    device = resolve_device(device)
-    data = place(data, device)
-    n = len(data)
-    total = total_steps(hp, n)
-    stop = total if stop_step is None else min(stop_step, total)
-    spe = steps_per_epoch(n, hp.batch_size)
-    net = _prepare(model, hp, device)
-    pairs = mask.device_tensors(model) if mask is not None else []
-    mask_params, mask_values = [p for p, _ in pairs], [m for _, m in pairs]
-    if pairs:
-        with torch.no_grad():
-            torch._foreach_mul_(mask_params, mask_values)
+    loop = Loop.make(data, hp, device, stop_step)
+    device = loop.device
+    net = prepare(model, hp, device)
+    remask = masker(mask, model)
+    remask()
     opt = make_optimizer(model, hp, device)
-    factor = lr_factor(hp, n)
-    augment = make_augment(hp.augment, data)
-    order_gen = torch.Generator().manual_seed(order_seed)
-    aug_gen = torch.Generator(device=device).manual_seed(aug_seed)
-    # skip the permutations of the epochs before start_step, so a resumed run sees the same order
-    for _ in range(start_step // spe):
-        torch.randperm(n, generator=order_gen)
-    channels_last = hp.channels_last and device.type == "cuda"
+    order, aug_gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
+    meter = LossMeter(1, device)
 
     history: list[dict] = []
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    perm = None
     model.train()
     step = start_step
     last_loss = float("nan")
-    while step < stop:
-        pos = step % spe
-        if perm is None or pos == 0:
-            perm = torch.randperm(n, generator=order_gen)
-            if data.x.device == device:
-                perm = perm.to(device)
-        idx = perm[pos * hp.batch_size:(pos + 1) * hp.batch_size]
-        xb = data.x[idx].to(device, non_blocking=True)
-        yb = data.y[idx].to(device, non_blocking=True)
-        xb = data.pixels(xb)
-        if augment is not None:
-            xb, yb = augment(xb, yb, aug_gen)
-        xb = data.normalize(xb)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        lr = hp.lr * factor(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with _autocast(hp, device):
+    while step < loop.stop:
+        xb, yb = loop.batch(order.indices(step), aug_gen)
+        xb = loop.memory_format(xb)
+        lr = loop.lr(step)
+        with autocast(hp, device):
             loss = F.cross_entropy(net(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if pairs:
-            with torch.no_grad():
-                torch._foreach_mul_(mask_params, mask_values)
-        loss_sum += loss.detach().float()
-        loss_count += 1
+        optimizer_step(opt, loss, lr, remask)
+        meter.add(loss)
         step += 1
-        if step % spe == 0 or step == stop:
-            last_loss = float(loss_sum) / loss_count  # one host sync per epoch
+        if loop.epoch_ends(step):
+            last_loss, = meter.take()
             if not math.isfinite(last_loss):
-                raise DivergenceError(f"training loss became {last_loss} at step {step} (epoch "
-                                      f"{step / spe:.2f}, lr {lr:g}); lower the learning rate")
-            epoch = step / spe
-            metrics = {"epoch": epoch, "step": step, "train_loss": last_loss, "lr": lr}
-            if eval_data is not None and eval_every and (round(epoch) % eval_every == 0 or step == stop):
+                raise loop.divergence(last_loss, step, lr)
+            metrics = loop.record(step, last_loss, lr)
+            epoch = metrics["epoch"]
+            if eval_data is not None and eval_every and (round(epoch) % eval_every == 0 or step == loop.stop):
                 ev = evaluate(model, eval_data, device=device, batch_size=hp.eval_batch_size)
                 metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
                 model.train()
             history.append(metrics)
             if callback is not None:
                 callback(int(math.ceil(epoch)), metrics)
-            loss_sum.zero_()
-            loss_count = 0
-    return TrainResult(steps=step, epochs=step / spe, train_loss=last_loss, history=history)
+    return TrainResult(steps=step, epochs=step / loop.spe, train_loss=last_loss, history=history)
 
 
 @torch.no_grad()
