@@ -15,7 +15,9 @@ from typing import Union
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, CorruptFileError
+
+MASK_MAGIC = b"PRUNELAB-MASK-1\n"
 
 
 def prunable_names(model: nn.Module, prune_classifier: bool = True) -> list[str]:
@@ -91,13 +93,27 @@ class Mask(OrderedDict):
 
     # ---- persistence -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        """A checksummed torch file: a damaged copy fails to load instead of giving another mask."""
+        from .files import frame
+
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in self.items()}, buf)
-        return buf.getvalue()
+        return frame(MASK_MAGIC, buf.getvalue())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Mask":
-        d = torch.load(io.BytesIO(data), weights_only=True)
+    def from_bytes(cls, data: bytes, source: str = "mask") -> "Mask":
+        """Read `to_bytes` output (or a plain torch file of name -> bool tensor); CorruptFileError
+        naming `source` if it is damaged."""
+        from .files import unframe
+
+        payload = unframe(MASK_MAGIC, data, source) if data.startswith(MASK_MAGIC) else data
+        try:
+            d = torch.load(io.BytesIO(payload), weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises several types for damaged files
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CorruptFileError(f"{source}: cannot be read as a mask ({type(e).__name__}: {first})") from None
+        if not isinstance(d, dict) or not all(isinstance(v, torch.Tensor) for v in d.values()):
+            raise CorruptFileError(f"{source}: does not hold a mask (name -> tensor)")
         return cls((k, v.bool()) for k, v in d.items())
 
     def save(self, path: Union[str, Path]) -> None:
@@ -107,7 +123,7 @@ class Mask(OrderedDict):
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Mask":
-        return cls.from_bytes(Path(path).read_bytes())
+        return cls.from_bytes(Path(path).read_bytes(), source=str(path))
 
     def hash(self, length: int = 16) -> str:
         """Stable content hash: names, shapes and bits, independent of device and file format."""

@@ -2,17 +2,21 @@
 
 It is what makes resume and dedup work: a chain that reached round r is never trained to round r
 again, and an evaluation already stored is never recomputed, whichever sweep asks for it. Every file
-is written atomically (temporary name in the same directory, then rename).
+is written atomically (temporary name in the same directory, then rename), and states, masks and
+evaluations carry a checksum: a damaged file is reported by name and never used as if it were good.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 from .chain import ChainState, CorruptStateError
+from .errors import CorruptFileError
 from .files import atomic_write
 from .hparams import ChainHparams
 from .masks import Mask
@@ -35,7 +39,7 @@ class ChainStore:
         state_file = self.dir / "state.pt"
         if state_file.exists():
             os.replace(state_file, self.dir / "state.prev.pt")
-        atomic_write(self.dir / "rounds" / f"round_{state.round:02d}.mask.pt", state.mask.to_bytes())
+        atomic_write(self.mask_path(state.round), state.mask.to_bytes())
         atomic_write(self.dir / "history.jsonl",
                      "".join(json.dumps(h) + "\n" for h in state.history).encode())
         atomic_write(state_file, state.to_bytes())
@@ -55,20 +59,53 @@ class ChainStore:
                 on_corrupt(str(e))
         return None
 
-    def mask_at(self, round: int) -> Optional[Mask]:
-        path = self.dir / "rounds" / f"round_{round:02d}.mask.pt"
-        return Mask.load(path) if path.exists() else None
+    def mask_path(self, round: int) -> Path:
+        return self.dir / "rounds" / f"round_{round:02d}.mask.pt"
+
+    def mask_at(self, round: int, fallback: Optional[ChainState] = None) -> Optional[Mask]:
+        """The mask of `round`, or None if the chain has not reached it. A damaged mask file is
+        replaced from `fallback` (a state of that round, which holds its mask); without one it
+        raises CorruptFileError naming the file."""
+        path = self.mask_path(round)
+        if not path.exists():
+            return None
+        try:
+            return Mask.load(path)
+        except CorruptFileError as e:
+            if fallback is None or fallback.round != round:
+                raise CorruptFileError(f"{e}; the chain's state no longer holds round {round}: delete "
+                                       f"{self.dir} to recompute the chain") from None
+            print(f"prunelab: {e}; rewritten from the chain's state", file=sys.stderr)
+            atomic_write(path, fallback.mask.to_bytes())
+            return fallback.mask
 
     # ---- evaluations -------------------------------------------------------------------------
     def _eval_path(self, eval_hash: str, round: int) -> Path:
         return self.dir / "evals" / eval_hash / f"round_{round:02d}.json"
 
     def save_eval(self, eval_hash: str, round: int, result: dict) -> None:
-        atomic_write(self._eval_path(eval_hash, round), json.dumps(result).encode())
+        body = json.dumps(result, sort_keys=True)
+        doc = {"sha256": hashlib.sha256(body.encode()).hexdigest(), "result": result}
+        atomic_write(self._eval_path(eval_hash, round), json.dumps(doc, sort_keys=True).encode())
 
     def load_eval(self, eval_hash: str, round: int) -> Optional[dict]:
+        """A stored evaluation, or None. A damaged one counts as missing (it is recomputed) and is
+        reported by name on stderr."""
         path = self._eval_path(eval_hash, round)
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            if isinstance(doc, dict) and "metrics" in doc and "sha256" not in doc:
+                return doc  # written before evaluations carried a checksum
+            result = doc["result"]
+            if hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest() != doc["sha256"]:
+                raise ValueError("checksum mismatch")
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"prunelab: {path}: damaged evaluation ({type(e).__name__}: {e}); it is computed again",
+                  file=sys.stderr)
+            return None
+        return result
 
     def complete(self, eval_hash: str, rounds) -> bool:
         """True when the chain reached its last round and every evaluation is stored."""
@@ -78,7 +115,7 @@ class ChainStore:
             return False
         done_rounds = len(history.read_text().splitlines()) + self._start_round()
         return (done_rounds >= self.hp.pruning.rounds
-                and all(self._eval_path(eval_hash, r).exists() for r in rounds))
+                and all(self.load_eval(eval_hash, r) is not None for r in rounds))
 
     def _start_round(self) -> int:
         first = self.dir / "history.jsonl"

@@ -34,11 +34,16 @@ class VariantHparams(Hparams):
     grid: dict = hp({}, "extra grid axes for this variant only (dotted key -> list)")
     start_from: Optional[str] = hp(None, "start from the mask of this other variant (same grid point)")
     start_round: int = hp(0, "round of that variant's mask to start from")
+    resources: dict = hp({}, "this variant's chains' own cpus_per_trial / gpus_per_trial / memory_fraction "
+                             "(e.g. gpus_per_trial: 0.25 packs small-batch distilled chains four to a GPU)")
 
     def _validate(self, p):
         require(bool(self.name), p + "name", "must not be empty")
         require(self.start_from is None or self.start_round >= 1, p + "start_round",
                 "must be >= 1 with start_from", "e.g. 8 for the paper's 83% synthetic subnetwork")
+
+
+PER_VARIANT_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "memory_fraction")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,16 @@ class SweepHparams(Hparams):
         for i, v in enumerate(self.variants):
             require(v.start_from is None or v.start_from in names, f"{p}variants[{i}].start_from",
                     f"no variant named {v.start_from!r}", "use one of " + ", ".join(names))
+            self.resources_for(v, f"{p}variants.{v.name}.resources")  # validates the merged values
+
+    def resources_for(self, variant: VariantHparams, path: str = "resources") -> ResourcesHparams:
+        """The sweep's resources with the variant's own values on top."""
+        if not variant.resources:
+            return self.resources
+        bad = sorted(set(variant.resources) - set(PER_VARIANT_RESOURCES))
+        require(not bad, f"{path}.{bad[0] if bad else ''}", "cannot be set per variant",
+                "set it under the sweep's resources, or use one of " + ", ".join(PER_VARIANT_RESOURCES))
+        return ResourcesHparams.from_dict({**self.resources.to_dict(), **variant.resources}, path)
 
 
 @dataclass
@@ -93,6 +108,7 @@ class Trial:
     rounds: list[int]
     evaluation: EvalHparams
     axes: dict
+    resources: ResourcesHparams = ResourcesHparams()
 
     @property
     def key(self) -> str:
@@ -127,7 +143,12 @@ def load_sweep_yaml(figure: str, preset: str, path: Optional[str] = None) -> dic
     except OSError as e:
         raise ConfigError("--config", f"cannot read {file}: {e.strerror}", "give an existing YAML file") from None
     except yaml.YAMLError as e:
-        raise ConfigError(str(file), f"malformed YAML: {e}", "fix the YAML syntax at the line shown") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        ctx = getattr(e, "context", None)
+        raise ConfigError(str(file), f"malformed YAML: {where}{what}" + (f" ({ctx})" if ctx else ""),
+                          "fix the YAML syntax there") from None
     if not isinstance(doc, dict) or "presets" not in doc:
         raise ConfigError(str(file), "no 'presets' mapping", "put each preset under presets: <name>:")
     unknown = sorted(set(doc) - {"figure", "description", "presets"})
@@ -207,7 +228,7 @@ def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
                     raise ConfigError(e.field, f"{e.problem} ({where})", e.fix) from None
                 own = {k: v for k, v in point.items() if k not in sweep.grid}
                 by_point.setdefault(shared, {}).setdefault(variant.name, []).append((own, chain))
-                t = Trial(variant.name, chain, rounds, sweep.evaluation, trial_axes)
+                t = Trial(variant.name, chain, rounds, sweep.evaluation, trial_axes, sweep.resources_for(variant))
                 trials.setdefault(t.key, t)
     return list(trials.values())
 

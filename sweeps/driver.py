@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -47,6 +48,9 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the last interrupted run of this sweep")
     p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
     p.add_argument("--no-analysis", action="store_true", help="skip the figure at the end")
+    p.add_argument("--tracking-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="how long the driver waits at the end for an unreachable tracking server before it "
+                        "lists what was not logged (default 600)")
     # test hook (hidden): ROUND[:ATTEMPTS[:VARIANT[:KIND]]] -- in that round, on the first ATTEMPTS
     # attempts (0: every attempt), in every trial or only in those of VARIANT: raise, or kill the worker
     p.add_argument("--inject-fault", help=argparse.SUPPRESS)
@@ -112,20 +116,42 @@ def _local_storage(storage: str) -> Path:
     return Path(shared).resolve()
 
 
-def trial_spec(t: Trial, figure: str, local: Path, res, extra: dict) -> dict:
+def trial_spec(t: Trial, figure: str, local: Path, extra: dict) -> dict:
+    res = t.resources
     return {"key": t.key, "variant": t.variant, "label": t.label(), "figure": figure, "chain": t.chain.to_dict(),
             "chain_hash": t.chain.hash(), "eval": t.evaluation.to_dict(), "rounds": t.rounds,
             "store": str(local / "store"), "cache_dir": str(local / "cache"),
-            "cpus": res.cpus_per_trial, "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None),
-            **extra}
+            "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
+            "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None), **extra}
+
+
+def trial_resources(config: dict) -> dict:
+    """Ray resources of one trial (variants may pack their chains more densely than others)."""
+    spec = config["spec"]
+    return {"cpu": spec["cpus"], "gpu": spec.get("gpus", 0)}
+
+
+def _resource_kinds(trials: list[Trial]) -> list:
+    """The distinct resource requests among the trials (each is checked against the cluster)."""
+    kinds = []
+    for t in trials:
+        if t.resources not in kinds:
+            kinds.append(t.resources)
+    return kinds
+
+
+def _each(res) -> str:
+    return f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU"
 
 
 def print_trials(trials: list[Trial], res, skipped: set) -> None:
-    print(f"{len(trials)} trials ({len(skipped)} already complete), each {res.cpus_per_trial:g} CPU"
-          f" + {res.gpus_per_trial:g} GPU:")
+    kinds = _resource_kinds(trials) or [res]
+    each = f"each {_each(kinds[0])}" if len(kinds) == 1 else "resources per trial below"
+    print(f"{len(trials)} trials ({len(skipped)} already complete), {each}:")
     for t in trials:
         mark = "done " if t.key in skipped else "run  "
-        print(f"  {mark}{t.key}  {t.label():60s} rounds->{t.chain.pruning.rounds} eval@{t.rounds}")
+        own = f"  [{_each(t.resources)}]" if len(kinds) > 1 else ""
+        print(f"  {mark}{t.key}  {t.label():60s} rounds->{t.chain.pruning.rounds} eval@{t.rounds}{own}")
 
 
 def _dirname(trial) -> str:
@@ -174,7 +200,8 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     import ray
 
     if not args.address and not ray.is_initialized():
-        check_local_resources(res, args.num_cpus)  # checked against the Ray this driver would start
+        for kind in _resource_kinds(trials):  # checked against the Ray this driver would start
+            check_local_resources(kind, args.num_cpus)
     if args.address and not ray.is_initialized():
         from prunelab.doctor import resolve_ray_address
 
@@ -183,14 +210,21 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
 
     # 2. MLflow store, experiment and parent run, before any trial can race to create them
     local.mkdir(parents=True, exist_ok=True)
-    exp_id = ensure_experiment(tracking_uri, experiment)
-    done_runs = finished_trial_runs(tracking_uri, exp_id)
+    try:
+        exp_id = ensure_experiment(tracking_uri, experiment)
+        done_runs = finished_trial_runs(tracking_uri, exp_id)
+    except Exception as e:  # noqa: BLE001 - each backend fails in its own way
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError("--tracking-uri", f"the tracking store at {tracking_uri} does not answer ({first})",
+                          "start the MLflow server (or correct --tracking-uri) and run again; "
+                          "`python -m prunelab.doctor --tracking-uri URI` checks it") from None
     skipped = _complete(trials, done_runs, local)
     print_trials(trials, res, skipped)
     todo = [t for t in trials if t.key not in skipped]
     if todo:  # the cluster can run these chains: checked before the sweep leaves any record
         _init_ray(args, res, started_ray if started_ray is not None else [])
-        check_cluster(res, args.address, storage)
+        for kind in _resource_kinds(todo):
+            check_cluster(kind, args.address, storage)
     # reused trials point at their runs (children of an earlier sweep run); the others get child runs
     summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "chain_hash": t.chain.hash(),
                 "rounds": t.rounds, "run_id": done_runs[t.key] if t.key in skipped else None} for t in trials]
@@ -200,10 +234,19 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
 
     c = client(tracking_uri)
     errors: list[str] = []
+    unlogged: list[str] = []
     analysis_error = ""
     try:
         if todo:
-            errors = _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent, fault)
+            errors, unlogged = _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent,
+                                         fault)
+        if unlogged:
+            # the chains' results are safe in the store; MLflow stayed away: say what it lacks and stop
+            _report_unlogged(unlogged, tracking_uri, errors, t0, len(trials), len(todo), len(skipped))
+            with contextlib.suppress(Exception):
+                c.set_terminated(parent, "FAILED")
+            return 1
+        if todo:
             # trials resumed from an earlier sweep run (--resume) kept that run's child runs: list them
             lost = [row for row in summary
                     if row["run_id"] is None and find_trial_run(tracking_uri, exp_id, parent, row["key"]) is None]
@@ -282,12 +325,13 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
     from ray import tune
 
     from .trainable import chain_trial
-    from .tracking import ChainRun, git_commit
+    from .tracking import git_commit, unfinished_trial_runs
 
     extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
              "fault": fault}
-    specs = [trial_spec(t, figure, local, res, extra) for t in todo]
-    trainable = tune.with_resources(chain_trial, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    reopen = unfinished_trial_runs(tracking_uri, exp_id)
+    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in todo]
+    trainable = tune.with_resources(chain_trial, trial_resources)
     ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
     name = RUN_NAME_FORMAT.format(figure=figure, preset=args.preset)
     path = f"{ray_dir}/{name}"
@@ -311,25 +355,67 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
                                                        trial_dirname_creator=_dirname),
                            run_config=run_config)
     results = tuner.fit()
-    errors = []
+    errors, pending = [], []
     for r in results:
         spec = r.config["spec"] if r.config else {}
-        failure = r.error or (r.metrics or {}).get("failure")
+        metrics = r.metrics or {}
+        failure = r.error or metrics.get("failure")
         if failure:
             errors.append(f"{spec.get('label', '?')} [{spec.get('key', '?')}]: {str(failure).strip().splitlines()[-1]}")
-    if errors:
-        # runs of trials that gave up are closed as FAILED so that nothing looks still running
-        from .tracking import client
+        # a trial that gave up leaves its run open; one that finished while MLflow was away left it behind
+        if spec and (r.error or metrics.get("unsynced")):
+            status = "FAILED" if failure else "FINISHED"
+            pending.append((spec, status, str(failure).strip().splitlines()[-1] if failure else "", _run_id(r)))
+    return errors, _catch_up(pending, tracking_uri, args.tracking_wait)
 
-        c = client(tracking_uri)
-        for r in results:
-            spec = r.config["spec"] if r.config else {}
-            if r.error and spec:
-                for run in c.search_runs([exp_id], f"tags.`prunelab.trial_key` = '{spec['key']}' and "
-                                         f"tags.`mlflow.parentRunId` = '{spec.get('parent_run_id', parent)}' and "
-                                         "tags.`prunelab.status` = 'running'"):
-                    ChainRun(tracking_uri, run.info.run_id).finish("FAILED", str(r.error).strip().splitlines()[-1])
-    return errors
+
+def _run_id(result) -> Optional[str]:
+    """The MLflow run id a trial kept in its last checkpoint, if it made one."""
+    try:
+        with result.checkpoint.as_directory() as d:
+            return json.loads(Path(d, "meta.json").read_text())["run_id"]
+    except Exception:  # noqa: BLE001 - no checkpoint (or none readable): the run is found by its key
+        return None
+
+
+def _catch_up(pending: list, tracking_uri: str, wait_s: float) -> list[str]:
+    """Log from the store what the trials could not, waiting up to `wait_s` for the tracking server;
+    returns a line per trial still not logged."""
+    from .sync import catch_up
+
+    deadline = time.time() + wait_s
+    said = False
+    while True:
+        why = {}
+        for spec, status, reason, run_id in pending:
+            err = catch_up(spec, status, reason, run_id)
+            if err:
+                why[spec["key"]] = err
+        pending = [p for p in pending if p[0]["key"] in why]
+        if not pending or time.time() >= deadline:
+            break
+        if not said:
+            print(f"MLflow at {tracking_uri} does not answer ({next(iter(why.values()))}): waiting up to "
+                  f"{wait_s:.0f} s to log {len(pending)} chain(s) from the store", flush=True)
+            said = True
+        time.sleep(min(10.0, max(0.0, deadline - time.time())))
+    return [f"{spec['label']} [{spec['key']}]: {why[spec['key']]}; results in {Path(spec['store']) / 'chains' / spec['chain_hash']}"
+            for spec, *_ in pending]
+
+
+def _report_unlogged(unlogged: list[str], tracking_uri: str, errors: list[str], t0: float, n: int, run: int,
+                     reused: int) -> None:
+    print(f"sweep finished in {time.time() - t0:.0f} s: {n} trials, {run} run, {reused} reused, "
+          f"{len(errors)} failed, {len(unlogged)} not logged to MLflow")
+    print(f"not logged: the tracking store at {tracking_uri} did not answer; every result is in the chain "
+          "store (one folder per chain, below). Run the same command again once it answers: the finished chains "
+          "are logged from the store without training.", file=sys.stderr)
+    for line in unlogged:
+        print(f"  {line}", file=sys.stderr)
+    if errors:
+        print("failed trials:", file=sys.stderr)
+        for e in errors:
+            print(f"  {e}", file=sys.stderr)
 
 
 def _analysis(figure: str, experiment: str, tracking_uri: str, local: Path, parent: str) -> Optional[dict]:

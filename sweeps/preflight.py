@@ -29,6 +29,9 @@ def check_data(hp: ChainHparams) -> None:
         if not (p.is_file() or (p / "data.pt").is_file()):
             raise DataNotFoundError("pruning_data.path", f"no IDC data.pt at {p}",
                                     "point it at IDC's data.pt or the folder holding it")
+        from prunelab.synthetic.idc import check_idc_file
+
+        check_idc_file(pd, hp.dataset)  # shape, classes and ipc, read from the (small) file itself
     if hp.start_from is not None:
         check_data(hp.start_chain())
 

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 RETRIES = 5
+# MLflow's HTTP client retries a refused connection for minutes by default (7 retries, back-off
+# factor 2); the sweep has its own retries and back-off, so each call gives up sooner
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+for _k, _v in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -27,14 +33,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def retry(fn: Callable, *args, what: str = "MLflow call", **kwargs):
+def retry(fn: Callable, *args, attempts: int = RETRIES, **kwargs):
     """Call `fn`, retrying transient failures (SQLite busy, server restarting) with backoff."""
     delay = 0.5
-    for attempt in range(RETRIES):
+    for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception:  # noqa: BLE001 - the store's errors vary by backend; the last one is raised
-            if attempt == RETRIES - 1:
+            if attempt == attempts - 1:
                 raise
             time.sleep(delay)
             delay *= 2
@@ -92,40 +98,57 @@ def finished_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]
     return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}
 
 
-def find_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, key: str) -> Optional[str]:
+def unfinished_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
+    """trial key -> id of the latest chain run of this experiment that did not finish (its trial
+    failed, was killed, or ended while the tracking server was away). A new sweep continues such a
+    run rather than opening a second one for the same chain."""
+    c = client(tracking_uri)
+    runs = c.search_runs([experiment_id], filter_string="tags.`prunelab.role` = 'chain' and "
+                         "tags.`prunelab.status` != 'finished'", max_results=50000,
+                         order_by=["attributes.start_time ASC"])
+    return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}
+
+
+def find_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, key: str,
+                   attempts: int = RETRIES) -> Optional[str]:
     """The run id of trial `key` under the sweep run `parent_run_id`, or None."""
     runs = retry(client(tracking_uri).search_runs, [experiment_id],
                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
                                f"tags.`prunelab.trial_key` = '{key}'", max_results=10,
-                 order_by=["attributes.start_time ASC"])
+                 order_by=["attributes.start_time ASC"], attempts=attempts)
     return runs[0].info.run_id if runs else None
 
 
 class ChainRun:
     """The child run of one chain, created once and reopened on retry."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, attempts: int = RETRIES):
         self.c = client(tracking_uri)
         self.run_id = run_id
+        self.attempts = attempts
+
+    def _call(self, fn: Callable, *args, **kwargs):
+        return retry(fn, *args, attempts=self.attempts, **kwargs)
 
     @classmethod
     def open(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: dict,
-             run_id: Optional[str] = None) -> "ChainRun":
-        c = client(tracking_uri)
+             run_id: Optional[str] = None, attempts: int = RETRIES) -> "ChainRun":
         if not run_id:
             # a retry that failed before its first checkpoint has no run id in hand: find the run
             # an earlier attempt of this trial opened under this parent, never open a second one
-            run_id = find_trial_run(tracking_uri, experiment_id, parent_run_id, spec["key"])
+            run_id = find_trial_run(tracking_uri, experiment_id, parent_run_id, spec["key"], attempts)
         if run_id:
-            retry(c.update_run, run_id, status="RUNNING")
-            retry(c.set_tag, run_id, "prunelab.status", "running")
-            return cls(tracking_uri, run_id)
+            self = cls(tracking_uri, run_id, attempts)
+            self._call(self.c.update_run, run_id, status="RUNNING")
+            self.set_tag("prunelab.status", "running")
+            return self
         tags = {"mlflow.parentRunId": parent_run_id, "prunelab.role": "chain", "prunelab.figure": spec["figure"],
                 "prunelab.chain_hash": spec["chain_hash"], "prunelab.trial_key": spec["key"],
                 "prunelab.variant": spec["variant"], "prunelab.status": "running",
                 "prunelab.git_commit": spec.get("git_commit", "unknown")}
-        run = retry(c.create_run, experiment_id, run_name=spec["label"], tags=tags)
-        self = cls(tracking_uri, run.info.run_id)
+        c = client(tracking_uri)
+        run = retry(c.create_run, experiment_id, run_name=spec["label"], tags=tags, attempts=attempts)
+        self = cls(tracking_uri, run.info.run_id, attempts)
         from mlflow.entities import Param
 
         params = flatten(spec["chain"])
@@ -133,11 +156,11 @@ class ChainRun:
         params = {k: (v if len(v) <= 6000 else v[:5990] + "...") for k, v in params.items()}
         items = [Param(k, v) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            retry(c.log_batch, self.run_id, params=items[i:i + 100])
+            self._call(self.c.log_batch, self.run_id, params=items[i:i + 100])
         return self
 
     def logged_steps(self, key: str) -> set[int]:
-        return {m.step for m in retry(self.c.get_metric_history, self.run_id, key)}
+        return {m.step for m in self._call(self.c.get_metric_history, self.run_id, key)}
 
     def log_steps(self, records: Iterable[tuple[int, dict]], sentinel: str) -> int:
         """Log each (step, metrics) whose `sentinel` metric is not yet logged at that step; the
@@ -151,25 +174,28 @@ class ChainRun:
             if step in done:
                 continue
             batch = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())]
-            retry(self.c.log_batch, self.run_id, metrics=batch)
+            self._call(self.c.log_batch, self.run_id, metrics=batch)
             n += 1
         return n
 
+    def set_tag(self, key: str, value: str) -> None:
+        self._call(self.c.set_tag, self.run_id, key, value)
+
     def log_text(self, text: str, artifact_file: str) -> None:
-        retry(self.c.log_text, self.run_id, text, artifact_file)
+        self._call(self.c.log_text, self.run_id, text, artifact_file)
 
     def log_file(self, path: str, artifact_path: Optional[str] = None) -> None:
-        retry(self.c.log_artifact, self.run_id, path, artifact_path)
+        self._call(self.c.log_artifact, self.run_id, path, artifact_path)
 
     def finish(self, status: str = "FINISHED", reason: str = "") -> None:
         tag = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}[status]
-        retry(self.c.set_tag, self.run_id, "prunelab.status", tag)
+        self.set_tag("prunelab.status", tag)
         if reason:
-            retry(self.c.set_tag, self.run_id, "prunelab.failure", reason[:5000])
-        elif status == "FINISHED" and "prunelab.failure" in retry(self.c.get_run, self.run_id).data.tags:
+            self.set_tag("prunelab.failure", reason[:5000])
+        elif status == "FINISHED" and "prunelab.failure" in self._call(self.c.get_run, self.run_id).data.tags:
             # an attempt failed, a retry finished: the reason no longer applies (warnings/ keeps it)
-            retry(self.c.delete_tag, self.run_id, "prunelab.failure")
-        retry(self.c.set_terminated, self.run_id, status)
+            self._call(self.c.delete_tag, self.run_id, "prunelab.failure")
+        self._call(self.c.set_terminated, self.run_id, status)
 
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

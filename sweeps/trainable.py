@@ -7,7 +7,6 @@ up the stored state and its MLflow run. Evaluations already in the store are not
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import tempfile
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from prunelab.chain import Chain
@@ -25,7 +23,7 @@ from prunelab.evaluation import EvalHparams, evaluate_round, result_key
 from prunelab.hparams import ChainHparams
 from prunelab.store import ChainStore
 
-from .tracking import ChainRun, retry
+from .sync import TrialLog, round_metrics
 
 # test hook: raise in a given round (a fault injected by the driver, see sweeps.driver.fault_spec).
 # The driver reads this variable and carries the fault in each trial's spec: environment variables
@@ -75,52 +73,6 @@ def trial_device(spec: dict) -> str:
     return "cuda"
 
 
-def round_metrics(rec: dict) -> dict:
-    """The history record of a round in the names of docs/results.md."""
-    return {"sparsity": rec["trained_sparsity"], "pruned_sparsity": rec["sparsity"],
-            "pruning_accuracy": rec["pruning_accuracy"], "pruning_train_loss": rec["pruning_train_loss"],
-            "pruning_set_size": rec["pruning_set_size"], "pruning_images_seen": rec["pruning_images_seen"]}
-
-
-def _sync(run: ChainRun, store: ChainStore, state, rkey: str, rounds: list[int], artifacts_done: set) -> None:
-    """Bring the MLflow run up to date with the store: round metrics, evaluation metrics, artifacts."""
-    run.log_steps(((h["round"], round_metrics(h)) for h in state.history), sentinel="pruning_accuracy")
-    evals = []
-    for r in rounds:
-        res = store.load_eval(rkey, r)
-        if res is None:
-            continue
-        if r not in artifacts_done:
-            _log_eval_artifacts(run, store, res, r)
-            artifacts_done.add(r)
-        evals.append((r, res["metrics"]))
-    run.log_steps(evals, sentinel="eval_sparsity")
-
-
-def _log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> None:
-    if res.get("lmc"):
-        run.log_text(json.dumps(res["lmc"]), f"lmc/round_{r:02d}.json")
-    if res.get("hessian"):
-        run.log_text(json.dumps(res["hessian"]), f"hessian/round_{r:02d}.json")
-    if res.get("landscape"):
-        land = res["landscape"]
-        buf = io.BytesIO()
-        np.savez(buf, grid=np.asarray(land["loss"]), accuracy=np.asarray(land["accuracy"]),
-                 xs=np.asarray(land["xs"]), ys=np.asarray(land["ys"]),
-                 coords=np.asarray([c["coords"] for c in land["copies"]]),
-                 distances=np.asarray(land["distances"]))
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / f"round_{r:02d}.npz"
-            p.write_bytes(buf.getvalue())
-            run.log_file(str(p), "landscape")
-    mask_file = store.dir / "rounds" / f"round_{r:02d}.mask.pt"
-    if mask_file.exists():  # logged as masks/round_XX.pt (docs/results.md)
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / f"round_{r:02d}.pt"
-            p.write_bytes(mask_file.read_bytes())
-            run.log_file(str(p), "masks")
-
-
 def _report(tune, metrics: dict, run_id: str, round: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         Path(d, "meta.json").write_text(json.dumps({"run_id": run_id, "round": round}))
@@ -160,32 +112,36 @@ def chain_trial(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             run_id = json.loads(Path(d, "meta.json").read_text())["run_id"]
-    run = ChainRun.open(spec["tracking_uri"], spec["experiment_id"], spec["parent_run_id"], spec, run_id)
+    log = TrialLog(spec, run_id or spec.get("run_id"))
+    log.open()
     try:
-        node = ray.get_runtime_context().get_node_id()
-        run.c.set_tag(run.run_id, "prunelab.node_id", node)  # the node of the latest attempt
+        ctx = ray.get_runtime_context()
+        log.tag("prunelab.node_id", ctx.get_node_id())  # the latest attempt's node and share of it
+        log.tag("prunelab.resources", json.dumps({k: round(v, 4) for k, v in ctx.get_assigned_resources().items()},
+                                                 sort_keys=True))
     except Exception:  # noqa: BLE001 - a missing tag must not fail the chain
         pass
+    history: list = []
     try:
         data = load_dataset(hp.dataset)
-        state = store.load_state(on_corrupt=lambda msg: run.log_text(msg, "warnings/corrupt_state.txt"))
+        state = store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))
         start = {}
         if state is None and hp.start_from is not None:
             start = {"start_mask": _start_mask(hp, spec["store"], data, device), "start_round": hp.start_round}
         chain = Chain(hp, device, data=data, state=state, **start)
+        history = chain.state.history
         if state is None:
             store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it
-        artifacts_done: set = set()
-        _sync(run, store, chain.state, rkey, rounds, artifacts_done)
+        log.sync(history, force=True)
 
         def evaluate_pending(upto: int) -> None:
             for r in rounds:
                 if r > upto or store.load_eval(rkey, r) is not None:
                     continue
-                mask = store.mask_at(r)
+                mask = store.mask_at(r, fallback=chain.state)
                 res = evaluate_round(hp, ev, data, chain.state.rewind_point, mask, r, device)
                 store.save_eval(rkey, r, res)
-                _sync(run, store, chain.state, rkey, rounds, artifacts_done)
+                log.sync(history)
                 tune.report({"round": chain.round, "evaluated_round": r, **res["metrics"]})
 
         evaluate_pending(chain.round)
@@ -193,22 +149,21 @@ def chain_trial(config: dict) -> None:
         while chain.round < last:
             rec = chain.step(callback=_fault_hook(spec, chain.round))
             store.save_state(chain.state)
-            _sync(run, store, chain.state, rkey, rounds, artifacts_done)
-            _report(tune, {"round": chain.round, **round_metrics(rec)}, run.run_id, chain.round)
+            log.sync(history)
+            _report(tune, {"round": chain.round, **round_metrics(rec)}, log.run_id, chain.round)
             evaluate_pending(chain.round)
         evaluate_pending(last)
-        run.finish("FINISHED")
-        _report(tune, {"round": chain.round, "done": 1}, run.run_id, chain.round)
+        log.finish(history, "FINISHED")
+        # unsynced: the tracking server was away at the end; the driver logs the rest from the store
+        _report(tune, {"round": chain.round, "done": 1, "unsynced": int(log.behind)}, log.run_id, chain.round)
     except DivergenceError as e:
         # retrying a diverged chain would diverge again: record why, end the trial, spare the retries
-        run.finish("FAILED", f"diverged: {e}")
-        tune.report({"failed": 1, "failure": f"diverged: {e}"})
+        log.finish(history, "FAILED", f"diverged: {e}")
+        tune.report({"failed": 1, "failure": f"diverged: {e}", "unsynced": int(log.behind)})
         return
     except Exception as e:
         # the run stays open for a retry; the reason is recorded now in case there is none
-        try:
-            run.log_text(traceback.format_exc(), "warnings/last_error.txt")
-            retry(run.c.set_tag, run.run_id, "prunelab.failure", f"{type(e).__name__}: {e}"[:5000])
-        except Exception:  # noqa: BLE001 - MLflow trouble must not hide the error itself
-            pass
+        log.note(traceback.format_exc(), "warnings/last_error.txt")
+        log.tag("prunelab.failure", f"{type(e).__name__}: {e}"[:5000])
+        log.sync(history, force=True)
         raise

@@ -1,7 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
+
+# tests/ itself is importable (sweeptools), also from tests/reliability/
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # tests run on 2 cores next to other processes; one thread keeps timings stable and results exact
 torch.set_num_threads(1)

@@ -115,13 +115,16 @@ def set_size(kind: str) -> int:
 
 
 class FakeStore:
-    """What sweeps.trainable._sync reads from prunelab.store.ChainStore: evaluations and a directory."""
+    """What sweeps.sync.sync_run reads from prunelab.store.ChainStore: evaluations and mask files."""
 
     def __init__(self, dir: Path, evals: dict):
         self.dir, self.evals = dir, evals
 
     def load_eval(self, rkey, r):
         return self.evals.get(r)
+
+    def mask_path(self, r):
+        return self.dir / "rounds" / f"round_{r:02d}.mask.pt"
 
 
 def kind_of(t) -> str:
@@ -188,7 +191,7 @@ def history(kind: str, seed: int, first: int, last: int) -> list[dict]:
 
 def build_store(tmp: Path, sweep: dict, figure: str = "fig6", experiment: str = EXPERIMENT,
                 skip=(MISSING,), fail=(FAILED,), extras: bool = True) -> dict:
-    from sweeps import trainable
+    from sweeps import sync
     from sweeps.config import SweepHparams, expand
     from sweeps.driver import trial_spec
     from sweeps.tracking import ChainRun, ensure_experiment, start_parent_run
@@ -211,7 +214,7 @@ def build_store(tmp: Path, sweep: dict, figure: str = "fig6", experiment: str = 
         ident = (model, kind, seed)
         if ident in skip:
             continue
-        spec = trial_spec(t, figure, tmp, hp.resources, extra)
+        spec = trial_spec(t, figure, tmp, extra)
         run = ChainRun.open(uri, exp_id, parent, spec)
         first = t.chain.start_round
         last = 3 if ident in fail else t.chain.pruning.rounds
@@ -220,7 +223,7 @@ def build_store(tmp: Path, sweep: dict, figure: str = "fig6", experiment: str = 
                  not (ident in fail and r >= last)}
         state = SimpleNamespace(history=history(kind, seed, first, last))
         store = FakeStore(tmp / "store" / t.chain.hash(), evals)
-        trainable._sync(run, store, state, "rkey", t.rounds, set())
+        sync.sync_run(run, store, state.history, "rkey", t.rounds, set())
         if ident in fail:
             run.finish("FAILED", FAILURE)
         else:

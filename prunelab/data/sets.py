@@ -204,6 +204,16 @@ def load_imagenet10(hp) -> DataSplit:
                      _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))
 
 
+def dataset_shape(hp) -> tuple[tuple[int, int, int], int]:
+    """(C, H, W) and the class count of the data set `hp` (DatasetHparams) names, without loading it."""
+    sizes = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100),
+             "shapes": (3, hp.image_size or 32, 10), "imagenet10": (3, hp.image_size or 224, 10)}
+    if hp.name not in sizes:
+        raise ConfigError("dataset.name", f"unknown data set {hp.name!r}", "use one of " + ", ".join(sorted(sizes)))
+    c, s, k = sizes[hp.name]
+    return (c, s, s), k
+
+
 ROOT_LAYOUTS = {"cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
                 "imagenet10": [f"{s}/{w}" for s in ("train", "val") for w in IMAGENET10_WNIDS]}
 

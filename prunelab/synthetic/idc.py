@@ -91,7 +91,8 @@ def read_idc_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        raise ConfigError(FIELD, f"{path} cannot be read as a torch file ({type(e).__name__}: {e})",
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(FIELD, f"{path} cannot be read as a torch file ({type(e).__name__}: {first})",
                           "the file is truncated or not IDC's data.pt: copy it again") from None
     if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(torch.is_tensor(t) for t in obj)):
         raise ConfigError(FIELD, f"{path} does not hold [images, labels] (got {type(obj).__name__})",
@@ -146,9 +147,7 @@ def load_idc_file(path: str, real: ImageData, factor: Optional[int] = None,
     p = resolve_path(path)
     images, labels = read_idc_tensors(p)
     ipc = validate_idc(images, labels, real, str(p))
-    if expected_ipc is not None and expected_ipc != ipc:
-        raise ConfigError("pruning_data.ipc", f"{p} holds {ipc} images per class, not {expected_ipc}",
-                          f"set pruning_data.ipc to {ipc} (or leave it out)")
+    _check_ipc(p, ipc, expected_ipc)
     f = default_factor(real.name) if factor is None else int(factor)
     if f < 1:
         raise ConfigError("pruning_data.factor", f"must be >= 1, got {f}", "IDC uses 2 (CIFAR) or 3 (ImageNet)")
@@ -156,3 +155,24 @@ def load_idc_file(path: str, real: ImageData, factor: Optional[int] = None,
     meta = {"kind": "idc_file", "source": str(p.resolve()), "ipc": ipc, "factor": f,
             "decoded": True, "decoded_count": len(x)}
     return real.with_images(x.contiguous(), y, name=f"{real.name}-idc-file-ipc{ipc}", meta=meta)
+
+
+def _check_ipc(p: Path, ipc: int, expected_ipc: Optional[int]) -> None:
+    if expected_ipc is not None and expected_ipc != ipc:
+        raise ConfigError("pruning_data.ipc", f"{p} holds {ipc} images per class, not {expected_ipc}",
+                          f"set pruning_data.ipc to {ipc} (or leave it out)")
+
+
+def check_idc_file(pruning_data, dataset) -> int:
+    """Before any compute, without the real data: the IDC file `pruning_data.path` is readable and
+    fits the data set `dataset` names (image shape, classes, balance, ipc). Returns its ipc."""
+    from ..data import dataset_shape
+
+    shape, k = dataset_shape(dataset)
+    stand_in = ImageData(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.long), num_classes=k,
+                         mean=(0.0,) * shape[0], std=(1.0,) * shape[0], name=dataset.name)
+    p = resolve_path(pruning_data.path)
+    images, labels = read_idc_tensors(p)
+    ipc = validate_idc(images, labels, stand_in, str(p))
+    _check_ipc(p, ipc, pruning_data.ipc)
+    return ipc

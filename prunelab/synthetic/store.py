@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..errors import CorruptFileError
 from ..data import ImageData, cache_dir
 from ..files import atomic_write
 
@@ -27,7 +28,7 @@ from ..files import atomic_write
 CODE_VERSION = 2
 
 
-class CorruptSyntheticSetError(ValueError):
+class CorruptSyntheticSetError(CorruptFileError):
     """A stored synthetic set failed its checksum or could not be read."""
 
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every GPU figure of benchmarks/README.md in one call (about 8 minutes on an H100), JSON files into
+# the folder given. Needs PyTorch and torchvision only (no Ray, no MLflow, no data download):
+#   bash benchmarks/gpu_suite.sh "$OUT"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?give the folder for the JSON results}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+run() {
+  echo "== python $*"
+  timeout 300 python "$@" || echo "FAILED (exit $?): python $*"
+}
+real="--device cuda --data shapes --train-size 50000 --workers 8"
+fast="--batch-size 512 --precision bf16 --channels-last"
+run benchmarks/engine.py --model convnet3 $real --epochs 3 $fast --out "$out/engine_convnet3.json"
+run benchmarks/engine.py --model resnet18_bn $real --epochs 2 $fast --out "$out/engine_resnet18.json"
+run benchmarks/engine.py --model convnet3 $real --epochs 3 $fast --compile --out "$out/engine_convnet3_compile.json"
+run benchmarks/stacked.py --device cuda --precision bf16 --channels-last --copies 2 4 8 --epochs 20 \
+    --out "$out/stacked.json"
+run benchmarks/packing.py --device cuda --procs 1 2 4 8 --precision bf16 --channels-last --epochs 30 \
+    --out "$out/packing.json"
+run benchmarks/imp_round.py --device cuda --precision bf16 --channels-last --distilled-epochs 300 \
+    --real-epochs 3 --workers 8 --out "$out/imp_round.json"

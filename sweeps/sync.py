@@ -1,0 +1,186 @@
+"""Bringing a chain's MLflow run up to date with the result store, through tracking-server outages.
+
+The result store holds everything a chain computed; MLflow is a copy of it for people to read. So a
+tracking server that is away must not stop training: a `TrialLog` tries, and when the server does not
+answer it notes that the run is behind and tries again later (at a round boundary, after a back-off).
+Every sync logs each round and evaluation at most once (by step), so catching up after an outage
+repeats nothing. What a trial could not log, the driver logs at the end of the sweep (`catch_up`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from prunelab.evaluation import EvalHparams, result_key
+from prunelab.hparams import ChainHparams
+from prunelab.store import ChainStore
+
+from .tracking import ChainRun
+
+# attempts of one MLflow call inside a trial before it counts the server as away (each call also
+# retries inside MLflow's HTTP client, see tracking.HTTP_DEFAULTS)
+TRIAL_ATTEMPTS = 3
+BACKOFF_FIRST_S = 5.0
+BACKOFF_MAX_S = 300.0
+
+
+def round_metrics(rec: dict) -> dict:
+    """The history record of a round in the names of docs/results.md."""
+    return {"sparsity": rec["trained_sparsity"], "pruned_sparsity": rec["sparsity"],
+            "pruning_accuracy": rec["pruning_accuracy"], "pruning_train_loss": rec["pruning_train_loss"],
+            "pruning_set_size": rec["pruning_set_size"], "pruning_images_seen": rec["pruning_images_seen"]}
+
+
+def sync_run(run: ChainRun, store: ChainStore, history: list[dict], rkey: str, rounds: list[int],
+             artifacts_done: set) -> None:
+    """Log what the store holds and the run lacks: round metrics, evaluation metrics, artifacts."""
+    run.log_steps(((h["round"], round_metrics(h)) for h in history), sentinel="pruning_accuracy")
+    evals = []
+    for r in rounds:
+        res = store.load_eval(rkey, r)
+        if res is None:
+            continue
+        if r not in artifacts_done:
+            log_eval_artifacts(run, store, res, r)
+            artifacts_done.add(r)
+        evals.append((r, res["metrics"]))
+    run.log_steps(evals, sentinel="eval_sparsity")
+
+
+def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> None:
+    if res.get("lmc"):
+        run.log_text(json.dumps(res["lmc"]), f"lmc/round_{r:02d}.json")
+    if res.get("hessian"):
+        run.log_text(json.dumps(res["hessian"]), f"hessian/round_{r:02d}.json")
+    with tempfile.TemporaryDirectory() as d:
+        if res.get("landscape"):
+            land = res["landscape"]
+            buf = io.BytesIO()
+            np.savez(buf, grid=np.asarray(land["loss"]), accuracy=np.asarray(land["accuracy"]),
+                     xs=np.asarray(land["xs"]), ys=np.asarray(land["ys"]),
+                     coords=np.asarray([c["coords"] for c in land["copies"]]),
+                     distances=np.asarray(land["distances"]))
+            p = Path(d) / f"round_{r:02d}.npz"
+            p.write_bytes(buf.getvalue())
+            run.log_file(str(p), "landscape")
+        mask_file = store.mask_path(r)
+        if mask_file.exists():  # logged as masks/round_XX.pt (docs/results.md)
+            p = Path(d) / f"round_{r:02d}.pt"
+            p.write_bytes(mask_file.read_bytes())
+            run.log_file(str(p), "masks")
+
+
+class TrialLog:
+    """The MLflow run of one trial, kept in step with the store while the tracking server answers.
+
+    Nothing here raises because MLflow is away: each method returns whether it reached the server,
+    and `behind` says whether the run lacks something the store has. Texts (warnings) and tags that
+    could not be logged wait in memory for the next successful sync.
+    """
+
+    def __init__(self, spec: dict, run_id: Optional[str] = None, attempts: int = TRIAL_ATTEMPTS, quiet: bool = False):
+        self.spec = spec
+        self.run_id = run_id
+        self.run: Optional[ChainRun] = None
+        self.attempts = attempts
+        self.quiet = quiet
+        self.store = ChainStore(spec["store"], ChainHparams.from_dict(spec["chain"]))
+        self.rkey = result_key(EvalHparams.from_dict(spec["eval"]))
+        self.rounds = list(spec["rounds"])
+        self.artifacts_done: set = set()
+        self.pending_texts: dict[str, str] = {}
+        self.pending_tags: dict[str, str] = {}
+        self.behind = False
+        self.last_error = ""
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_FIRST_S
+
+    def _attempt(self, what: str, fn, force: bool = False) -> bool:
+        if not force and time.time() < self._retry_at:
+            self.behind = True
+            return False
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every backend fails differently; the store has the data
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            self.last_error = f"{type(e).__name__}: {first}"
+            self.behind = True
+            self._retry_at = time.time() + self._backoff
+            if not self.quiet:
+                print(f"prunelab: MLflow unreachable while trying to {what} ({self.last_error}); training goes "
+                      f"on, the store keeps the results, next try in {self._backoff:.0f} s", file=sys.stderr)
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+            return False
+        self._backoff = BACKOFF_FIRST_S
+        self._retry_at = 0.0
+        return True
+
+    def _open(self) -> None:
+        if self.run is not None:
+            return
+        s = self.spec
+        # without a run id in hand (no checkpoint yet) this finds the run an earlier attempt opened
+        self.run = ChainRun.open(s["tracking_uri"], s["experiment_id"], s["parent_run_id"], s, self.run_id,
+                                 attempts=self.attempts)
+        self.run_id = self.run.run_id
+
+    def _flush_pending(self) -> None:
+        for key, value in list(self.pending_tags.items()):
+            self.run.set_tag(key, value)
+            del self.pending_tags[key]
+        for artifact, text in list(self.pending_texts.items()):
+            self.run.log_text(text, artifact)
+            del self.pending_texts[artifact]
+
+    def open(self, force: bool = True) -> bool:
+        """Find or create the run (it stays unopened, and the trial goes on, if MLflow is away)."""
+        return self._attempt("open the chain's run", self._open, force)
+
+    def sync(self, history: list[dict], force: bool = False) -> bool:
+        """Log what the store holds for this chain and the run lacks; True when the run is up to date."""
+        def go():
+            self._open()
+            self._flush_pending()
+            sync_run(self.run, self.store, history, self.rkey, self.rounds, self.artifacts_done)
+
+        ok = self._attempt("log the chain's results", go, force)
+        self.behind = not ok
+        return ok
+
+    def note(self, text: str, artifact: str) -> None:
+        """A text artifact (a warning), logged now or with the next successful sync."""
+        self.pending_texts[artifact] = text
+        self.behind = True
+
+    def tag(self, key: str, value: str) -> None:
+        self.pending_tags[key] = value
+        self.behind = True
+
+    def finish(self, history: list[dict], status: str = "FINISHED", reason: str = "", force: bool = True) -> bool:
+        """Sync, then close the run with `status` (and `reason`); False if MLflow did not answer."""
+        def go():
+            self._open()
+            self._flush_pending()
+            sync_run(self.run, self.store, history, self.rkey, self.rounds, self.artifacts_done)
+            self.run.finish(status, reason)
+
+        ok = self._attempt("close the chain's run", go, force)
+        self.behind = not ok
+        return ok
+
+
+def catch_up(spec: dict, status: str, reason: str = "", run_id: Optional[str] = None) -> Optional[str]:
+    """In the driver after a sweep: bring the trial's run up to date from the store and close it.
+    Returns None when done, else why not (the tracking server's answer)."""
+    log = TrialLog(spec, run_id=run_id or spec.get("run_id"), quiet=True)
+    state = log.store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))
+    history = state.history if state is not None else []
+    return None if log.finish(history, status, reason) else log.last_error
