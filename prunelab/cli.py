@@ -87,7 +87,7 @@ def cmd_run(args) -> int:
         (out / "results.json").write_text(json.dumps(
             {"config": hp.to_dict(), "hash": hp.hash(), "evaluations": rows, "history": chain.state.history},
             indent=2))
-        print(f"wrote {out / 'mask.pt'} and {out / 'results.json'}")
+        print(f"wrote {out / 'mask.pt'} (read it with prunelab.masks.Mask.load) and {out / 'results.json'}")
     return 0
 
 

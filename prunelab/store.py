@@ -84,6 +84,7 @@ class ChainStore:
         return self.dir / "evals" / eval_hash / f"round_{round:02d}.json"
 
     def save_eval(self, eval_hash: str, round: int, result: dict) -> None:
+        result = json.loads(json.dumps(result))  # as it will read back (tuples as lists, keys as strings)
         body = json.dumps(result, sort_keys=True)
         doc = {"sha256": hashlib.sha256(body.encode()).hexdigest(), "result": result}
         atomic_write(self._eval_path(eval_hash, round), json.dumps(doc, sort_keys=True).encode())

@@ -96,7 +96,10 @@ class SweepHparams(Hparams):
         bad = sorted(set(variant.resources) - set(PER_VARIANT_RESOURCES))
         require(not bad, f"{path}.{bad[0] if bad else ''}", "cannot be set per variant",
                 "set it under the sweep's resources, or use one of " + ", ".join(PER_VARIANT_RESOURCES))
-        return ResourcesHparams.from_dict({**self.resources.to_dict(), **variant.resources}, path)
+        merged = {**self.resources.to_dict(), **variant.resources}
+        if "gpus_per_trial" in variant.resources and "memory_fraction" not in variant.resources:
+            merged["memory_fraction"] = None  # the sweep's cap was meant for its own share of a GPU
+        return ResourcesHparams.from_dict(merged, path)
 
 
 @dataclass
@@ -162,12 +165,19 @@ def load_sweep_yaml(figure: str, preset: str, path: Optional[str] = None) -> dic
 
 def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
     """`--set` values: keys starting with a sweep field (evaluation.lmc, resources.gpus_per_trial, ...)
-    set that field; any other key is a chain key made a grid axis (`model=resnet18_bn`,
-    `seeds=[0,1]`, `training.epochs=5`), replacing the base value and any grid entry for it."""
+    set that field (a resource set so also replaces the variants' own values of it); any other key is
+    a chain key made a grid axis (`model=resnet18_bn`, `seeds=[0,1]`, `training.epochs=5`), replacing
+    the base value and any grid entry for it."""
     for key, value in overrides:
         head = key.split(".", 1)[0]
         if head in SWEEP_KEYS:
             set_path(raw, key, value)
+            leaf = key.split(".", 1)[1] if "." in key else ""
+            if head == "resources" and leaf in PER_VARIANT_RESOURCES and isinstance(raw.get("variants"), dict):
+                # a sweep-wide value given now (--gpus-per-trial 0) wins over the preset's per-variant ones
+                for v in raw["variants"].values():
+                    if isinstance(v, dict) and isinstance(v.get("resources"), dict):
+                        v["resources"].pop(leaf, None)
             continue
         axis = AXIS_ALIASES.get(key, key)
         raw.setdefault("grid", {})[axis] = list(value) if isinstance(value, (list, tuple)) else [value]

@@ -140,6 +140,21 @@ def _resource_kinds(trials: list[Trial]) -> list:
     return kinds
 
 
+def _check_each_kind(trials: list[Trial], check) -> None:
+    """`check(resources)` for each distinct request; an error names the variants asking for it when
+    variants differ (their own `resources` are what to change)."""
+    kinds = _resource_kinds(trials)
+    for kind in kinds:
+        try:
+            check(kind)
+        except ConfigError as e:
+            if len(kinds) == 1:
+                raise
+            names = sorted({t.variant for t in trials if t.resources == kind})
+            raise ConfigError(e.field, f"{e.problem} (variants {', '.join(names)})",
+                              f"{e.fix}, or change variants.<name>.resources") from None
+
+
 def _each(res) -> str:
     return f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU"
 
@@ -200,8 +215,8 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     import ray
 
     if not args.address and not ray.is_initialized():
-        for kind in _resource_kinds(trials):  # checked against the Ray this driver would start
-            check_local_resources(kind, args.num_cpus)
+        # checked against the Ray this driver would start
+        _check_each_kind(trials, lambda kind: check_local_resources(kind, args.num_cpus))
     if args.address and not ray.is_initialized():
         from prunelab.doctor import resolve_ray_address
 
@@ -223,19 +238,18 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     todo = [t for t in trials if t.key not in skipped]
     if todo:  # the cluster can run these chains: checked before the sweep leaves any record
         _init_ray(args, res, started_ray if started_ray is not None else [])
-        for kind in _resource_kinds(todo):
-            check_cluster(kind, args.address, storage)
+        _check_each_kind(todo, lambda kind: check_cluster(kind, args.address, storage))
     # reused trials point at their runs (children of an earlier sweep run); the others get child runs
     summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "chain_hash": t.chain.hash(),
                 "rounds": t.rounds, "run_id": done_runs[t.key] if t.key in skipped else None} for t in trials]
     parent = start_parent_run(tracking_uri, exp_id, figure, args.preset, raw, summary)
     print(f"MLflow: experiment {experiment!r} (id {exp_id}), parent run {parent}, tracking URI {tracking_uri}")
-    from .tracking import client, find_trial_run
+    from .tracking import client, find_trial_run, first_line, retry
 
     c = client(tracking_uri)
     errors: list[str] = []
     unlogged: list[str] = []
-    analysis_error = ""
+    analysis_error = tracking_error = ""
     try:
         if todo:
             errors, unlogged = _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent,
@@ -247,14 +261,18 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                 c.set_terminated(parent, "FAILED")
             return 1
         if todo:
-            # trials resumed from an earlier sweep run (--resume) kept that run's child runs: list them
-            lost = [row for row in summary
-                    if row["run_id"] is None and find_trial_run(tracking_uri, exp_id, parent, row["key"]) is None]
-            finished = finished_trial_runs(tracking_uri, exp_id) if lost else {}
-            for row in lost:
-                row["run_id"] = finished.get(row["key"])
-            if any(row["run_id"] for row in lost):
-                c.log_text(parent, json.dumps(summary, indent=2), "sweep/trials.json")
+            try:
+                # chains that continued a run of an earlier sweep (--resume, a rerun) log there: list them
+                lost = [row for row in summary
+                        if row["run_id"] is None and find_trial_run(tracking_uri, exp_id, parent, row["key"]) is None]
+                finished = finished_trial_runs(tracking_uri, exp_id) if lost else {}
+                for row in lost:
+                    row["run_id"] = finished.get(row["key"])
+                if any(row["run_id"] for row in lost):
+                    retry(c.log_text, parent, json.dumps(summary, indent=2), "sweep/trials.json")
+            except Exception as e:  # noqa: BLE001 - the chains are logged; only the sweep run's list is not
+                tracking_error = (f"the sweep run {parent} could not record its chains' runs ({first_line(e)}); "
+                                  "run the same command again to redo it")
         else:
             print("every trial is already complete: nothing to compute")
 
@@ -265,9 +283,14 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
             except Exception as e:  # noqa: BLE001 - the chains' results stand; say why there is no figure
                 analysis_error = f"{type(e).__name__}: {e}"
     except BaseException:
-        c.set_terminated(parent, "KILLED")  # never leave the sweep run looking alive
+        with contextlib.suppress(Exception):
+            c.set_terminated(parent, "KILLED")  # never leave the sweep run looking alive
         raise
-    c.set_terminated(parent, "FAILED" if errors or analysis_error else "FINISHED")
+    failed = bool(errors or analysis_error or tracking_error)
+    try:
+        retry(c.set_terminated, parent, "FAILED" if failed else "FINISHED")
+    except Exception as e:  # noqa: BLE001
+        tracking_error = tracking_error or f"the sweep run {parent} could not be closed ({first_line(e)})"
     print(f"sweep finished in {time.time() - t0:.0f} s: {len(trials)} trials, {len(todo)} run, "
           f"{len(skipped)} reused, {len(errors)} failed")
     print(f"browse: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
@@ -277,7 +300,9 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
             print(f"  {e}", file=sys.stderr)
     if analysis_error:
         print(f"analysis failed: {analysis_error}", file=sys.stderr)
-    return 1 if errors or analysis_error else 0
+    if tracking_error:
+        print(f"MLflow: {tracking_error}", file=sys.stderr)
+    return 1 if errors or analysis_error or tracking_error else 0
 
 
 def _complete(trials: list[Trial], done_runs: dict, local: Path) -> set:
@@ -321,15 +346,16 @@ def _init_ray(args, res, started: list):
     return ray
 
 
-def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent, fault) -> list[str]:
+def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent, fault
+              ) -> tuple[list[str], list[str]]:
     from ray import tune
 
     from .trainable import chain_trial
-    from .tracking import git_commit, unfinished_trial_runs
+    from .tracking import git_commit, latest_trial_runs
 
     extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
              "fault": fault}
-    reopen = unfinished_trial_runs(tracking_uri, exp_id)
+    reopen = latest_trial_runs(tracking_uri, exp_id)
     specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in todo]
     trainable = tune.with_resources(chain_trial, trial_resources)
     ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
@@ -379,19 +405,34 @@ def _run_id(result) -> Optional[str]:
 
 
 def _catch_up(pending: list, tracking_uri: str, wait_s: float) -> list[str]:
-    """Log from the store what the trials could not, waiting up to `wait_s` for the tracking server;
-    returns a line per trial still not logged."""
+    """Log from the store what the trials could not, waiting up to `wait_s` for an unreachable
+    tracking server (a request it refuses is not waited for); returns a line per trial still not
+    logged, naming the store folder that holds its results."""
     from .sync import catch_up
+    from .tracking import probe
 
     deadline = time.time() + wait_s
+    everyone = [spec for spec, *_ in pending]
+    why: dict[str, str] = {}
+    refused: set = set()
     said = False
-    while True:
-        why = {}
-        for spec, status, reason, run_id in pending:
-            err = catch_up(spec, status, reason, run_id)
-            if err:
-                why[spec["key"]] = err
-        pending = [p for p in pending if p[0]["key"] in why]
+    while pending:
+        down = probe(tracking_uri)  # one cheap call, so that a pass over many chains is not many timeouts
+        if down is None:
+            for spec, status, reason, run_id in pending:
+                log = catch_up(spec, status, reason, run_id)
+                if not log.behind:
+                    why.pop(spec["key"], None)
+                    continue
+                why[spec["key"]] = log.last_error
+                if not log.outage:
+                    refused.add(spec["key"])
+                if log.outage or time.time() >= deadline:
+                    break  # the server went away again: wait (or give up) before the next chain
+            pending = [p for p in pending if p[0]["key"] in why and p[0]["key"] not in refused]
+        else:
+            for spec, *_ in pending:
+                why[spec["key"]] = down
         if not pending or time.time() >= deadline:
             break
         if not said:
@@ -399,17 +440,17 @@ def _catch_up(pending: list, tracking_uri: str, wait_s: float) -> list[str]:
                   f"{wait_s:.0f} s to log {len(pending)} chain(s) from the store", flush=True)
             said = True
         time.sleep(min(10.0, max(0.0, deadline - time.time())))
-    return [f"{spec['label']} [{spec['key']}]: {why[spec['key']]}; results in {Path(spec['store']) / 'chains' / spec['chain_hash']}"
-            for spec, *_ in pending]
+    return [f"{spec['label']} [{spec['key']}]: {why[spec['key']]}; results in "
+            f"{Path(spec['store']) / 'chains' / spec['chain_hash']}" for spec in everyone if spec["key"] in why]
 
 
 def _report_unlogged(unlogged: list[str], tracking_uri: str, errors: list[str], t0: float, n: int, run: int,
                      reused: int) -> None:
     print(f"sweep finished in {time.time() - t0:.0f} s: {n} trials, {run} run, {reused} reused, "
           f"{len(errors)} failed, {len(unlogged)} not logged to MLflow")
-    print(f"not logged: the tracking store at {tracking_uri} did not answer; every result is in the chain "
-          "store (one folder per chain, below). Run the same command again once it answers: the finished chains "
-          "are logged from the store without training.", file=sys.stderr)
+    print(f"not logged: the tracking store at {tracking_uri} did not take these chains' results; every result "
+          "is in the chain store (one folder per chain, below). Run the same command again once it answers: the "
+          "finished chains are logged from the store without training.", file=sys.stderr)
     for line in unlogged:
         print(f"  {line}", file=sys.stderr)
     if errors:

@@ -21,9 +21,10 @@ import numpy as np
 
 from prunelab.evaluation import EvalHparams, result_key
 from prunelab.hparams import ChainHparams
+from prunelab.files import atomic_write
 from prunelab.store import ChainStore
 
-from .tracking import ChainRun
+from .tracking import ChainRun, first_line, is_outage
 
 # attempts of one MLflow call inside a trial before it counts the server as away (each call also
 # retries inside MLflow's HTTP client, see tracking.HTTP_DEFAULTS)
@@ -81,9 +82,11 @@ def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> N
 class TrialLog:
     """The MLflow run of one trial, kept in step with the store while the tracking server answers.
 
-    Nothing here raises because MLflow is away: each method returns whether it reached the server,
-    and `behind` says whether the run lacks something the store has. Texts (warnings) and tags that
-    could not be logged wait in memory for the next successful sync.
+    Nothing here raises because of MLflow: each method returns whether the run is up to date, and
+    `behind` says whether it lacks something the store has; `outage` tells an unreachable server
+    (worth waiting for) from a request it refused (`last_error` says which). Warnings that could not
+    be logged wait as files in the chain's store folder, so a later attempt, or the driver, logs
+    them even if this process dies; tags wait in memory.
     """
 
     def __init__(self, spec: dict, run_id: Optional[str] = None, attempts: int = TRIAL_ATTEMPTS, quiet: bool = False):
@@ -95,10 +98,11 @@ class TrialLog:
         self.store = ChainStore(spec["store"], ChainHparams.from_dict(spec["chain"]))
         self.rkey = result_key(EvalHparams.from_dict(spec["eval"]))
         self.rounds = list(spec["rounds"])
+        self.notes_dir = self.store.dir / "notes" / spec["key"]
         self.artifacts_done: set = set()
-        self.pending_texts: dict[str, str] = {}
         self.pending_tags: dict[str, str] = {}
         self.behind = False
+        self.outage = False
         self.last_error = ""
         self._retry_at = 0.0
         self._backoff = BACKOFF_FIRST_S
@@ -110,17 +114,19 @@ class TrialLog:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - every backend fails differently; the store has the data
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            self.last_error = f"{type(e).__name__}: {first}"
+            self.last_error = first_line(e)
+            self.outage = is_outage(e)
             self.behind = True
             self._retry_at = time.time() + self._backoff
             if not self.quiet:
-                print(f"prunelab: MLflow unreachable while trying to {what} ({self.last_error}); training goes "
-                      f"on, the store keeps the results, next try in {self._backoff:.0f} s", file=sys.stderr)
+                why = "MLflow unreachable" if self.outage else "MLflow refused a request"
+                print(f"prunelab: {why} while trying to {what} ({self.last_error}); training goes on, the "
+                      f"store keeps the results, next try in {self._backoff:.0f} s", file=sys.stderr)
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
             return False
         self._backoff = BACKOFF_FIRST_S
         self._retry_at = 0.0
+        self.behind = self.outage = False
         return True
 
     def _open(self) -> None:
@@ -136,28 +142,27 @@ class TrialLog:
         for key, value in list(self.pending_tags.items()):
             self.run.set_tag(key, value)
             del self.pending_tags[key]
-        for artifact, text in list(self.pending_texts.items()):
-            self.run.log_text(text, artifact)
-            del self.pending_texts[artifact]
+        for f in sorted(self.notes_dir.glob("*")) if self.notes_dir.is_dir() else []:
+            self.run.log_text(f.read_text(), f.name.replace("__", "/"))
+            f.unlink()
+
+    def _sync(self, history: list[dict]) -> None:
+        self._open()
+        self._flush_pending()
+        sync_run(self.run, self.store, history, self.rkey, self.rounds, self.artifacts_done)
 
     def open(self, force: bool = True) -> bool:
         """Find or create the run (it stays unopened, and the trial goes on, if MLflow is away)."""
         return self._attempt("open the chain's run", self._open, force)
 
     def sync(self, history: list[dict], force: bool = False) -> bool:
-        """Log what the store holds for this chain and the run lacks; True when the run is up to date."""
-        def go():
-            self._open()
-            self._flush_pending()
-            sync_run(self.run, self.store, history, self.rkey, self.rounds, self.artifacts_done)
-
-        ok = self._attempt("log the chain's results", go, force)
-        self.behind = not ok
-        return ok
+        """Log what the store holds for this chain and the run lacks; True when the run is up to date.
+        Inside the back-off after a failure it returns False at once unless `force`."""
+        return self._attempt("log the chain's results", lambda: self._sync(history), force)
 
     def note(self, text: str, artifact: str) -> None:
-        """A text artifact (a warning), logged now or with the next successful sync."""
-        self.pending_texts[artifact] = text
+        """A text artifact (e.g. warnings/last_error.txt), logged with the next successful sync."""
+        atomic_write(self.notes_dir / artifact.replace("/", "__"), text.encode())
         self.behind = True
 
     def tag(self, key: str, value: str) -> None:
@@ -167,20 +172,16 @@ class TrialLog:
     def finish(self, history: list[dict], status: str = "FINISHED", reason: str = "", force: bool = True) -> bool:
         """Sync, then close the run with `status` (and `reason`); False if MLflow did not answer."""
         def go():
-            self._open()
-            self._flush_pending()
-            sync_run(self.run, self.store, history, self.rkey, self.rounds, self.artifacts_done)
+            self._sync(history)
             self.run.finish(status, reason)
 
-        ok = self._attempt("close the chain's run", go, force)
-        self.behind = not ok
-        return ok
+        return self._attempt("close the chain's run", go, force)
 
 
-def catch_up(spec: dict, status: str, reason: str = "", run_id: Optional[str] = None) -> Optional[str]:
+def catch_up(spec: dict, status: str, reason: str = "", run_id: Optional[str] = None) -> TrialLog:
     """In the driver after a sweep: bring the trial's run up to date from the store and close it.
-    Returns None when done, else why not (the tracking server's answer)."""
+    Returns the TrialLog: `behind` False when done, else `last_error` and `outage` say why not."""
     log = TrialLog(spec, run_id=run_id or spec.get("run_id"), quiet=True)
     state = log.store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))
-    history = state.history if state is not None else []
-    return None if log.finish(history, status, reason) else log.last_error
+    log.finish(state.history if state is not None else [], status, reason)
+    return log

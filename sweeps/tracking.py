@@ -14,9 +14,48 @@ from typing import Callable, Iterable, Optional
 
 RETRIES = 5
 # MLflow's HTTP client retries a refused connection for minutes by default (7 retries, back-off
-# factor 2); the sweep has its own retries and back-off, so each call gives up sooner
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# factor 2), and retries POSTs too, which can log a batch twice when only the reply was lost. The
+# sweep retries itself (idempotent calls only) and backs off between syncs, so each HTTP call is
+# one short attempt.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+# what an unreachable or overloaded tracking store looks like, in the message of any exception in
+# the chain (MLflow wraps requests' and SQLAlchemy's errors in its own)
+OUTAGE_SIGNS = ("connection refused", "max retries exceeded", "failed to establish", "timed out", "timeout",
+                "connection reset", "connection aborted", "remote end closed", "name or service not known",
+                "temporarily unavailable", "database is locked", "unable to open database",
+                "status code 500", "status code 502", "status code 503", "status code 504", "bad gateway",
+                "service unavailable")
+
+
+def is_outage(e: BaseException) -> bool:
+    """Whether `e` says the tracking store could not be reached (as opposed to refusing a request)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        name = type(e).__name__
+        if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "NewConnectionError",
+                    "MaxRetryError", "ProtocolError", "OperationalError"):
+            return True
+        if any(sign in str(e).lower() for sign in OUTAGE_SIGNS):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def probe(tracking_uri: str) -> Optional[str]:
+    """None if the tracking store answers one cheap call, else why not (one attempt, no retries)."""
+    try:
+        client(tracking_uri).search_experiments(max_results=1)
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure is the answer
+        return first_line(e)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 for _k, _v in HTTP_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 
@@ -91,22 +130,22 @@ def _yaml(d: dict) -> str:
 
 
 def finished_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
-    """trial key -> run id of the chain runs that finished in this experiment."""
-    c = client(tracking_uri)
-    runs = c.search_runs([experiment_id], filter_string="tags.`prunelab.role` = 'chain' and "
-                         "tags.`prunelab.status` = 'finished'", max_results=50000)
-    return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}
+    """trial key -> run id of the latest chain run of each trial that finished in this experiment."""
+    return _trial_runs(tracking_uri, experiment_id, "and tags.`prunelab.status` = 'finished'")
 
 
-def unfinished_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
-    """trial key -> id of the latest chain run of this experiment that did not finish (its trial
-    failed, was killed, or ended while the tracking server was away). A new sweep continues such a
-    run rather than opening a second one for the same chain."""
-    c = client(tracking_uri)
-    runs = c.search_runs([experiment_id], filter_string="tags.`prunelab.role` = 'chain' and "
-                         "tags.`prunelab.status` != 'finished'", max_results=50000,
-                         order_by=["attributes.start_time ASC"])
-    return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}
+def latest_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
+    """trial key -> id of the latest chain run of each trial in this experiment, whatever its status.
+    A sweep that (re)computes a chain continues that run rather than opening a second one: after a
+    failure, an outage of the tracking server, or a damaged stored result."""
+    return _trial_runs(tracking_uri, experiment_id)
+
+
+def _trial_runs(tracking_uri: str, experiment_id: str, extra: str = "") -> dict[str, str]:
+    runs = retry(client(tracking_uri).search_runs, [experiment_id],
+                 filter_string="tags.`prunelab.role` = 'chain' " + extra, max_results=50000,
+                 order_by=["attributes.start_time ASC"])
+    return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}  # the latest one wins
 
 
 def find_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, key: str,
@@ -174,7 +213,9 @@ class ChainRun:
             if step in done:
                 continue
             batch = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())]
-            self._call(self.c.log_batch, self.run_id, metrics=batch)
+            # one attempt: a retry after a lost reply could log the step twice; the next sync,
+            # which checks what is logged first, is the retry
+            retry(self.c.log_batch, self.run_id, metrics=batch, attempts=1)
             n += 1
         return n
 

@@ -83,14 +83,14 @@ def _start_mask(hp: ChainHparams, store_root: str, data, device):
     """The mask a combined chain starts from, computing its start chain (via the store) if needed."""
     start_hp = hp.start_chain()
     start_store = ChainStore(store_root, start_hp)
-    mask = start_store.mask_at(hp.start_round)
+    state = start_store.load_state(on_corrupt=print)
+    mask = start_store.mask_at(hp.start_round, fallback=state)
     if mask is None:
-        state = start_store.load_state(on_corrupt=print)
         chain = Chain(start_hp, device, data=data, state=state)
         while chain.round < hp.start_round:
             chain.step()
             start_store.save_state(chain.state)
-        mask = start_store.mask_at(hp.start_round)
+        mask = start_store.mask_at(hp.start_round, fallback=chain.state)
     return mask
 
 
@@ -132,7 +132,7 @@ def chain_trial(config: dict) -> None:
         history = chain.state.history
         if state is None:
             store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it
-        log.sync(history, force=True)
+        log.sync(history)  # skipped within the back-off if opening the run just failed
 
         def evaluate_pending(upto: int) -> None:
             for r in rounds:
@@ -165,5 +165,5 @@ def chain_trial(config: dict) -> None:
         # the run stays open for a retry; the reason is recorded now in case there is none
         log.note(traceback.format_exc(), "warnings/last_error.txt")
         log.tag("prunelab.failure", f"{type(e).__name__}: {e}"[:5000])
-        log.sync(history, force=True)
+        log.sync(history)
         raise

@@ -226,12 +226,13 @@ class MlflowServer:
             assert time.time() < deadline, f"mlflow server did not answer in {timeout:.0f} s"
             time.sleep(0.5)
 
-    def stop(self) -> None:
-        """End the server and its workers (its process group); the port refuses connections after."""
+    def stop(self, kill: bool = False) -> None:
+        """End the server and its workers (its process group); the port refuses connections after.
+        `kill`: at once, by SIGKILL (a crash), rather than a graceful shutdown."""
         if self.proc is None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

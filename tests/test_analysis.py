@@ -2,7 +2,7 @@
 
 The store is written by the sweep layer's own code paths: trials from `sweeps.config.expand`, the
 parent run from `sweeps.tracking.start_parent_run` (with `sweep/trials.json`), child runs from
-`sweeps.tracking.ChainRun`, metrics and artifacts from `sweeps.trainable._sync` fed by a fake chain
+`sweeps.tracking.ChainRun`, metrics and artifacts from `sweeps.sync.sync_run` fed by a fake chain
 store that returns hand-made evaluation results. Every expected number below is computed by hand
 from the tables in this file, never by calling analysis code.
 

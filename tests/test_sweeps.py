@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sweeptools import (BASE, FIGURE, ROOT, VENV_BIN, artifact_paths, cache_dir, check_metric_steps, drive,  # noqa: F401
+from sweeptools import (BASE, DISTILLED, FIGURE, ROOT, VENV_BIN, artifact_paths, cache_dir, check_metric_steps, drive,  # noqa: F401
                         figure_paths, free_port, masks, mlflow_client, mlflow_server, no_ray, ray_session,
                         reference_sweep, rest, runs, sweep_doc, write_config)
 
@@ -313,3 +313,24 @@ def test_start_from_a_variant_with_its_own_grid_axes_gives_one_chain_per_start_c
     assert len({t.key for t in combined}) == 4
 
 
+
+
+def test_command_line_resources_win_over_the_variants_own(tmp_path, capsys, no_ray):
+    """A preset packs a variant (its own gpus_per_trial); --gpus-per-trial 0 on the command line is
+    for every trial, and a variant's GPU share brings its own memory cap, not the sweep's."""
+    from sweeps.config import load_sweep
+
+    variants = {"imp": {}, "distilled": {**DISTILLED, "resources": {"cpus_per_trial": 0.5, "gpus_per_trial": 0.25}}}
+    doc = sweep_doc(variants=variants, resources={"cpus_per_trial": 1, "memory_fraction": 0.9})
+    config = write_config(tmp_path, doc)
+    sweep, _ = load_sweep(FIGURE, "demo", [], config)
+    packed = sweep.resources_for(next(v for v in sweep.variants if v.name == "distilled"))
+    assert packed.gpus_per_trial == 0.25 and packed.memory_fraction is None and sweep.resources.memory_fraction == 0.9
+    rc, out, err = drive(capsys, config, tmp_path / "storage", "--dry-run", "--gpus-per-trial", "0")
+    assert rc == 0, err
+    lines = [ln for ln in out.splitlines() if ln.startswith("  run  ")]
+    assert sorted(ln.rsplit("[", 1)[1] for ln in lines) == ["0.5 CPU + 0 GPU]", "1 CPU + 0 GPU]"]
+    # without it, the packed variant's GPU request is refused here (no GPU), naming the variant
+    rc, out, err = drive(capsys, config, tmp_path / "storage", "--num-cpus", "2")
+    assert rc == 2 and err.startswith("error: resources.gpus_per_trial: each chain asks for 0.25 GPU"), err
+    assert "(variants distilled)" in err and "variants.<name>.resources" in err

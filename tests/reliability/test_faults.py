@@ -195,3 +195,32 @@ def test_driver_killed_mid_sweep_then_resume(tmp_path, capsys, no_ray):
         assert c.data.tags["prunelab.status"] == "finished" and c.info.status == "FINISHED"
         for key in ("sparsity", "pruning_accuracy"):
             assert steps(storage, c.info.run_id, key) == [0, 1, 2, 3], key
+
+
+def test_damaged_evaluation_recomputed_in_the_same_run(tmp_path, capsys, ray_session):
+    """A finished sweep's stored evaluation is damaged: the next sweep finds the chain incomplete,
+    evaluates that round again (no pruning round is trained again) and logs it into the chain's
+    existing run, without a second run or a second step."""
+    ray_session()
+    config = write_config(tmp_path, sweep_doc(base={**BASE, "pruning": {"rounds": 2}}, variants={"imp": {}},
+                                              evaluation={"rounds": [2], "lmc": False}))
+    storage = tmp_path / "storage"
+    rc, out, err = drive(capsys, config, storage, "--no-analysis")
+    assert rc == 0, out[-3000:] + err[-3000:]
+    (run,) = runs(storage, "chain")
+    (evaluation,) = (storage / "store" / "chains").glob("*/evals/*/round_02.json")
+    state = evaluation.parents[2] / "state.pt"
+    state_mtime = state.stat().st_mtime_ns
+    doc = json.loads(evaluation.read_text())
+    doc["result"]["metrics"]["test_accuracy"] = 1.0
+    evaluation.write_text(json.dumps(doc))
+
+    rc, out, err = drive(capsys, config, storage, "--no-analysis")
+    assert rc == 0, out[-3000:] + err[-3000:]
+    assert "1 trials (0 already complete)" in out and "1 run, 0 reused, 0 failed" in out
+    (after,) = runs(storage, "chain")
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert steps(storage, run.info.run_id, "test_accuracy") == [2]
+    assert steps(storage, run.info.run_id, "sparsity") == [0, 1]
+    assert state.stat().st_mtime_ns == state_mtime, "a pruning round was trained again"
+    assert json.loads(evaluation.read_text())["result"]["metrics"]["test_accuracy"] != 1.0

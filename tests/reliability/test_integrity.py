@@ -124,3 +124,28 @@ def test_damaged_evaluation_is_computed_again(stored_chain, capsys):
     assert not store.complete(key, [3])  # so the sweep evaluates that round again
     truncate(path)
     assert store.load_eval(key, 3) is None
+
+
+def test_files_written_before_checksums_still_load(stored_chain, tmp_path):
+    """Stores written before masks and evaluations carried checksums keep working."""
+    import io
+
+    _, store, chain = stored_chain
+    buf = io.BytesIO()
+    torch.save({k: v for k, v in chain.mask.items()}, buf)  # the former mask format: a plain torch file
+    store.mask_path(3).write_bytes(buf.getvalue())
+    assert store.mask_at(3).equal(chain.mask)
+    path = store.dir / "evals" / "oldkey" / "round_03.json"
+    path.parent.mkdir(parents=True)
+    old = {"round": 3, "metrics": {"test_accuracy": 0.5}, "lmc": None}
+    path.write_text(json.dumps(old))  # the former evaluation format: the result itself
+    assert store.load_eval("oldkey", 3) == old
+
+
+def test_evaluation_checksum_survives_the_json_round_trip(stored_chain):
+    """Integer keys and tuples become strings and lists in JSON: a good file must still verify."""
+    _, store, _ = stored_chain
+    result = {"metrics": {"a": 1.0}, "by_round": {2: 0.5, 10: 0.25}, "alphas": (0.0, 0.5, 1.0), "nan": float("nan")}
+    store.save_eval("k", 1, result)
+    back = store.load_eval("k", 1)
+    assert back is not None and back["by_round"] == {"2": 0.5, "10": 0.25} and back["alphas"] == [0.0, 0.5, 1.0]

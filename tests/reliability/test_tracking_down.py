@@ -23,9 +23,10 @@ import pytest
 
 from sweeptools import BASE, FIGURE, ROOT, MlflowServer, cache_dir, write_config, sweep_doc  # noqa: F401
 
-ROUNDS = 5
+ROUNDS = 6
 EVAL_ROUND = 2
-CHAIN_BASE = {**BASE, "pruning": {"rounds": ROUNDS}, "pruning_training": {"epochs": 3, "lr": 0.1},
+# rounds of a few seconds each, so that most of a chain is still ahead when the server goes away
+CHAIN_BASE = {**BASE, "pruning": {"rounds": ROUNDS}, "pruning_training": {"epochs": 8, "lr": 0.1},
               "training": {"epochs": 2, "lr": 0.1}}
 
 
@@ -53,10 +54,11 @@ class FlakyClient:
         return call
 
 
-def test_trial_log_buffers_while_away_and_catches_up(tmp_path, monkeypatch):
+def test_trial_log_buffers_while_away_and_catches_up(tmp_path, monkeypatch, digits):
     from mlflow import MlflowClient
 
     from prunelab.chain import Chain
+    from prunelab.evaluation import EvalHparams, evaluate_round, result_key
     from prunelab.hparams import ChainHparams
     from prunelab.store import ChainStore
     from sweeps import sync, tracking
@@ -65,41 +67,101 @@ def test_trial_log_buffers_while_away_and_catches_up(tmp_path, monkeypatch):
     exp = tracking.ensure_experiment(uri, "outage")
     parent = MlflowClient(uri).create_run(exp).info.run_id
     hp = ChainHparams.from_dict({**BASE, "pruning": {"rounds": 3}})
+    ev = {"rounds": [2], "lmc": False}
     spec = {"key": "k1", "variant": "imp", "label": "imp,seed=0", "figure": FIGURE, "chain": hp.to_dict(),
-            "chain_hash": hp.hash(), "eval": {"rounds": [], "lmc": False}, "rounds": [],
+            "chain_hash": hp.hash(), "eval": ev, "rounds": [2],
             "store": str(tmp_path / "store"), "tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent}
     state = {"down": True, "calls": 0}
     monkeypatch.setattr(tracking, "client", lambda u: FlakyClient(MlflowClient(u), state))
     monkeypatch.setattr(tracking.time, "sleep", lambda s: None)  # retries' back-off: not worth waiting for
     monkeypatch.setattr(sync, "BACKOFF_FIRST_S", 60.0)
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(sync.time, "time", lambda: clock["now"])
 
     log = sync.TrialLog(spec, quiet=True)
-    assert not log.open() and log.run_id is None  # no run yet: the trial goes on all the same
+    assert not log.open() and log.run_id is None and log.outage  # no run yet: the trial goes on all the same
     store = ChainStore(spec["store"], hp)
-    chain = Chain(hp)
+    chain = Chain(hp, data=digits)
     log.note("a warning found while MLflow was away", "warnings/corrupt_state.txt")
+    assert (store.dir / "notes" / "k1" / "warnings__corrupt_state.txt").is_file()  # survives this process
     while not chain.done:  # rounds go on while MLflow refuses every call
         chain.step()
         store.save_state(chain.state)
+        if chain.round == 2:
+            e = EvalHparams.from_dict(ev)
+            store.save_eval(result_key(e), 2, evaluate_round(hp, e, digits, chain.state.rewind_point, chain.mask, 2))
         before = state["calls"]
+        clock["now"] += 1
         assert log.sync(chain.state.history) is False and log.behind
-        if chain.round > 1:
-            assert state["calls"] == before, "a sync inside the back-off window still called MLflow"
-    assert "ConnectionError" in log.last_error
+        assert state["calls"] == before, "a sync inside the back-off window still called MLflow"
+    clock["now"] += 61  # the back-off window has passed: the next round boundary tries again
+    assert log.sync(chain.state.history) is False and "simulated outage" in log.last_error
+    assert log._retry_at == clock["now"] + 120  # and the window doubled
 
     state["down"] = False
-    assert log.finish(chain.state.history, "FINISHED")  # forced: ignores the back-off window
-    assert not log.behind
+    assert log.sync(chain.state.history) is False  # still inside the window: no call
+    clock["now"] += 121
+    assert log.sync(chain.state.history) and not log.behind  # caught up at a round boundary, not forced
     c = MlflowClient(uri)
     chains = "tags.`prunelab.role` = 'chain'"
     (run,) = c.search_runs([exp], chains)
+    rid = run.info.run_id
+    assert sorted(m.step for m in c.get_metric_history(rid, "pruning_accuracy")) == [0, 1, 2]
+    assert [m.step for m in c.get_metric_history(rid, "test_accuracy")] == [2]
+    assert {a.path for a in c.list_artifacts(rid, "masks")} == {"masks/round_02.pt"}
+    assert {a.path for a in c.list_artifacts(rid, "warnings")} == {"warnings/corrupt_state.txt"}
+    assert not list((store.dir / "notes" / "k1").iterdir())
+    assert log.finish(chain.state.history, "FINISHED")
+    run = c.get_run(rid)
     assert run.info.status == "FINISHED" and run.data.tags["prunelab.status"] == "finished"
-    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "pruning_accuracy")) == [0, 1, 2]
-    assert {a.path for a in c.list_artifacts(run.info.run_id, "warnings")} == {"warnings/corrupt_state.txt"}
     # catching up again repeats nothing
-    assert sync.catch_up(spec, "FINISHED", run_id=run.info.run_id) is None
-    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "pruning_accuracy")) == [0, 1, 2]
+    assert not sync.catch_up(spec, "FINISHED", run_id=rid).behind
+    assert sorted(m.step for m in c.get_metric_history(rid, "pruning_accuracy")) == [0, 1, 2]
     assert len(c.search_runs([exp], chains)) == 1
+    # a request the store refuses (the run was deleted) is not an outage: nobody should wait for it
+    c.delete_run(rid)
+    refused = sync.catch_up(spec, "FINISHED", run_id=rid)
+    assert refused.behind and not refused.outage, refused.last_error
+
+
+def test_outage_is_told_from_a_refusal():
+    from mlflow.exceptions import MlflowException
+
+    from sweeps.tracking import is_outage
+
+    assert is_outage(ConnectionRefusedError(111, "Connection refused"))
+    try:
+        try:
+            raise ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=1): Max retries exceeded")
+        except ConnectionError as inner:
+            raise MlflowException("API request to http://127.0.0.1:1/api/2.0/mlflow/runs/get failed") from inner
+    except MlflowException as e:
+        assert is_outage(e)
+    assert not is_outage(MlflowException("Run 'abc' not found", error_code="RESOURCE_DOES_NOT_EXIST"))
+    assert not is_outage(KeyError("pruning_accuracy"))
+
+
+def test_driver_waits_no_longer_than_asked(tmp_path, monkeypatch):
+    """Many chains pending and a server that does not answer: one probe per pass, the deadline kept,
+    every chain listed with its store folder."""
+    from sweeps import driver, sync, tracking
+
+    calls = {"probe": 0, "catch_up": 0}
+
+    def probe(uri):
+        calls["probe"] += 1
+        return "ConnectionError: Connection refused"
+
+    monkeypatch.setattr(tracking, "probe", probe)
+    monkeypatch.setattr(sync, "catch_up", lambda *a, **k: calls.__setitem__("catch_up", calls["catch_up"] + 1))
+    pending = [({"key": f"k{i}", "label": f"imp,seed={i}", "store": str(tmp_path / "store"), "chain_hash": f"h{i}"},
+                "FINISHED", "", None) for i in range(50)]
+    t0 = time.time()
+    lines = driver._catch_up(pending, "http://127.0.0.1:1", wait_s=1.0)
+    assert time.time() - t0 < 15
+    assert calls["catch_up"] == 0 and calls["probe"] >= 1
+    assert len(lines) == 50 and lines[7] == (f"imp,seed=7 [k7]: ConnectionError: Connection refused; "
+                                             f"results in {tmp_path / 'store' / 'chains' / 'h7'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +245,7 @@ def test_tracking_server_away_mid_sweep_then_back(tmp_path):
     proc = _driver(config, storage, uri, log, "--tracking-wait", "300")
     try:
         _wait_first_round_logged(uri, proc, log)
-        server.stop()
+        server.stop(kill=True)
         at_stop = _rounds_stored(storage)
         # the chains go on without MLflow: every round and evaluation reaches the store
         deadline = time.time() + 240
@@ -222,7 +284,7 @@ def test_tracking_server_never_back_lists_what_was_not_logged(tmp_path):
     proc = _driver(config, storage, uri, log, "--tracking-wait", "5")
     try:
         _wait_first_round_logged(uri, proc, log)
-        server.stop()
+        server.stop(kill=True)
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
