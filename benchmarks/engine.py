@@ -108,6 +108,14 @@ def lmc_time(data, a, b, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def add_engine_switches(p: argparse.ArgumentParser) -> None:
+    """The engine's speed switches (TrainingHparams precision / channels_last / compile) and --out."""
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--out", help="write the results as JSON here")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="convnet3", choices=["convnet3", "resnet10_bn", "resnet18_bn"])
@@ -118,10 +126,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
     p.add_argument("--batch-size", type=int, default=128, help="engine batch size")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--out", help="write the results as JSON here")
+    add_engine_switches(p)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     data = load_dataset(DatasetHparams(name=a.data, train_size=a.train_size if a.data == "shapes" else None))

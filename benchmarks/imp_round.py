@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import baseline  # noqa: E402
+from engine import add_engine_switches, baseline  # noqa: E402
 
 from prunelab.data import DataSplit, ImageData, make_shapes  # noqa: E402
 from prunelab.hparams import ModelHparams, TrainingHparams  # noqa: E402
@@ -60,10 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--real-epochs", type=int, default=2)
     p.add_argument("--real-batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=8, help="baseline DataLoader workers")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--out", help="write the results as JSON here")
+    add_engine_switches(p)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     distilled = _set(a.ipc * 4 * 10, seed=1)

@@ -234,18 +234,30 @@ def _check_runs(uri: str, storage: Path) -> list:
     return chains
 
 
-@pytest.mark.slow
-def test_tracking_server_away_mid_sweep_then_back(tmp_path):
+def _sweep_then_kill_server(tmp_path, wait_s: str):
+    """Start a `mlflow server` and the two-chain sweep against it; SIGKILL the server once a chain
+    has logged its first round. Returns (server, uri, config, storage, driver log, driver process)."""
     server = MlflowServer(tmp_path)
     uri = server.start()
     config = write_config(tmp_path, sweep_doc(base=CHAIN_BASE, grid={"seed": [0, 1]}, variants={"imp": {}},
                                               evaluation={"rounds": [EVAL_ROUND], "lmc": True}))
     storage = tmp_path / "storage"
     log = tmp_path / "driver.log"
-    proc = _driver(config, storage, uri, log, "--tracking-wait", "300")
+    proc = _driver(config, storage, uri, log, "--tracking-wait", wait_s)
     try:
         _wait_first_round_logged(uri, proc, log)
-        server.stop(kill=True)
+    except BaseException:
+        proc.kill()
+        server.stop()
+        raise
+    server.stop(kill=True)
+    return server, uri, config, storage, log, proc
+
+
+@pytest.mark.slow
+def test_tracking_server_away_mid_sweep_then_back(tmp_path):
+    server, uri, config, storage, log, proc = _sweep_then_kill_server(tmp_path, "300")
+    try:
         at_stop = _rounds_stored(storage)
         # the chains go on without MLflow: every round and evaluation reaches the store
         deadline = time.time() + 240
@@ -275,16 +287,8 @@ def test_tracking_server_away_mid_sweep_then_back(tmp_path):
 
 @pytest.mark.slow
 def test_tracking_server_never_back_lists_what_was_not_logged(tmp_path):
-    server = MlflowServer(tmp_path)
-    uri = server.start()
-    config = write_config(tmp_path, sweep_doc(base=CHAIN_BASE, grid={"seed": [0, 1]}, variants={"imp": {}},
-                                              evaluation={"rounds": [EVAL_ROUND], "lmc": True}))
-    storage = tmp_path / "storage"
-    log = tmp_path / "driver.log"
-    proc = _driver(config, storage, uri, log, "--tracking-wait", "5")
+    server, uri, config, storage, log, proc = _sweep_then_kill_server(tmp_path, "5")
     try:
-        _wait_first_round_logged(uri, proc, log)
-        server.stop(kill=True)
         rc = proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
