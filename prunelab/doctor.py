@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import first_line
+
 
 @dataclass
 class Check:
@@ -94,7 +96,7 @@ def resolve_ray_address(address: str, timeout: float = 3.0) -> str:
 
         resolved = canonicalize_bootstrap_address(address)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError/ValueError here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ConfigError("--address", f"no Ray cluster found for {address!r} ({first})", fix) from None
     if resolved is None:
         raise ConfigError("--address", f"no Ray cluster found for {address!r}", fix)
@@ -127,7 +129,7 @@ def check_ray(address: Optional[str]) -> Check:
         return Check("Ray cluster", "ok", f"{resolved}: {len(nodes)} node(s), {res.get('CPU', 0):g} CPUs, "
                                           f"{res.get('GPU', 0):g} GPUs")
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         return Check("Ray cluster", "fail", f"cannot join {resolved}: {first}",
                      "check the cluster's token (RAY_AUTH_TOKEN) and version match this machine's Ray")
 
@@ -151,7 +153,7 @@ def check_tracking(uri: Optional[str]) -> Check:
         client.search_experiments(max_results=1)
         return Check("MLflow tracking", "ok", f"{uri} answers")
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         return Check("MLflow tracking", "fail", f"{uri}: {first}",
                      "start the server (mlflow server --backend-store-uri sqlite:////abs/mlflow.db) or fix the URI")
 

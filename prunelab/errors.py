@@ -1,6 +1,13 @@
 """Errors that prunelab raises for bad input, each naming the field and the fix."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (libraries put tracebacks and hints after it), or
+    its type's name when it has none: what a one-line error message quotes."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the field and says how to fix it."""
 

@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from .errors import ConfigError, CorruptFileError
+from .errors import ConfigError, CorruptFileError, first_line
 
 MASK_MAGIC = b"PRUNELAB-MASK-1\n"
 
@@ -110,8 +110,7 @@ class Mask(OrderedDict):
         try:
             d = torch.load(io.BytesIO(payload), weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises several types for damaged files
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise CorruptFileError(f"{source}: cannot be read as a mask ({type(e).__name__}: {first})") from None
+            raise CorruptFileError(f"{source}: cannot be read as a mask ({type(e).__name__}: {first_line(e, 200)})") from None
         if not isinstance(d, dict) or not all(isinstance(v, torch.Tensor) for v in d.values()):
             raise CorruptFileError(f"{source}: does not hold a mask (name -> tensor)")
         return cls((k, v.bool()) for k, v in d.items())

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from prunelab.errors import ConfigError
+from prunelab.errors import ConfigError, first_line
 from prunelab.evaluation import result_key
 
 from .config import Trial, expand, load_sweep
@@ -229,8 +229,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
         exp_id = ensure_experiment(tracking_uri, experiment)
         done_runs = finished_trial_runs(tracking_uri, exp_id)
     except Exception as e:  # noqa: BLE001 - each backend fails in its own way
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ConfigError("--tracking-uri", f"the tracking store at {tracking_uri} does not answer ({first})",
+        raise ConfigError("--tracking-uri", f"the tracking store at {tracking_uri} does not answer ({first_line(e)})",
                           "start the MLflow server (or correct --tracking-uri) and run again; "
                           "`python -m prunelab.doctor --tracking-uri URI` checks it") from None
     skipped = _complete(trials, done_runs, local)
@@ -244,7 +243,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                 "rounds": t.rounds, "run_id": done_runs[t.key] if t.key in skipped else None} for t in trials]
     parent = start_parent_run(tracking_uri, exp_id, figure, args.preset, raw, summary)
     print(f"MLflow: experiment {experiment!r} (id {exp_id}), parent run {parent}, tracking URI {tracking_uri}")
-    from .tracking import client, find_trial_run, first_line, retry
+    from .tracking import client, describe, find_trial_run, retry
 
     c = client(tracking_uri)
     errors: list[str] = []
@@ -254,13 +253,8 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
         if todo:
             errors, unlogged = _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent,
                                          fault)
-        if unlogged:
-            # the chains' results are safe in the store; MLflow stayed away: say what it lacks and stop
-            _report_unlogged(unlogged, tracking_uri, errors, t0, len(trials), len(todo), len(skipped))
-            with contextlib.suppress(Exception):
-                c.set_terminated(parent, "FAILED")
-            return 1
-        if todo:
+        # what follows needs MLflow; if it stayed away, the report below says what it lacks
+        if todo and not unlogged:
             try:
                 # chains that continued a run of an earlier sweep (--resume, a rerun) log there: list them
                 lost = [row for row in summary
@@ -271,13 +265,13 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                 if any(row["run_id"] for row in lost):
                     retry(c.log_text, parent, json.dumps(summary, indent=2), "sweep/trials.json")
             except Exception as e:  # noqa: BLE001 - the chains are logged; only the sweep run's list is not
-                tracking_error = (f"the sweep run {parent} could not record its chains' runs ({first_line(e)}); "
+                tracking_error = (f"the sweep run {parent} could not record its chains' runs ({describe(e)}); "
                                   "run the same command again to redo it")
-        else:
+        elif not todo:
             print("every trial is already complete: nothing to compute")
 
         # 3. the figure, from what MLflow holds
-        if not args.no_analysis:
+        if not args.no_analysis and not unlogged:
             try:
                 _analysis(figure, experiment, tracking_uri, local, parent)
             except Exception as e:  # noqa: BLE001 - the chains' results stand; say why there is no figure
@@ -286,14 +280,21 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
         with contextlib.suppress(Exception):
             c.set_terminated(parent, "KILLED")  # never leave the sweep run looking alive
         raise
-    failed = bool(errors or analysis_error or tracking_error)
+    failed = bool(errors or unlogged or analysis_error or tracking_error)
     try:
-        retry(c.set_terminated, parent, "FAILED" if failed else "FINISHED")
+        # one attempt when MLflow already stayed away for --tracking-wait
+        retry(c.set_terminated, parent, "FAILED" if failed else "FINISHED", attempts=1 if unlogged else 5)
     except Exception as e:  # noqa: BLE001
-        tracking_error = tracking_error or f"the sweep run {parent} could not be closed ({first_line(e)})"
+        tracking_error = tracking_error or f"the sweep run {parent} could not be closed ({describe(e)})"
     print(f"sweep finished in {time.time() - t0:.0f} s: {len(trials)} trials, {len(todo)} run, "
-          f"{len(skipped)} reused, {len(errors)} failed")
+          f"{len(skipped)} reused, {len(errors)} failed" + (f", {len(unlogged)} not logged to MLflow" if unlogged else ""))
     print(f"browse: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    if unlogged:
+        print(f"not logged: the tracking store at {tracking_uri} did not take these chains' results; every "
+              "result is in the chain store (one folder per chain, below). Run the same command again once it "
+              "answers: the finished chains are logged from the store without training.", file=sys.stderr)
+        for line in unlogged:
+            print(f"  {line}", file=sys.stderr)
     if errors:
         print("failed trials:", file=sys.stderr)
         for e in errors:
@@ -302,7 +303,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
         print(f"analysis failed: {analysis_error}", file=sys.stderr)
     if tracking_error:
         print(f"MLflow: {tracking_error}", file=sys.stderr)
-    return 1 if errors or analysis_error or tracking_error else 0
+    return 1 if failed else 0
 
 
 def _complete(trials: list[Trial], done_runs: dict, local: Path) -> set:
@@ -442,21 +443,6 @@ def _catch_up(pending: list, tracking_uri: str, wait_s: float) -> list[str]:
         time.sleep(min(10.0, max(0.0, deadline - time.time())))
     return [f"{spec['label']} [{spec['key']}]: {why[spec['key']]}; results in "
             f"{Path(spec['store']) / 'chains' / spec['chain_hash']}" for spec in everyone if spec["key"] in why]
-
-
-def _report_unlogged(unlogged: list[str], tracking_uri: str, errors: list[str], t0: float, n: int, run: int,
-                     reused: int) -> None:
-    print(f"sweep finished in {time.time() - t0:.0f} s: {n} trials, {run} run, {reused} reused, "
-          f"{len(errors)} failed, {len(unlogged)} not logged to MLflow")
-    print(f"not logged: the tracking store at {tracking_uri} did not take these chains' results; every result "
-          "is in the chain store (one folder per chain, below). Run the same command again once it answers: the "
-          "finished chains are logged from the store without training.", file=sys.stderr)
-    for line in unlogged:
-        print(f"  {line}", file=sys.stderr)
-    if errors:
-        print("failed trials:", file=sys.stderr)
-        for e in errors:
-            print(f"  {e}", file=sys.stderr)
 
 
 def _analysis(figure: str, experiment: str, tracking_uri: str, local: Path, parent: str) -> Optional[dict]:

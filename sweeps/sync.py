@@ -24,7 +24,7 @@ from prunelab.hparams import ChainHparams
 from prunelab.files import atomic_write
 from prunelab.store import ChainStore
 
-from .tracking import ChainRun, first_line, is_outage
+from .tracking import ChainRun, describe, is_outage
 
 # attempts of one MLflow call inside a trial before it counts the server as away (each call also
 # retries inside MLflow's HTTP client, see tracking.HTTP_DEFAULTS)
@@ -114,7 +114,7 @@ class TrialLog:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - every backend fails differently; the store has the data
-            self.last_error = first_line(e)
+            self.last_error = describe(e)
             self.outage = is_outage(e)
             self.behind = True
             self._retry_at = time.time() + self._backoff
@@ -151,9 +151,9 @@ class TrialLog:
         self._flush_pending()
         sync_run(self.run, self.store, history, self.rkey, self.rounds, self.artifacts_done)
 
-    def open(self, force: bool = True) -> bool:
+    def open(self) -> bool:
         """Find or create the run (it stays unopened, and the trial goes on, if MLflow is away)."""
-        return self._attempt("open the chain's run", self._open, force)
+        return self._attempt("open the chain's run", self._open, force=True)
 
     def sync(self, history: list[dict], force: bool = False) -> bool:
         """Log what the store holds for this chain and the run lacks; True when the run is up to date.
@@ -169,13 +169,14 @@ class TrialLog:
         self.pending_tags[key] = value
         self.behind = True
 
-    def finish(self, history: list[dict], status: str = "FINISHED", reason: str = "", force: bool = True) -> bool:
-        """Sync, then close the run with `status` (and `reason`); False if MLflow did not answer."""
+    def finish(self, history: list[dict], status: str = "FINISHED", reason: str = "") -> bool:
+        """Sync, then close the run with `status` (and `reason`), whatever the back-off; False if
+        MLflow did not answer."""
         def go():
             self._sync(history)
             self.run.finish(status, reason)
 
-        return self._attempt("close the chain's run", go, force)
+        return self._attempt("close the chain's run", go, force=True)
 
 
 def catch_up(spec: dict, status: str, reason: str = "", run_id: Optional[str] = None) -> TrialLog:

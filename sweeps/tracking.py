@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from prunelab.errors import first_line
+
 RETRIES = 5
 # MLflow's HTTP client retries a refused connection for minutes by default (7 retries, back-off
 # factor 2), and retries POSTs too, which can log a batch twice when only the reply was lost. The
@@ -50,12 +52,12 @@ def probe(tracking_uri: str) -> Optional[str]:
         client(tracking_uri).search_experiments(max_results=1)
         return None
     except Exception as e:  # noqa: BLE001 - any failure is the answer
-        return first_line(e)
+        return describe(e)
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+def describe(e: BaseException) -> str:
+    """`Type: first line of the message`, for one-line reports of a failed MLflow call."""
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 for _k, _v in HTTP_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageData
-from ..errors import ConfigError, DataNotFoundError
+from ..errors import ConfigError, DataNotFoundError, first_line
 
 FIELD = "pruning_data.path"
 
@@ -91,8 +91,7 @@ def read_idc_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / foreign files
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(FIELD, f"{path} cannot be read as a torch file ({type(e).__name__}: {first})",
+        raise ConfigError(FIELD, f"{path} cannot be read as a torch file ({type(e).__name__}: {first_line(e, 200)})",
                           "the file is truncated or not IDC's data.pt: copy it again") from None
     if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(torch.is_tensor(t) for t in obj)):
         raise ConfigError(FIELD, f"{path} does not hold [images, labels] (got {type(obj).__name__})",
