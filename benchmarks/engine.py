@@ -5,8 +5,9 @@
 Baseline (written here, the style of most pruning code): a torch DataLoader over per-sample
 torchvision transforms (random crop with padding 4, horizontal flip, normalize) from uint8 HWC images,
 fp32, batch 128, `--workers` loader processes. Engine: `prunelab.train.train` with the data resident on
-the device and augmented there, with the switches given (`--precision bf16 --channels-last
---compile`, batch `--batch-size`). Same model, same data, same device. Also times one LMC evaluation
+the device and augmented there, with the switches given (`--precision bf16 --channels-last`, batch
+`--batch-size`); `--compile` also times the engine under torch.compile and prints its ratio over the
+uncompiled engine. Same model, same data, same device. Also times one LMC evaluation
 (11 α, train and test sets) and reports the final test accuracy of both loops after the same epochs.
 Images/s count training images over the timed epochs (the first epoch is a warm-up and not timed).
 """
@@ -109,11 +110,20 @@ def lmc_time(data, a, b, device: torch.device) -> float:
 
 
 def add_engine_switches(p: argparse.ArgumentParser) -> None:
-    """The engine's speed switches (TrainingHparams precision / channels_last / compile) and --out."""
+    """The engine's speed switches (TrainingHparams precision / channels_last / compile /
+    compile_mode) and --out."""
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="with --compile: reduce-overhead replays CUDA graphs")
     p.add_argument("--out", help="write the results as JSON here")
+
+
+def engine_switches(a: argparse.Namespace) -> dict:
+    """TrainingHparams values of the switches `add_engine_switches` parsed."""
+    return {"precision": a.precision, "channels_last": a.channels_last, "compile": a.compile,
+            "compile_mode": a.compile_mode if a.compile else "default"}
 
 
 def main(argv=None) -> dict:
@@ -132,25 +142,30 @@ def main(argv=None) -> dict:
     data = load_dataset(DatasetHparams(name=a.data, train_size=a.train_size if a.data == "shapes" else None))
     mhp = ModelHparams(name=a.model, width=a.width)
     make = lambda: build_model(mhp, data.train.shape, data.train.num_classes, seed=0)  # noqa: E731
-    hp = TrainingHparams(batch_size=a.batch_size, precision=a.precision, channels_last=a.channels_last,
-                         compile=a.compile, augment="standard", lr=0.01)
+    hp = TrainingHparams(batch_size=a.batch_size, augment="standard", lr=0.01, **engine_switches(a))
     base = baseline(data, make(), a.epochs, device, a.workers)
     m_engine = make()
-    eng = engine(data, m_engine, a.epochs, device, hp)
+    eng = engine(data, m_engine, a.epochs, device, hp.replace(compile=False))
+    # --compile: the compiled engine too, in the same run, against the uncompiled one
+    comp = engine(data, make(), a.epochs, device, hp) if a.compile else None
     m_other = make()
     train(m_other, data.train, hp.replace(epochs=1), device=device, order_seed=1, aug_seed=1)
     lmc_s = lmc_time(data, m_engine, m_other, device)
     res = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
            "model": a.model, "data": a.data, "train_images": len(data.train), "epochs": a.epochs,
            "baseline": base, "engine": eng, "speedup": eng["images_per_s"] / base["images_per_s"],
-           "engine_switches": {"batch_size": a.batch_size, "precision": a.precision,
-                               "channels_last": a.channels_last, "compile": a.compile},
+           "engine_switches": {"batch_size": a.batch_size, **engine_switches(a)},
            "lmc_eval_s": lmc_s, "lmc_eval_s_per_alpha": lmc_s / 11}
+    if comp:
+        res.update(compiled=comp, compile_speedup=comp["images_per_s"] / eng["images_per_s"])
     print(f"{res['device']}: {a.model} on {a.data} ({len(data.train)} images), {a.epochs} epochs")
     print(f"  baseline (DataLoader, {a.workers} workers, fp32, batch 128): {base['images_per_s']:9.0f} images/s, "
           f"test accuracy {base['test_accuracy']:.3f}")
-    print(f"  engine   ({a.precision}, batch {a.batch_size}, channels_last={a.channels_last}, compile={a.compile}): "
+    print(f"  engine   ({a.precision}, batch {a.batch_size}, channels_last={a.channels_last}): "
           f"{eng['images_per_s']:9.0f} images/s, test accuracy {eng['test_accuracy']:.3f}")
+    if comp:
+        print(f"  engine compiled (torch.compile mode {a.compile_mode}): {comp['images_per_s']:9.0f} images/s, "
+              f"test accuracy {comp['test_accuracy']:.3f}; {res['compile_speedup']:.2f}x the uncompiled engine")
     print(f"  speed-up {res['speedup']:.2f}x; LMC evaluation {lmc_s:.2f} s ({lmc_s / 11 * 1e3:.0f} ms per alpha)")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -14,10 +14,11 @@ run() {
 }
 real="--device cuda --data shapes --train-size 50000 --workers 8"
 fast="--batch-size 512 --precision bf16 --channels-last"
-run benchmarks/engine.py --model convnet3 $real --epochs 3 $fast --out "$out/engine_convnet3.json"
+# ConvNet-3: baseline, engine and compiled engine in one run
+run benchmarks/engine.py --model convnet3 $real --epochs 3 $fast --compile --out "$out/engine_convnet3.json"
 run benchmarks/engine.py --model resnet18_bn $real --epochs 2 $fast --out "$out/engine_resnet18.json"
-run benchmarks/engine.py --model convnet3 $real --epochs 3 $fast --compile --out "$out/engine_convnet3_compile.json"
 run benchmarks/stacked.py --device cuda --precision bf16 --channels-last --copies 2 4 8 --epochs 20 \
+    --compile --compile-mode reduce-overhead \
     --out "$out/stacked.json"
 run benchmarks/packing.py --device cuda --procs 1 2 4 8 --precision bf16 --channels-last --epochs 30 \
     --out "$out/packing.json"

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import add_engine_switches, baseline  # noqa: E402
+from engine import add_engine_switches, baseline, engine_switches  # noqa: E402
 
 from prunelab.data import DataSplit, ImageData, make_shapes  # noqa: E402
 from prunelab.hparams import ModelHparams, TrainingHparams  # noqa: E402
@@ -66,8 +66,7 @@ def main(argv=None) -> dict:
     distilled = _set(a.ipc * 4 * 10, seed=1)
     real = DataSplit(_set(a.real_images, seed=2), _set(2000, seed=3))
     make = lambda: build_model(ModelHparams(name="convnet3", width=a.width), real.train.shape, 10, seed=0)  # noqa: E731
-    engine_hp = TrainingHparams(precision=a.precision, channels_last=a.channels_last, compile=a.compile,
-                                augment="standard", lr=0.01)
+    engine_hp = TrainingHparams(augment="standard", lr=0.01, **engine_switches(a))
 
     # warm-up of both loops (cuDNN autotuning, compilation) outside the timings
     train(make(), distilled, engine_hp.replace(epochs=1), device=device)

@@ -1,13 +1,16 @@
 """Training throughput of N copies stacked into one network against N one-by-one runs, in one run.
 
     python benchmarks/stacked.py [--device cuda --precision bf16 --channels-last] [--copies 2 4 8]
+                                 [--compile --compile-mode reduce-overhead]
 
 A distilled-size set (shapes: 10 classes x ipc 10 x 4 = 400 images, 32 px) at batch 64 with ConvNet-3
 width 128: the regime where one small network leaves a GPU waiting on kernel launches. Measured, each
 with the same training settings on the same device:
   (a) one `prunelab.train.train` run;
   (b) N `train` runs one after another (how LMC and the landscape train their copies by default);
-  (c) `prunelab.stacked.train_copies` with N copies.
+  (c) `prunelab.stacked.train_copies` with N copies;
+  (d) with --compile: one `train` run with the model under torch.compile (`--compile-mode
+      reduce-overhead` replays CUDA graphs, which is what a launch-bound small batch needs).
 Images/s count every copy's training images over the wall time of the whole call (setup included),
 after one untimed warm-up call of each kind; the ratio is over (a).
 """
@@ -29,6 +32,8 @@ from prunelab.hparams import DatasetHparams, ModelHparams, TrainingHparams  # no
 from prunelab.models import build_model  # noqa: E402
 from prunelab.stacked import train_copies  # noqa: E402
 from prunelab.train import examples_drawn, resolve_device, total_steps, train  # noqa: E402
+
+from engine import add_engine_switches, engine_switches  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -59,10 +64,8 @@ def main(argv=None) -> dict:
     p.add_argument("--augment", default="dsa", choices=["standard", "standard_cutmix", "none", "dsa", "dsa_cutmix"])
     p.add_argument("--repeats", type=int, default=1, help="timed calls per measurement (the best is kept)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", help="write the results as JSON here")
+    add_engine_switches(p)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -71,8 +74,10 @@ def main(argv=None) -> dict:
     mhp = ModelHparams(name=a.model, width=a.width)
     make = lambda: build_model(mhp, data.train.shape, data.train.num_classes, seed=0)  # noqa: E731
     model = make()
-    hp = TrainingHparams(epochs=a.epochs, batch_size=a.batch_size, lr=0.01, augment=a.augment,
-                         precision=a.precision, channels_last=a.channels_last)
+    # (a)-(c) run uncompiled; --compile adds (d): one run compiled (mode --compile-mode)
+    compiled = TrainingHparams(epochs=a.epochs, batch_size=a.batch_size, lr=0.01, augment=a.augment,
+                               **engine_switches(a))
+    hp = compiled.replace(compile=False, compile_mode="default")
     images = examples_drawn(len(data.train), hp.batch_size, total_steps(hp, len(data.train)))
 
     def one(seed: int = 0) -> None:
@@ -89,6 +94,11 @@ def main(argv=None) -> dict:
     single_s = _timed(one, device, a.repeats)
     single = images / single_s
     rows = [{"run": "one train()", "copies": 1, "seconds": single_s, "images_per_s": single, "ratio": 1.0}]
+    if a.compile:
+        train(make(), data.train, compiled.replace(epochs=1), device=device)  # compilation, graph capture
+        comp_s = _timed(lambda: train(make(), data.train, compiled, device=device), device, a.repeats)
+        rows.append({"run": f"one train(), compiled ({a.compile_mode})", "copies": 1, "seconds": comp_s,
+                     "images_per_s": images / comp_s, "ratio": single_s / comp_s})
     for n in a.copies:
         seq_s = _timed(lambda n=n: [one(i) for i in range(n)], device, a.repeats)
         stk_s = _timed(lambda n=n: stacked(n), device, a.repeats)
@@ -99,13 +109,13 @@ def main(argv=None) -> dict:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     res = {"device": name, "model": a.model, "width": a.width, "train_images": len(data.train),
-           "batch_size": a.batch_size, "epochs": a.epochs, "augment": a.augment, "precision": a.precision,
-           "channels_last": a.channels_last, "images_per_call": images, "repeats": a.repeats, "rows": rows}
+           "batch_size": a.batch_size, "epochs": a.epochs, "augment": a.augment, **engine_switches(a),
+           "images_per_call": images, "repeats": a.repeats, "rows": rows}
     print(f"{name}: {a.model} width {a.width}, {len(data.train)} images, batch {a.batch_size}, {a.epochs} epochs, "
           f"augment {a.augment}, {a.precision}{', channels-last' if a.channels_last else ''}")
-    print(f"{'run':<28}{'seconds':>10}{'images/s':>12}{'x one run':>11}")
+    print(f"{'run':<40}{'seconds':>10}{'images/s':>12}{'x one run':>11}")
     for r in rows:
-        print(f"{r['run']:<28}{r['seconds']:>10.2f}{r['images_per_s']:>12.0f}{r['ratio']:>11.2f}")
+        print(f"{r['run']:<40}{r['seconds']:>10.2f}{r['images_per_s']:>12.0f}{r['ratio']:>11.2f}")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
     return res

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .chain import derive_seed, train_subnetwork
 from .data import DataSplit
 from .hessian import HessianHparams, hessian_analysis
-from .hparams import ChainHparams, Hparams, canonical_json, hp, require
+from .hparams import ChainHparams, Hparams, hp, require
 from .landscape import LandscapeHparams, landscape
 from .masks import Mask, rounds_for_sparsity
 from .stability import LMCHparams, instability
@@ -107,10 +107,7 @@ def result_key(ev: EvalHparams) -> str:
     that evaluate different rounds with the same settings share results.
 
     The `stacked` switches count only when on (stacked copies equal one-by-one copies up to float
-    rounding, not bit for bit); off, they are left out, so the key is the hash of the settings
-    without them and evaluations stored under those keys are found."""
-    core = ev.replace(sparsities=(), rounds=(), every_round=False).to_dict()
-    for sub in ("lmc_hparams", "landscape_hparams"):
-        if not core[sub]["stacked"]:
-            del core[sub]["stacked"]
-    return hashlib.sha256(canonical_json(core).encode()).hexdigest()[:16]
+    rounding, not bit for bit): they are `hashed_at_default=False`, so evaluations stored before
+    they existed are found."""
+    core = ev.replace(sparsities=(), rounds=(), every_round=False)
+    return hashlib.sha256(core.canonical_json().encode()).hexdigest()[:16]

@@ -16,9 +16,12 @@ from .errors import ConfigError
 SCHEMA_VERSION = 1
 
 
-def hp(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
-    """A dataclass field with a one-line help text (shown by `describe`)."""
-    meta = {"help": help}
+def hp(default: Any = dataclasses.MISSING, help: str = "", *, hashed_at_default: bool = True, **kwargs) -> Any:
+    """A dataclass field with a one-line help text (shown by `describe`).
+
+    `hashed_at_default=False` leaves the field out of content hashes while it holds its default: a
+    switch added after results were stored keeps every stored hash while it is off."""
+    meta = {"help": help, "hashed_at_default": hashed_at_default}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kwargs)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
@@ -150,8 +153,12 @@ class Hparams:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    def hash_dict(self) -> dict:
+        """`to_dict` less the fields left out of hashes while at their default."""
+        return _strip_unhashed(type(self), self.to_dict())
+
     def canonical_json(self) -> str:
-        return canonical_json(self.to_dict())
+        return canonical_json(self.hash_dict())
 
     def hash(self, length: int = 16) -> str:
         """Content hash of the resolved values (sorted JSON plus schema version)."""
@@ -170,6 +177,24 @@ class Hparams:
             else:
                 lines.append(f"{f.name} = {default!r}  # {f.metadata.get('help', '')}")
         return "\n".join(lines)
+
+
+def _strip_unhashed(cls, values: dict) -> dict:
+    """`values` (a dict of `cls`'s fields, possibly partial) without the fields marked
+    hashed_at_default=False that hold their default; nested Hparams likewise."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if not f.metadata.get("hashed_at_default", True) and json.loads(json.dumps(default)) == v:
+            continue
+        tp = hints[f.name]
+        out[f.name] = _strip_unhashed(tp, v) if isinstance(v, dict) and dataclasses.is_dataclass(tp) else v
+    return out
 
 
 def canonical_json(values: dict) -> str:
@@ -254,6 +279,9 @@ class TrainingHparams(Hparams):
     precision: Literal["fp32", "bf16"] = hp("fp32", "bf16 autocast (CUDA only)")
     channels_last: bool = hp(False, "channels-last memory format (CUDA only)")
     compile: bool = hp(False, "torch.compile the model")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = hp(
+        "default", "torch.compile mode (compile=true): reduce-overhead replays CUDA graphs, for small-batch "
+                   "training such as on a distilled set", hashed_at_default=False)
     eval_batch_size: int = hp(1024, "batch size for evaluation")
 
     def _validate(self, p):
@@ -269,6 +297,8 @@ class TrainingHparams(Hparams):
         require(0 < self.gamma <= 1, p + "gamma", f"must be in (0, 1], got {self.gamma}")
         require(self.warmup_steps >= 0, p + "warmup_steps", "must be >= 0")
         require(self.eval_batch_size > 0, p + "eval_batch_size", "must be positive")
+        require(self.compile or self.compile_mode == "default", p + "compile_mode",
+                f"{self.compile_mode!r} needs compile: true", "set compile: true as well, or drop compile_mode")
 
 
 @dataclass(frozen=True)
@@ -344,6 +374,19 @@ class ChainHparams(Hparams):
             blob = core.canonical_json() + f"|synthetic-code-{CODE_VERSION}"
             return hashlib.sha256(blob.encode()).hexdigest()[:length]
         return Hparams.hash(core, length)
+
+    def hash_dict(self) -> dict:
+        d = super().hash_dict()
+        if isinstance(d.get("start_from"), dict):  # a start chain's config, as data: stripped alike
+            d["start_from"] = ChainHparams._strip_start(d["start_from"])
+        return d
+
+    @staticmethod
+    def _strip_start(values: dict) -> dict:
+        out = _strip_unhashed(ChainHparams, values)
+        if isinstance(out.get("start_from"), dict):
+            out["start_from"] = ChainHparams._strip_start(out["start_from"])
+        return out
 
     def start_chain(self) -> Optional["ChainHparams"]:
         return None if self.start_from is None else ChainHparams.from_dict(self.start_from, "start_from")

@@ -51,7 +51,8 @@ class LandscapeHparams(Hparams):
     bn_batch_size: int = hp(128, "batch size for recomputing BN statistics")
     eval_examples: Optional[int] = hp(None, "evaluate on a fixed random subset of the training set")
     eval_batch_size: int = hp(1024, "batch size for evaluation")
-    stacked: bool = hp(False, "train the copies as one stacked model (faster at small batch on a GPU)")
+    stacked: bool = hp(False, "train the copies as one stacked model (faster at small batch on a GPU)",
+                       hashed_at_default=False)
 
     def _validate(self, p):
         require(self.grid >= 2, p + "grid", f"must be >= 2, got {self.grid}", "the paper uses 100")

@@ -52,7 +52,8 @@ class LMCHparams(Hparams):
     splits: tuple[str, ...] = hp(SPLITS, "splits evaluated along the line (paper: train; authors' code: test)")
     eval_examples: Optional[int] = hp(None, "evaluate on a fixed random subset of this many examples per split")
     eval_batch_size: int = hp(1024, "batch size for evaluation")
-    stacked: bool = hp(False, "train the copies as one stacked model (faster at small batch on a GPU)")
+    stacked: bool = hp(False, "train the copies as one stacked model (faster at small batch on a GPU)",
+                       hashed_at_default=False)
 
     def _validate(self, p):
         require(self.num_points >= 2, p + "num_points", f"must be >= 2, got {self.num_points}",

@@ -132,7 +132,9 @@ def prepare(model: nn.Module, hp: TrainingHparams, device: torch.device) -> nn.M
     model.to(device)
     if hp.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if hp.compile else model
+    if not hp.compile:
+        return model
+    return torch.compile(model, mode=None if hp.compile_mode == "default" else hp.compile_mode)
 
 
 def masker(mask: Optional[Mask], model: nn.Module) -> Callable[[], None]:

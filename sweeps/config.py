@@ -120,6 +120,15 @@ class Trial:
                            self.rounds, self.variant], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def estimated_s(self) -> float:
+        """A rough time for this chain from scratch on its own resources (`prunelab.cost`): what
+        orders a sweep's chains, longest first."""
+        from prunelab.cost import chain_cost
+
+        total = chain_cost(self.chain, self.evaluation, self.rounds)["total"]
+        r = self.resources
+        return total.seconds("gpu" if r.gpus_per_trial > 0 else "cpu", threads=r.cpus_per_trial)
+
     def label(self) -> str:
         short = {v: k for k, v in AXIS_ALIASES.items() if k != "seeds"}  # seed=0, not seeds=0
         def name(k: str) -> str:

@@ -159,14 +159,47 @@ def _each(res) -> str:
     return f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU"
 
 
+def estimates(trials: list[Trial]) -> dict[str, Optional[float]]:
+    """Each trial's rough time (`Trial.estimated_s`) by key; None where it cannot be estimated (an
+    estimate orders the sweep, it never stops it)."""
+    out = {}
+    for t in trials:
+        try:
+            out[t.key] = t.estimated_s()
+        except Exception as e:  # noqa: BLE001
+            out[t.key] = None
+            print(f"warning: no time estimate for {t.label()} ({first_line(e)}); it starts after the others")
+    return out
+
+
+def longest_first(trials: list[Trial], est: Optional[dict] = None) -> list[Trial]:
+    """The trials in the order they start: the longest estimated chain first (ties keep the grid's
+    order; trials without an estimate go last), so that no long chain starts last and leaves the
+    rest of the cluster idle at the end."""
+    est = estimates(trials) if est is None else est
+    return sorted(trials, key=lambda t: -(est.get(t.key) or 0.0))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def print_trials(trials: list[Trial], res, skipped: set) -> None:
     kinds = _resource_kinds(trials) or [res]
     each = f"each {_each(kinds[0])}" if len(kinds) == 1 else "resources per trial below"
-    print(f"{len(trials)} trials ({len(skipped)} already complete), {each}:")
-    for t in trials:
+    print(f"{len(trials)} trials ({len(skipped)} already complete), {each}; longest first "
+          "(~ a rough time per chain, from its config):")
+    est = estimates(trials)
+    for t in longest_first(trials, est):
         mark = "done " if t.key in skipped else "run  "
         own = f"  [{_each(t.resources)}]" if len(kinds) > 1 else ""
-        print(f"  {mark}{t.key}  {t.label():60s} rounds->{t.chain.pruning.rounds} eval@{t.rounds}{own}")
+        time_s = f"~{_duration(est[t.key])}" if est[t.key] is not None else "~?"
+        print(f"  {mark}{t.key}  {t.label():60s} rounds->{t.chain.pruning.rounds} eval@{t.rounds}"
+              f"  {time_s}{own}")
 
 
 def _dirname(trial) -> str:
@@ -357,7 +390,7 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
     extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
              "fault": fault}
     reopen = latest_trial_runs(tracking_uri, exp_id)
-    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in todo]
+    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in longest_first(todo)]
     trainable = tune.with_resources(chain_trial, trial_resources)
     ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
     name = RUN_NAME_FORMAT.format(figure=figure, preset=args.preset)
@@ -365,7 +398,10 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
     run_config = tune.RunConfig(
         name=name, storage_path=ray_dir,
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+        # every checkpoint is kept (each is a few bytes: the round and the MLflow run id; the chain
+        # itself is in the store): deleting old ones would make Tune snapshot the whole experiment
+        # state after every round of every trial
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     if args.resume and tune.Tuner.can_restore(path):
         print(f"resuming {path}")
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True,

@@ -4,7 +4,7 @@ import torch
 from prunelab.chain import Chain, ChainState, CorruptStateError
 from prunelab.errors import ConfigError
 from prunelab.hparams import ChainHparams
-from prunelab.masks import Mask, masked_state
+from prunelab.masks import masked_state
 
 
 def test_rounds_reach_paper_sparsities(digits, tiny_chain_hp):

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from prunelab.errors import ConfigError
@@ -68,3 +70,53 @@ def test_dense_chain_is_evaluated_at_round_zero_only():
 
     dense = ChainHparams.from_dict({"pruning": {"rounds": 0}})
     assert EvalHparams(sparsities=(0.6, 0.87)).resolve_rounds(dense) == [0]
+
+
+def test_switches_added_later_keep_stored_hashes():
+    """compile_mode and the stacked switches are left out of hashes while off: these are the hashes
+    of the same configs from before those fields existed."""
+    from prunelab.evaluation import EvalHparams, result_key
+
+    assert ChainHparams().hash() == "2ab6df90f501b7d2"
+    assert result_key(EvalHparams()) == "6df619d024f714cc"
+    assert result_key(EvalHparams(landscape=True, hessian=True)) == "4eb88c8219c04278"
+    on = ChainHparams.from_dict({"training": {"compile": True, "compile_mode": "reduce-overhead"}})
+    assert on.hash() != ChainHparams.from_dict({"training": {"compile": True}}).hash()
+    assert "compile_mode" in ChainHparams().to_dict()["training"]  # still in the config itself
+
+
+def test_start_chain_configs_hash_alike_with_or_without_default_switches():
+    start = ChainHparams().to_dict()
+    bare = json.loads(json.dumps(start))
+    for phase in ("training", "pruning_training"):
+        del bare[phase]["compile_mode"]
+    a = ChainHparams.from_dict({"start_from": start, "start_round": 2, "pruning": {"rounds": 4}})
+    b = ChainHparams.from_dict({"start_from": bare, "start_round": 2, "pruning": {"rounds": 4}})
+    assert a.hash() == b.hash()
+    fast = json.loads(json.dumps(start))
+    fast["training"].update(compile=True, compile_mode="max-autotune")
+    c = ChainHparams.from_dict({"start_from": fast, "start_round": 2, "pruning": {"rounds": 4}})
+    assert c.hash() != a.hash()
+
+
+def test_compile_mode_needs_compile():
+    with pytest.raises(ConfigError) as e:
+        ChainHparams.from_dict({"pruning_training": {"compile_mode": "reduce-overhead"}})
+    assert e.value.field == "pruning_training.compile_mode" and "compile: true" in e.value.fix
+    with pytest.raises(ConfigError) as e:
+        ChainHparams.from_dict({"training": {"compile": True, "compile_mode": "fast"}})
+    assert e.value.field == "training.compile_mode"
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    import torch
+
+    from prunelab.train import prepare
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    model = torch.nn.Linear(2, 2)
+    assert prepare(model, TrainingHparams(), torch.device("cpu")) is model and seen == []
+    prepare(model, TrainingHparams(compile=True), torch.device("cpu"))
+    prepare(model, TrainingHparams(compile=True, compile_mode="reduce-overhead"), torch.device("cpu"))
+    assert seen == [None, "reduce-overhead"]

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from prunelab.errors import ConfigError
 from prunelab.hparams import ModelHparams

@@ -38,9 +38,15 @@ def test_dry_run_starts_nothing(tmp_path, capsys, no_ray):
     storage = tmp_path / "storage"
     rc, out, err = drive(capsys, config, storage, "--dry-run")
     assert rc == 0, err
-    assert out.startswith("4 trials (0 already complete), resources per trial below:")
+    assert out.startswith("4 trials (0 already complete), resources per trial below; longest first")
     lines = [ln for ln in out.splitlines() if ln.startswith("  run  ")]
     assert len(lines) == 4
+    # listed in the order they would start: the estimates never increase down the list
+    from sweeps.config import expand, load_sweep
+
+    estimate = {t.key: t.estimated_s() for t in expand(load_sweep(FIGURE, "demo", (), config)[0], FIGURE)}
+    listed = [estimate[ln.split()[1]] for ln in lines]
+    assert listed == sorted(listed, reverse=True) and listed[0] > listed[-1]
     assert sorted(ln.rsplit("[", 1)[1] for ln in lines) == ["0.5 CPU + 0 GPU]"] * 2 + ["1 CPU + 0 GPU]"] * 2
     labels = sorted(ln.split()[2] for ln in lines)
     assert labels == ["distilled,seed=0", "distilled,seed=1", "imp,seed=0", "imp,seed=1"]

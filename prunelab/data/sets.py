@@ -214,6 +214,22 @@ def dataset_shape(hp) -> tuple[tuple[int, int, int], int]:
     return (c, s, s), k
 
 
+# (train, test) images of each data set as shipped; shapes is generated at its own sizes
+FULL_SIZES = {"digits": (1438, 359), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
+              "imagenet10": (13_000, 500), "shapes": (10_000, 2_000)}
+
+
+def dataset_sizes(hp) -> tuple[int, int]:
+    """(train, test) example counts of the data set `hp` (DatasetHparams) names, without loading it:
+    the data set's own sizes, or `train_size` / `test_size` where smaller (shapes: where given)."""
+    if hp.name not in FULL_SIZES:
+        raise ConfigError("dataset.name", f"unknown data set {hp.name!r}", "use one of " + ", ".join(sorted(FULL_SIZES)))
+    n_train, n_test = FULL_SIZES[hp.name]
+    if hp.name == "shapes":
+        return hp.train_size or n_train, hp.test_size or n_test
+    return min(n_train, hp.train_size or n_train), min(n_test, hp.test_size or n_test)
+
+
 ROOT_LAYOUTS = {"cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
                 "imagenet10": [f"{s}/{w}" for s in ("train", "val") for w in IMAGENET10_WNIDS]}
 

@@ -1,0 +1,174 @@
+"""What a chain will cost, from its config alone (no data loaded, nothing trained): optimizer steps
+and floating-point operations of every phase, and a rough time on a CPU or a GPU.
+
+A sweep uses it to start its longest chains first, so that the last chain to finish is not a long
+one that happened to start late, and to show the plan. Operations are counted with PyTorch's
+`FlopCounterMode` on a meta-device model (convolutions and matrix products; a backward pass is
+counted as twice the forward). Time is `steps × step overhead + flops / throughput`: small-batch
+training (a distilled set of 10–500 images) is bound by the per-step overhead, real-data training
+by the arithmetic. The two constants per device are rough (measured once on a 2-core CPU, read off
+an H100's throughput for the GPU): the estimate orders chains, it does not promise a wall time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .data import dataset_shape, dataset_sizes
+from .hparams import ChainHparams, ModelHparams, TrainingHparams
+from .train import total_steps
+
+# (seconds per optimizer step, sustained FLOP/s): one CPU thread (scaled by the threads a chain
+# gets) and one GPU in bf16. CPU: ResNet-10 (width 16) on digits ran 14.6 ms/step at batch 64 and
+# ConvNet-3 3.2 ms/step, both on one thread, which these two constants reproduce within 10%.
+DEVICE_SPEED = {"cpu": (3e-3, 3e10), "gpu": (3e-3, 5e13)}
+
+
+@dataclass
+class Cost:
+    """Optimizer steps (and other small-batch passes) and floating-point operations."""
+
+    steps: float = 0.0
+    flops: float = 0.0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.steps + other.steps, self.flops + other.flops)
+
+    def __mul__(self, k: float) -> "Cost":
+        return Cost(self.steps * k, self.flops * k)
+
+    __rmul__ = __mul__
+
+    def seconds(self, device: str = "cpu", threads: float = 1.0) -> float:
+        """A rough time on `device` ("cpu" with `threads` threads, or "gpu")."""
+        step_s, rate = DEVICE_SPEED["gpu" if device == "gpu" else "cpu"]
+        if device != "gpu":
+            rate *= max(1.0, threads)
+        return self.steps * step_s + self.flops / rate
+
+
+@lru_cache(maxsize=64)
+def _forward_flops(name: str, width, depth, shape: tuple, num_classes: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(ModelHparams(name=name, width=width, depth=depth), shape, num_classes, seed=0)
+        x = torch.empty((2,) + tuple(shape))
+    with FlopCounterMode(display=False) as counter:
+        model.eval()(x)
+    return counter.get_total_flops() / 2
+
+
+def forward_flops(model: ModelHparams, dataset) -> float:
+    """Floating-point operations of one forward pass of one image (`dataset`: DatasetHparams)."""
+    shape, k = dataset_shape(dataset)
+    return _forward_flops(model.name, model.width, model.depth, shape, k)
+
+
+def training_cost(hp: TrainingHparams, n: int, flops: float, start_step: int = 0) -> Cost:
+    """`hp`'s training over a set of `n` images with a model of `flops` per forward pass."""
+    steps = max(0, total_steps(hp, n) - start_step)
+    return Cost(steps, steps * min(hp.batch_size, n) * 3 * flops)
+
+
+def forward_cost(n: int, flops: float, batch_size: int) -> Cost:
+    """Evaluating `n` images in batches of `batch_size`."""
+    return Cost(math.ceil(n / batch_size), n * flops)
+
+
+def pruning_set_size(hp: ChainHparams) -> int:
+    """Images a chain trains on to find its mask (a synthetic set as its decoded images)."""
+    pd = hp.pruning_data
+    n_train, _ = dataset_sizes(hp.dataset)
+    if pd.kind == "real":
+        return n_train
+    _, k = dataset_shape(hp.dataset)
+    factor = 1
+    if pd.kind == "idc_file" or (pd.kind == "distilled" and pd.method == "idc"):
+        from .synthetic.idc import default_factor
+
+        factor = pd.factor or default_factor(hp.dataset.name)
+    return (pd.ipc or 10) * k * factor * factor  # an IDC file's ipc may be left to the file: 10 assumed
+
+
+def synthetic_cost(hp: ChainHparams) -> Cost:
+    """Building the chain's synthetic set with prunelab's own distiller (0 when it reads a file or
+    trains on real data; a set several chains share is counted for each)."""
+    from .synthetic.distill import DEFAULT_BUDGETS, distill_dm, distill_idc
+
+    pd = hp.pruning_data
+    source = pd.method if pd.kind == "distilled" else pd.kind
+    if source not in ("dm", "idc", "herding"):
+        return Cost()
+    _, k = dataset_shape(hp.dataset)
+    n_train, _ = dataset_sizes(hp.dataset)
+    if source == "herding":
+        return forward_cost(n_train, forward_flops(ModelHparams(name="convnet3"), hp.dataset), 1024)
+    kw = (distill_dm if source == "dm" else distill_idc).__kwdefaults__
+    f = forward_flops(ModelHparams(name="convnet3", width=kw["net_width"]), hp.dataset)
+    budget = pd.budget or DEFAULT_BUDGETS[source]
+    if source == "dm":
+        # per class: embeddings of a real batch and of the class's synthetic images, backward to the images
+        return Cost(budget * k, budget * k * (kw["batch_real"] + 2 * pd.ipc) * 3 * f)
+    syn = pruning_set_size(hp) // k  # decoded synthetic images per class
+    match = Cost(kw["inner_loop"] * k, kw["inner_loop"] * k * (kw["batch_real"] + syn) * 6 * f)  # grad of grads
+    net = Cost((kw["inner_loop"] - 1) * kw["net_steps"], (kw["inner_loop"] - 1) * kw["net_steps"] * kw["batch_real"] * 3 * f)
+    return budget * (match + net)
+
+
+def evaluation_cost(hp: ChainHparams, ev) -> Cost:
+    """One evaluation round of `ev` (EvalHparams): the subnetworks trained on real data and what is
+    measured on them."""
+    from .chain import rewind_start_step
+
+    n_train, n_test = dataset_sizes(hp.dataset)
+    f = forward_flops(hp.model, hp.dataset)
+    one = training_cost(hp.training, n_train, f, rewind_start_step(hp, n_train, hp.training.batch_size))
+    one = one + forward_cost(n_test, f, hp.training.eval_batch_size)
+    cost = Cost()
+    if ev.lmc:
+        lh = ev.lmc_hparams
+        per_split = {"train": n_train, "test": n_test}
+        n_eval = sum(min(per_split[s], lh.eval_examples or per_split[s]) for s in lh.splits)
+        cost = cost + len(lh.seeds) * one + lh.num_points * forward_cost(n_eval, f, lh.eval_batch_size)
+    if ev.landscape:
+        lh = ev.landscape_hparams
+        n_eval = min(n_train, lh.eval_examples or n_train)
+        cost = cost + len(lh.seeds) * one + lh.grid ** 2 * forward_cost(n_eval, f, lh.eval_batch_size)
+    if ev.hessian or not ev.lmc:
+        cost = cost + one
+    if ev.hessian:
+        hh = ev.hessian_hparams
+        # Hessian-vector products over one batch (≈ 4 forward passes each): the diagonal's plus the
+        # power iterations'; an exact diagonal needs one per weight, `chunk` at a time
+        hvps = hh.samples + hh.power_iters
+        cost = cost + Cost(hvps, hvps * hh.batch_size * 4 * f)
+    return cost
+
+
+def chain_cost(hp: ChainHparams, ev, rounds) -> dict[str, Cost]:
+    """Every phase of a chain run from scratch to `hp.pruning.rounds`, evaluated at `rounds` with
+    `ev` (EvalHparams): {"synthetic", "pruning", "evaluation", "total"}."""
+    from .chain import rewind_start_step
+
+    n_train, _ = dataset_sizes(hp.dataset)
+    n_prune = pruning_set_size(hp)
+    f = forward_flops(hp.model, hp.dataset)
+    tr = hp.pruning_training
+    # only real-data pruning training continues from the rewind point (as Chain.step)
+    start = rewind_start_step(hp, n_train, tr.batch_size) if hp.pruning_data.kind == "real" else 0
+    per_round = training_cost(tr, n_prune, f, start) + forward_cost(n_prune, f, tr.eval_batch_size)
+    first = hp.start_round if hp.start_from is not None else 0
+    pruning = max(0, hp.pruning.rounds - first) * per_round
+    if hp.pruning.rewind_epoch:
+        pruning = pruning + training_cost(hp.training.replace(epochs=hp.pruning.rewind_epoch, steps=None), n_train, f)
+    out = {"synthetic": synthetic_cost(hp), "pruning": pruning,
+           "evaluation": len(list(rounds)) * evaluation_cost(hp, ev)}
+    out["total"] = out["synthetic"] + out["pruning"] + out["evaluation"]
+    return out

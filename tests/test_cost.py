@@ -1,0 +1,148 @@
+"""prunelab.cost: a chain's steps and operations counted from its config, and the sweep order they give."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from prunelab.cost import Cost, chain_cost, evaluation_cost, forward_flops, pruning_set_size, training_cost
+from prunelab.data import dataset_sizes, load_dataset
+from prunelab.evaluation import EvalHparams
+from prunelab.hparams import ChainHparams, DatasetHparams, ModelHparams, TrainingHparams
+
+
+def chain(**over) -> ChainHparams:
+    d = {"dataset": {"name": "digits"}, "model": {"name": "convnet3", "width": 16}, "pruning": {"rounds": 4},
+         "pruning_training": {"epochs": 3}, "training": {"epochs": 2}}
+    for k, v in over.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    return ChainHparams.from_dict(d)
+
+
+DM10 = {"kind": "distilled", "method": "dm", "ipc": 10}
+
+
+@pytest.mark.parametrize("name", ["digits", "shapes"])
+def test_dataset_sizes_are_the_loaded_sizes(name):
+    for hp in (DatasetHparams(name=name), DatasetHparams(name=name, train_size=500, test_size=100)):
+        data = load_dataset(hp)
+        assert dataset_sizes(hp) == (len(data.train), len(data.test))
+
+
+def test_forward_flops_follow_the_architecture():
+    digits, cifar = DatasetHparams(name="digits"), DatasetHparams(name="cifar10")
+    narrow = forward_flops(ModelHparams(name="convnet3", width=16), cifar)
+    wide = forward_flops(ModelHparams(name="convnet3", width=32), cifar)
+    assert 3 < wide / narrow < 4  # convolutions between width-w maps: ~w^2 (the first one and the classifier ~w)
+    assert forward_flops(ModelHparams(name="convnet3", width=16), digits) < narrow / 10  # 8 px vs 32 px
+    r10 = forward_flops(ModelHparams(name="resnet10_bn"), cifar)
+    r18 = forward_flops(ModelHparams(name="resnet18_bn"), cifar)
+    assert r18 > 1.8 * r10 > 0
+
+
+def test_training_cost_counts_steps_and_examples():
+    hp = TrainingHparams(batch_size=64, epochs=3)
+    c = training_cost(hp, 100, flops=10.0)
+    assert c.steps == 3 * math.ceil(100 / 64)
+    assert c.flops == c.steps * 64 * 3 * 10.0  # the partial last batch counts as a full one
+    assert training_cost(hp, 10, flops=10.0).flops == 3 * 10 * 3 * 10.0  # a batch larger than the set
+    assert training_cost(hp, 100, 10.0, start_step=2).steps == c.steps - 2
+    assert training_cost(TrainingHparams(steps=7, batch_size=8), 1000, 1.0).steps == 7
+
+
+def test_pruning_set_sizes():
+    assert pruning_set_size(chain()) == dataset_sizes(DatasetHparams(name="digits"))[0]
+    assert pruning_set_size(chain(pruning_data=DM10)) == 100
+    idc = chain(dataset={"name": "cifar10"}, pruning_data={"kind": "distilled", "method": "idc", "ipc": 10})
+    assert pruning_set_size(idc) == 10 * 10 * 4  # CIFAR's multi-formation factor 2: 2 x 2 images each
+    assert pruning_set_size(chain(dataset={"name": "cifar10"}, pruning_data={
+        "kind": "distilled", "method": "idc", "ipc": 10, "factor": 3})) == 10 * 10 * 9
+
+
+def test_chain_cost_phases():
+    ev = EvalHparams(lmc=True)
+    real = chain_cost(chain(), ev, [2, 4])
+    assert real["synthetic"] == Cost()
+    assert real["total"].flops == pytest.approx(sum(real[k].flops for k in ("synthetic", "pruning", "evaluation")))
+    # twice the rounds, twice the pruning; twice the evaluation rounds, twice the evaluation
+    assert chain_cost(chain(pruning={"rounds": 8}), ev, [2, 4])["pruning"].flops == pytest.approx(
+        2 * real["pruning"].flops)
+    assert chain_cost(chain(), ev, [2])["evaluation"].flops == pytest.approx(real["evaluation"].flops / 2)
+
+    dm = chain_cost(chain(pruning_data=DM10), ev, [2, 4])
+    assert dm["synthetic"].flops > 0 and dm["evaluation"] == real["evaluation"]
+    assert dm["pruning"].steps == 4 * 3 * 2 + 4 * 1  # 100 images at batch 64: 2 steps an epoch (+ a fit pass)
+    # a set of ipc 1 is cheaper to train on than ipc 10; a file costs nothing to build
+    assert chain_cost(chain(pruning_data={**DM10, "ipc": 1}), ev, [2])["pruning"].flops < dm["pruning"].flops
+    assert chain_cost(chain(pruning_data={"kind": "random_subset", "ipc": 10}), ev, [2])["synthetic"] == Cost()
+
+
+def test_evaluation_cost_follows_what_is_measured():
+    hp = chain()
+    lmc = evaluation_cost(hp, EvalHparams(lmc=True))
+    one = evaluation_cost(hp, EvalHparams(lmc=False))
+    assert lmc.flops > 2 * one.flops and lmc.steps > 2 * one.steps  # two copies, plus the curve's forward passes
+    from prunelab.stability import LMCHparams
+
+    fewer = evaluation_cost(hp, EvalHparams(lmc=True, lmc_hparams=LMCHparams(num_points=3)))
+    assert 2 * one.flops < fewer.flops < lmc.flops
+    land = evaluation_cost(hp, EvalHparams(lmc=False, landscape=True))
+    assert land.flops > 4 * one.flops  # four copies and a 100 x 100 grid
+    hess = evaluation_cost(hp, EvalHparams(lmc=False, hessian=True))
+    assert hess.flops > one.flops
+    # rewinding to epoch 1 of 2 halves each copy's training
+    rewound = evaluation_cost(chain(pruning={"rewind_epoch": 1}), EvalHparams(lmc=False))
+    assert rewound.steps < one.steps
+
+
+def test_rewinding_and_starting_late_change_the_pruning_cost():
+    base = chain_cost(chain(), EvalHparams(), [4])["pruning"]
+    rewound = chain_cost(chain(pruning={"rewind_epoch": 1}), EvalHparams(), [4])["pruning"]
+    # each round continues from epoch 1 (one epoch less), the rewind point costs one epoch once
+    n = dataset_sizes(DatasetHparams(name="digits"))[0]
+    spe = math.ceil(n / 64)
+    assert rewound.steps == base.steps - 4 * spe + spe
+    late = chain(start_from=chain().to_dict(), start_round=2)
+    assert chain_cost(late, EvalHparams(), [4])["pruning"].steps == pytest.approx(base.steps / 2)
+
+
+def test_seconds_model():
+    c = Cost(steps=1000, flops=3e12)
+    assert c.seconds("cpu", threads=2) < c.seconds("cpu")
+    assert c.seconds("gpu") < c.seconds("cpu")
+    assert Cost().seconds("gpu") == 0
+
+
+def test_sweep_order_longest_first():
+    from sweeps.config import expand, load_sweep
+    from sweeps.driver import longest_first
+
+    trials = expand(load_sweep("fig6", "demo")[0], "fig6")
+    ordered = longest_first(trials)
+    est = [t.estimated_s() for t in ordered]
+    assert est == sorted(est, reverse=True)
+    labels = [t.label() for t in ordered]
+    # the demo's measured order on a CPU (a ResNet-10 chain on ipc 10 first, the ConvNet-3 IMP chain last)
+    assert labels[0] == "distilled,model=resnet10_bn,seed=0,ipc=10"
+    assert labels[-1] == "imp,model=convnet3,seed=0"
+    assert all("resnet10_bn" in lab for lab in labels[:3])
+
+
+def test_a_trial_without_estimate_keeps_its_place(monkeypatch, capsys):
+    from sweeps.config import Trial, expand, load_sweep
+    from sweeps.driver import longest_first
+
+    trials = expand(load_sweep("fig6", "demo")[0], "fig6")
+    real = Trial.estimated_s
+
+    def flaky(self):
+        if self.label() == "imp,model=resnet10_bn,seed=0":
+            raise ValueError("no such model size")
+        return real(self)
+
+    monkeypatch.setattr(Trial, "estimated_s", flaky)
+    ordered = [t.label() for t in longest_first(trials)]
+    assert "no time estimate for imp,model=resnet10_bn,seed=0 (no such model size)" in capsys.readouterr().out
+    assert ordered[-1] == "imp,model=resnet10_bn,seed=0"  # counted as 0: last, after every estimated chain
+    assert ordered[0] == "distilled,model=resnet10_bn,seed=0,ipc=10"
