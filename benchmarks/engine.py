@@ -154,10 +154,12 @@ def main(argv=None) -> dict:
     res = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
            "model": a.model, "data": a.data, "train_images": len(data.train), "epochs": a.epochs,
            "baseline": base, "engine": eng, "speedup": eng["images_per_s"] / base["images_per_s"],
-           "engine_switches": {"batch_size": a.batch_size, **engine_switches(a)},
+           "engine_switches": {"batch_size": a.batch_size, "precision": a.precision,
+                               "channels_last": a.channels_last},  # the compiled run adds compile_mode
            "lmc_eval_s": lmc_s, "lmc_eval_s_per_alpha": lmc_s / 11}
     if comp:
-        res.update(compiled=comp, compile_speedup=comp["images_per_s"] / eng["images_per_s"])
+        res.update(compiled={**comp, "compile_mode": a.compile_mode},
+                   compile_speedup=comp["images_per_s"] / eng["images_per_s"])
     print(f"{res['device']}: {a.model} on {a.data} ({len(data.train)} images), {a.epochs} epochs")
     print(f"  baseline (DataLoader, {a.workers} workers, fp32, batch 128): {base['images_per_s']:9.0f} images/s, "
           f"test accuracy {base['test_accuracy']:.3f}")

@@ -6,8 +6,8 @@ one that happened to start late, and to show the plan. Operations are counted wi
 `FlopCounterMode` on a meta-device model (convolutions and matrix products; a backward pass is
 counted as twice the forward). Time is `steps × step overhead + flops / throughput`: small-batch
 training (a distilled set of 10–500 images) is bound by the per-step overhead, real-data training
-by the arithmetic. The two constants per device are rough (measured once on a 2-core CPU, read off
-an H100's throughput for the GPU): the estimate orders chains, it does not promise a wall time.
+by the arithmetic. The two constants per device are rough (measured once on a 2-core CPU, taken
+from an H100's throughput for the GPU): the estimate orders chains, it does not promise a wall time.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import torch
 
 from .data import dataset_shape, dataset_sizes
 from .hparams import ChainHparams, ModelHparams, TrainingHparams
+from .masks import density_after
 from .train import total_steps
 
 # (seconds per optimizer step, sustained FLOP/s): one CPU thread (scaled by the threads a chain
-# gets) and one GPU in bf16. CPU: ResNet-10 (width 16) on digits ran 14.6 ms/step at batch 64 and
-# ConvNet-3 3.2 ms/step, both on one thread, which these two constants reproduce within 10%.
+# gets) and one GPU in bf16. CPU: the demo's pruning rounds on digits (ResNet-10 width 16: 14.6 ms a
+# step at batch 64; ConvNet-3: 3.2 ms) on one thread, which these constants give within 15%. GPU: an
+# H100's bf16 training throughput, ConvNet-3 at 65k images/s (2e13 FLOP/s) and ResNet-18 at 40k
+# (1.3e14), and ~4 ms a step for ConvNet-3 at batch 64 (15.9k images/s); not measured by prunelab.
 DEVICE_SPEED = {"cpu": (3e-3, 3e10), "gpu": (3e-3, 5e13)}
 
 
@@ -52,9 +55,12 @@ class Cost:
 
 
 @lru_cache(maxsize=64)
-def _forward_flops(name: str, width, depth, shape: tuple, num_classes: int) -> float:
+def _model_facts(name: str, width, depth, shape: tuple, num_classes: int) -> tuple[float, int, int, bool]:
+    """(forward FLOPs per image, prunable weights, of which in the classifier, has batch norm)."""
+    from torch import nn
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .masks import prunable_names
     from .models import build_model
 
     with torch.device("meta"):
@@ -62,13 +68,28 @@ def _forward_flops(name: str, width, depth, shape: tuple, num_classes: int) -> f
         x = torch.empty((2,) + tuple(shape))
     with FlopCounterMode(display=False) as counter:
         model.eval()(x)
-    return counter.get_total_flops() / 2
+    params = dict(model.named_parameters())
+    weights = sum(params[n].numel() for n in prunable_names(model, True))
+    kept = sum(params[n].numel() for n in prunable_names(model, False))
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return counter.get_total_flops() / 2, weights, weights - kept, has_bn
+
+
+def _facts(model: ModelHparams, dataset) -> tuple[float, int, int, bool]:
+    shape, k = dataset_shape(dataset)
+    return _model_facts(model.name, model.width, model.depth, shape, k)
 
 
 def forward_flops(model: ModelHparams, dataset) -> float:
     """Floating-point operations of one forward pass of one image (`dataset`: DatasetHparams)."""
-    shape, k = dataset_shape(dataset)
-    return _forward_flops(model.name, model.width, model.depth, shape, k)
+    return _facts(model, dataset)[0]
+
+
+def unpruned_weights(hp: ChainHparams, rounds: int) -> int:
+    """Prunable weights left after `rounds` rounds of `hp`'s pruning."""
+    _, weights, classifier, _ = _facts(hp.model, hp.dataset)
+    total = weights if hp.pruning.prune_classifier else weights - classifier
+    return round(total * density_after(rounds, hp.pruning.fraction))
 
 
 def training_cost(hp: TrainingHparams, n: int, flops: float, start_step: int = 0) -> Cost:
@@ -122,33 +143,42 @@ def synthetic_cost(hp: ChainHparams) -> Cost:
     return budget * (match + net)
 
 
-def evaluation_cost(hp: ChainHparams, ev) -> Cost:
-    """One evaluation round of `ev` (EvalHparams): the subnetworks trained on real data and what is
-    measured on them."""
+def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
+    """Evaluating round `at_round` as `ev` (EvalHparams) asks: the subnetworks trained on real data and
+    what is measured on them."""
     from .chain import rewind_start_step
+    from .stability import lmc_alphas
 
     n_train, n_test = dataset_sizes(hp.dataset)
-    f = forward_flops(hp.model, hp.dataset)
+    f, _, _, has_bn = _facts(hp.model, hp.dataset)
     one = training_cost(hp.training, n_train, f, rewind_start_step(hp, n_train, hp.training.batch_size))
     one = one + forward_cost(n_test, f, hp.training.eval_batch_size)
+
+    def point(n_eval: int, lh) -> Cost:  # one point of a curve or grid: its evaluation, BN statistics
+        bn = forward_cost(lh.bn_batches * lh.bn_batch_size, f, lh.bn_batch_size)
+        return forward_cost(n_eval, f, lh.eval_batch_size) + (bn if has_bn and lh.bn_mode == "recompute" else Cost())
+
     cost = Cost()
     if ev.lmc:
         lh = ev.lmc_hparams
         per_split = {"train": n_train, "test": n_test}
         n_eval = sum(min(per_split[s], lh.eval_examples or per_split[s]) for s in lh.splits)
-        cost = cost + len(lh.seeds) * one + lh.num_points * forward_cost(n_eval, f, lh.eval_batch_size)
+        cost = cost + len(lh.seeds) * one + len(lmc_alphas(lh.num_points)) * point(n_eval, lh)
     if ev.landscape:
         lh = ev.landscape_hparams
         n_eval = min(n_train, lh.eval_examples or n_train)
-        cost = cost + len(lh.seeds) * one + lh.grid ** 2 * forward_cost(n_eval, f, lh.eval_batch_size)
+        cost = cost + len(lh.seeds) * one + lh.grid ** 2 * point(n_eval, lh)
     if ev.hessian or not ev.lmc:
         cost = cost + one
     if ev.hessian:
         hh = ev.hessian_hparams
-        # Hessian-vector products over one batch (≈ 4 forward passes each): the diagonal's plus the
-        # power iterations'; an exact diagonal needs one per weight, `chunk` at a time
-        hvps = hh.samples + hh.power_iters
-        cost = cost + Cost(hvps, hvps * hh.batch_size * 4 * f)
+        # Hessian-vector products on one batch, each about 4 forward passes: an exact diagonal takes
+        # one per unpruned weight (`chunk` at a time), Hutchinson `samples`; then the power iteration
+        n = unpruned_weights(hp, at_round)
+        exact = hh.method == "exact" or (hh.method == "auto" and n <= hh.exact_max_weights)
+        diag = Cost(math.ceil(n / hh.chunk), n * hh.batch_size * 4 * f) if exact else \
+            Cost(math.ceil(hh.samples / hh.chunk), hh.samples * hh.batch_size * 4 * f)
+        cost = cost + diag + Cost(hh.power_iters, hh.power_iters * hh.batch_size * 4 * f)
     return cost
 
 
@@ -168,7 +198,9 @@ def chain_cost(hp: ChainHparams, ev, rounds) -> dict[str, Cost]:
     pruning = max(0, hp.pruning.rounds - first) * per_round
     if hp.pruning.rewind_epoch:
         pruning = pruning + training_cost(hp.training.replace(epochs=hp.pruning.rewind_epoch, steps=None), n_train, f)
-    out = {"synthetic": synthetic_cost(hp), "pruning": pruning,
-           "evaluation": len(list(rounds)) * evaluation_cost(hp, ev)}
+    evaluation = Cost()
+    for r in rounds:
+        evaluation = evaluation + evaluation_cost(hp, ev, r)
+    out = {"synthetic": synthetic_cost(hp), "pruning": pruning, "evaluation": evaluation}
     out["total"] = out["synthetic"] + out["pruning"] + out["evaluation"]
     return out

@@ -21,6 +21,8 @@ def hp(default: Any = dataclasses.MISSING, help: str = "", *, hashed_at_default:
 
     `hashed_at_default=False` leaves the field out of content hashes while it holds its default: a
     switch added after results were stored keeps every stored hash while it is off."""
+    if not hashed_at_default and (dataclasses.is_dataclass(default) or isinstance(default, (list, dict, set))):
+        raise TypeError("hashed_at_default=False is for plain values (a switch), not nested or mutable ones")
     meta = {"help": help, "hashed_at_default": hashed_at_default}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kwargs)

@@ -159,25 +159,45 @@ def _each(res) -> str:
     return f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU"
 
 
+_estimates: dict[tuple, Optional[float]] = {}  # by (trial key, resources): each estimated (and warned of) once
+
+
 def estimates(trials: list[Trial]) -> dict[str, Optional[float]]:
     """Each trial's rough time (`Trial.estimated_s`) by key; None where it cannot be estimated (an
     estimate orders the sweep, it never stops it)."""
-    out = {}
     for t in trials:
+        if (t.key, t.resources) in _estimates:
+            continue
         try:
-            out[t.key] = t.estimated_s()
+            _estimates[t.key, t.resources] = t.estimated_s()
         except Exception as e:  # noqa: BLE001
-            out[t.key] = None
+            _estimates[t.key, t.resources] = None
             print(f"warning: no time estimate for {t.label()} ({first_line(e)}); it starts after the others")
-    return out
+    return {t.key: _estimates[t.key, t.resources] for t in trials}
 
 
 def longest_first(trials: list[Trial], est: Optional[dict] = None) -> list[Trial]:
-    """The trials in the order they start: the longest estimated chain first (ties keep the grid's
-    order; trials without an estimate go last), so that no long chain starts last and leaves the
-    rest of the cluster idle at the end."""
+    """The trials in the order they start: the longest estimated chain first, so that no long chain
+    starts last and leaves the rest of the cluster idle at the end. A chain others start from
+    (`start_from`) goes before the earliest of them: they would otherwise compute it themselves.
+    Ties keep the grid's order; trials without an estimate go last."""
     est = estimates(trials) if est is None else est
-    return sorted(trials, key=lambda t: -(est.get(t.key) or 0.0))
+    rank = {t.key: est.get(t.key) or 0.0 for t in trials}
+    by_chain: dict[str, list[Trial]] = {}
+    for t in trials:
+        by_chain.setdefault(t.chain.hash(), []).append(t)
+    for _ in range(len(trials)):  # a start chain may itself start from another: until nothing moves
+        moved = False
+        for t in trials:
+            if t.chain.start_from is None:
+                continue
+            for start in by_chain.get(t.chain.start_chain().hash(), []):
+                if rank[start.key] < rank[t.key]:
+                    rank[start.key], moved = rank[t.key], True
+        if not moved:
+            break
+    order = {t.key: i for i, t in enumerate(trials)}
+    return sorted(trials, key=lambda t: (-rank[t.key], t.chain.start_from is not None, order[t.key]))
 
 
 def _duration(seconds: float) -> str:
@@ -399,8 +419,8 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
         name=name, storage_path=ray_dir,
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
         # every checkpoint is kept (each is a few bytes: the round and the MLflow run id; the chain
-        # itself is in the store): deleting old ones would make Tune snapshot the whole experiment
-        # state after every round of every trial
+        # itself is in the store): keeping only n would make Tune snapshot the whole experiment
+        # state every n rounds of every trial
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     if args.resume and tune.Tuner.can_restore(path):
         print(f"resuming {path}")

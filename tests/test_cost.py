@@ -129,7 +129,7 @@ def test_sweep_order_longest_first():
     assert all("resnet10_bn" in lab for lab in labels[:3])
 
 
-def test_a_trial_without_estimate_keeps_its_place(monkeypatch, capsys):
+def test_a_trial_without_estimate_goes_last(monkeypatch, capsys):
     from sweeps.config import Trial, expand, load_sweep
     from sweeps.driver import longest_first
 
@@ -142,7 +142,55 @@ def test_a_trial_without_estimate_keeps_its_place(monkeypatch, capsys):
         return real(self)
 
     monkeypatch.setattr(Trial, "estimated_s", flaky)
+    monkeypatch.setattr("sweeps.driver._estimates", {})
     ordered = [t.label() for t in longest_first(trials)]
     assert "no time estimate for imp,model=resnet10_bn,seed=0 (no such model size)" in capsys.readouterr().out
     assert ordered[-1] == "imp,model=resnet10_bn,seed=0"  # counted as 0: last, after every estimated chain
     assert ordered[0] == "distilled,model=resnet10_bn,seed=0,ipc=10"
+
+
+def test_start_chains_go_before_the_chains_that_start_from_them():
+    from sweeps.config import expand, load_sweep
+    from sweeps.driver import estimates, longest_first
+
+    # the IMP chains from the distilled mask train longer than that chain itself
+    longer = [("variants.distilled_then_imp.set.training.epochs", 40)]
+    trials = expand(load_sweep("fig7", "demo", longer)[0], "fig7")
+    est = estimates(trials)
+    order = [t.variant for t in longest_first(trials)]
+    for seed in (0, 1):
+        start = next(t for t in trials if t.variant == "distilled" and t.chain.seed == seed)
+        dependent = next(t for t in trials if t.variant == "distilled_then_imp" and t.chain.seed == seed)
+        assert est[start.key] < est[dependent.key]  # shorter on its own, yet it starts first
+        labels = [t.label() for t in longest_first(trials)]
+        assert labels.index(start.label()) < labels.index(dependent.label())
+    assert order.index("distilled") < order.index("distilled_then_imp")
+
+
+def test_hessian_cost_follows_the_method_and_the_sparsity():
+    from prunelab.cost import unpruned_weights
+    from prunelab.hessian import HessianHparams
+
+    hp = chain()
+    exact = EvalHparams(lmc=False, hessian=True, hessian_hparams=HessianHparams(method="exact"))
+    dense, sparse = evaluation_cost(hp, exact, 0), evaluation_cost(hp, exact, 4)
+    assert unpruned_weights(hp, 4) == round(unpruned_weights(hp, 0) * 0.8 ** 4)
+    assert dense.flops > sparse.flops > evaluation_cost(hp, EvalHparams(lmc=False), 4).flops
+    hutch = EvalHparams(lmc=False, hessian=True, hessian_hparams=HessianHparams(method="hutchinson", samples=10))
+    assert evaluation_cost(hp, hutch, 0).flops < dense.flops
+    # auto: exact up to exact_max_weights unpruned weights, Hutchinson above
+    n0 = unpruned_weights(hp, 0)
+    auto_exact = EvalHparams(lmc=False, hessian=True, hessian_hparams=HessianHparams(exact_max_weights=n0))
+    auto_hutch = EvalHparams(lmc=False, hessian=True, hessian_hparams=HessianHparams(exact_max_weights=n0 - 1))
+    assert evaluation_cost(hp, auto_exact, 0) == dense
+    assert evaluation_cost(hp, auto_hutch, 0) == evaluation_cost(
+        hp, EvalHparams(lmc=False, hessian=True, hessian_hparams=HessianHparams(method="hutchinson")), 0)
+
+
+def test_lmc_cost_counts_the_midpoint_an_even_grid_adds():
+    from prunelab.stability import LMCHparams
+
+    hp = chain()
+    cost = {n: evaluation_cost(hp, EvalHparams(lmc_hparams=LMCHparams(num_points=n))) for n in (3, 4, 5)}
+    step = cost[5].flops - cost[3].flops  # two more points
+    assert cost[4].flops - cost[3].flops == pytest.approx(step)  # 4 points + the midpoint = 5 points
