@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -182,9 +183,11 @@ def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
     return cost
 
 
-def chain_cost(hp: ChainHparams, ev, rounds) -> dict[str, Cost]:
-    """Every phase of a chain run from scratch to `hp.pruning.rounds`, evaluated at `rounds` with
-    `ev` (EvalHparams): {"synthetic", "pruning", "evaluation", "total"}."""
+def chain_cost(hp: ChainHparams, ev, rounds, reached: Optional[int] = None, evaluated=()) -> dict[str, Cost]:
+    """What is left of a chain run to `hp.pruning.rounds` and evaluated at `rounds` with `ev`
+    (EvalHparams): {"synthetic", "pruning", "evaluation", "total"}. From scratch by default; with
+    `reached` (the round of a stored state) and `evaluated` (rounds already evaluated), only the rest
+    (a stored state means the synthetic set and the rewind point exist already)."""
     from .chain import rewind_start_step
 
     n_train, _ = dataset_sizes(hp.dataset)
@@ -195,12 +198,13 @@ def chain_cost(hp: ChainHparams, ev, rounds) -> dict[str, Cost]:
     start = rewind_start_step(hp, n_train, tr.batch_size) if hp.pruning_data.kind == "real" else 0
     per_round = training_cost(tr, n_prune, f, start) + forward_cost(n_prune, f, tr.eval_batch_size)
     first = hp.start_round if hp.start_from is not None else 0
-    pruning = max(0, hp.pruning.rounds - first) * per_round
-    if hp.pruning.rewind_epoch:
+    pruning = max(0, hp.pruning.rounds - max(first, reached or 0)) * per_round
+    if hp.pruning.rewind_epoch and reached is None:
         pruning = pruning + training_cost(hp.training.replace(epochs=hp.pruning.rewind_epoch, steps=None), n_train, f)
     evaluation = Cost()
-    for r in rounds:
+    for r in set(rounds) - set(evaluated):
         evaluation = evaluation + evaluation_cost(hp, ev, r)
-    out = {"synthetic": synthetic_cost(hp), "pruning": pruning, "evaluation": evaluation}
+    synthetic = synthetic_cost(hp) if reached is None else Cost()
+    out = {"synthetic": synthetic, "pruning": pruning, "evaluation": evaluation}
     out["total"] = out["synthetic"] + out["pruning"] + out["evaluation"]
     return out

@@ -8,18 +8,28 @@ evaluations carry a checksum: a damaged file is reported by name and never used 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .chain import ChainState, CorruptStateError
 from .errors import CorruptFileError
 from .files import atomic_write
 from .hparams import ChainHparams
 from .masks import Mask
+
+
+# A process training a chain marks it every HEARTBEAT_S seconds (`ChainStore.computing`); a mark
+# older than STALE_S belongs to a process that is gone.
+HEARTBEAT_S = 30.0
+STALE_S = 120.0
 
 
 class ChainStore:
@@ -117,6 +127,57 @@ class ChainStore:
         done_rounds = len(history.read_text().splitlines()) + self._start_round()
         return (done_rounds >= self.hp.pruning.rounds
                 and all(self.load_eval(eval_hash, r) is not None for r in rounds))
+
+    # ---- who is computing it ---------------------------------------------------------------
+    @staticmethod
+    def _me() -> list[str]:
+        return [socket.gethostname(), str(os.getpid())]
+
+    @contextlib.contextmanager
+    def computing(self, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+        """Mark the chain as being computed by this process, refreshed every `every_s` seconds by a
+        background thread while the block runs, so that a trial that needs this chain's mask waits
+        for it instead of computing the same chain a second time."""
+        path = self.dir / "computing"
+        stop = threading.Event()
+
+        def mark() -> None:
+            with contextlib.suppress(OSError):  # a missed mark only makes another process wait less
+                self.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, " ".join(self._me() + [repr(time.time())]).encode())
+
+        def beat_until_stopped() -> None:
+            while not stop.wait(every_s):
+                mark()
+
+        mark()  # marked before the block starts
+        beat = threading.Thread(target=beat_until_stopped, name=f"prunelab-computing-{self.hash}", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join()
+            with contextlib.suppress(OSError):
+                if path.read_text().split()[:2] == self._me():
+                    path.unlink()
+
+    def computing_elsewhere(self, stale_s: float = STALE_S) -> bool:
+        """True while another process has marked this chain within the last `stale_s` seconds."""
+        try:
+            host, pid, stamp = (self.dir / "computing").read_text().split()
+        except (OSError, ValueError):
+            return False
+        return [host, pid] != self._me() and time.time() - float(stamp) < stale_s
+
+    def progress(self, eval_hash: str, rounds) -> tuple[Optional[int], list[int]]:
+        """Cheaply, without reading states or checking checksums: the round the stored state has
+        reached (None when no state is stored) and which of `rounds` have a stored evaluation."""
+        history = self.dir / "history.jsonl"
+        reached = None
+        if (self.dir / "state.pt").exists():
+            reached = self._start_round() + (len(history.read_text().splitlines()) if history.exists() else 0)
+        return reached, [r for r in rounds if self._eval_path(eval_hash, r).exists()]
 
     def _start_round(self) -> int:
         first = self.dir / "history.jsonl"

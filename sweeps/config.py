@@ -120,12 +120,16 @@ class Trial:
                            self.rounds, self.variant], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def estimated_s(self) -> float:
-        """A rough time for this chain from scratch on its own resources (`prunelab.cost`): what
-        orders a sweep's chains, longest first."""
+    def estimated_s(self, store: Optional[str] = None) -> float:
+        """A rough time for this chain on its own resources (`prunelab.cost`): what orders a sweep's
+        chains, longest first. With the result `store`, only what is left of it."""
         from prunelab.cost import chain_cost
+        from prunelab.store import ChainStore
 
-        total = chain_cost(self.chain, self.evaluation, self.rounds)["total"]
+        reached, evaluated = None, []
+        if store is not None:
+            reached, evaluated = ChainStore(store, self.chain).progress(result_key(self.evaluation), self.rounds)
+        total = chain_cost(self.chain, self.evaluation, self.rounds, reached, evaluated)["total"]
         r = self.resources
         return total.seconds("gpu" if r.gpus_per_trial > 0 else "cpu", threads=r.cpus_per_trial)
 

@@ -159,21 +159,17 @@ def _each(res) -> str:
     return f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU"
 
 
-_estimates: dict[tuple, Optional[float]] = {}  # by (trial key, resources): each estimated (and warned of) once
-
-
-def estimates(trials: list[Trial]) -> dict[str, Optional[float]]:
-    """Each trial's rough time (`Trial.estimated_s`) by key; None where it cannot be estimated (an
-    estimate orders the sweep, it never stops it)."""
+def estimates(trials: list[Trial], store: Optional[Path] = None) -> dict[str, Optional[float]]:
+    """Each trial's rough time (`Trial.estimated_s`; with the result `store`, the time left) by key;
+    None where it cannot be estimated (an estimate orders the sweep, it never stops it)."""
+    out: dict[str, Optional[float]] = {}
     for t in trials:
-        if (t.key, t.resources) in _estimates:
-            continue
         try:
-            _estimates[t.key, t.resources] = t.estimated_s()
+            out[t.key] = t.estimated_s(str(store) if store is not None else None)
         except Exception as e:  # noqa: BLE001
-            _estimates[t.key, t.resources] = None
+            out[t.key] = None
             print(f"warning: no time estimate for {t.label()} ({first_line(e)}); it starts after the others")
-    return {t.key: _estimates[t.key, t.resources] for t in trials}
+    return out
 
 
 def longest_first(trials: list[Trial], est: Optional[dict] = None) -> list[Trial]:
@@ -208,16 +204,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def print_trials(trials: list[Trial], res, skipped: set) -> None:
+def print_trials(trials: list[Trial], res, skipped: set, est: dict) -> None:
     kinds = _resource_kinds(trials) or [res]
     each = f"each {_each(kinds[0])}" if len(kinds) == 1 else "resources per trial below"
     print(f"{len(trials)} trials ({len(skipped)} already complete), {each}; longest first "
-          "(~ a rough time per chain, from its config):")
-    est = estimates(trials)
+          "(~ a rough time left per chain, from its config and what the store holds):")
     for t in longest_first(trials, est):
         mark = "done " if t.key in skipped else "run  "
         own = f"  [{_each(t.resources)}]" if len(kinds) > 1 else ""
-        time_s = f"~{_duration(est[t.key])}" if est[t.key] is not None else "~?"
+        time_s = "" if t.key in skipped else f"~{_duration(est[t.key])}" if est[t.key] is not None else "~?"
         print(f"  {mark}{t.key}  {t.label():60s} rounds->{t.chain.pruning.rounds} eval@{t.rounds}"
               f"  {time_s}{own}")
 
@@ -263,7 +258,8 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                           "directories", "use an absolute path: sqlite:////abs/path/mlflow.db (four slashes)")
 
     if args.dry_run:
-        print_trials(trials, res, _complete_without_writing(trials, tracking_uri, experiment, local))
+        print_trials(trials, res, _complete_without_writing(trials, tracking_uri, experiment, local),
+                     estimates(trials, local / "store"))
         return 0
     import ray
 
@@ -286,8 +282,9 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                           "start the MLflow server (or correct --tracking-uri) and run again; "
                           "`python -m prunelab.doctor --tracking-uri URI` checks it") from None
     skipped = _complete(trials, done_runs, local)
-    print_trials(trials, res, skipped)
-    todo = [t for t in trials if t.key not in skipped]
+    est = estimates(trials, local / "store")  # what is left of each chain: a resumed one counts less
+    print_trials(trials, res, skipped, est)
+    todo = longest_first([t for t in trials if t.key not in skipped], est)
     if todo:  # the cluster can run these chains: checked before the sweep leaves any record
         _init_ray(args, res, started_ray if started_ray is not None else [])
         _check_each_kind(todo, lambda kind: check_cluster(kind, args.address, storage))
@@ -410,7 +407,7 @@ def _run_tune(figure, args, todo, res, storage, local, tracking_uri, exp_id, par
     extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
              "fault": fault}
     reopen = latest_trial_runs(tracking_uri, exp_id)
-    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in longest_first(todo)]
+    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in todo]  # longest first
     trainable = tune.with_resources(chain_trial, trial_resources)
     ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
     name = RUN_NAME_FORMAT.format(figure=figure, preset=args.preset)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -79,17 +80,31 @@ def _report(tune, metrics: dict, run_id: str, round: int) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+WAIT_POLL_S = 10.0  # how often a trial waiting for another trial's start chain looks again
+
+
 def _start_mask(hp: ChainHparams, store_root: str, data, device):
-    """The mask a combined chain starts from, computing its start chain (via the store) if needed."""
+    """The mask a combined chain starts from, computing its start chain (via the store) if needed.
+
+    When another trial is computing that chain right now (its mark in the store is fresh), this
+    waits for the mask instead of training the same chain a second time; if that trial goes away
+    first, this one continues the chain from the store."""
     start_hp = hp.start_chain()
     start_store = ChainStore(store_root, start_hp)
+    mask = start_store.mask_at(hp.start_round)
+    while mask is None and start_store.computing_elsewhere():
+        time.sleep(WAIT_POLL_S)
+        mask = start_store.mask_at(hp.start_round)
+    if mask is not None:
+        return mask
     state = start_store.load_state(on_corrupt=print)
     mask = start_store.mask_at(hp.start_round, fallback=state)
     if mask is None:
-        chain = Chain(start_hp, device, data=data, state=state)
-        while chain.round < hp.start_round:
-            chain.step()
-            start_store.save_state(chain.state)
+        with start_store.computing():
+            chain = Chain(start_hp, device, data=data, state=state)
+            while chain.round < hp.start_round:
+                chain.step()
+                start_store.save_state(chain.state)
         mask = start_store.mask_at(hp.start_round, fallback=chain.state)
     return mask
 
@@ -123,39 +138,40 @@ def chain_trial(config: dict) -> None:
         pass
     history: list = []
     try:
-        data = load_dataset(hp.dataset)
-        state = store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))
-        start = {}
-        if state is None and hp.start_from is not None:
-            start = {"start_mask": _start_mask(hp, spec["store"], data, device), "start_round": hp.start_round}
-        chain = Chain(hp, device, data=data, state=state, **start)
-        history = chain.state.history
-        if state is None:
-            store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it
-        log.sync(history)  # skipped within the back-off if opening the run just failed
+        with store.computing():  # trials that start from this chain wait for its masks
+            data = load_dataset(hp.dataset)
+            state = store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))
+            start = {}
+            if state is None and hp.start_from is not None:
+                start = {"start_mask": _start_mask(hp, spec["store"], data, device), "start_round": hp.start_round}
+            chain = Chain(hp, device, data=data, state=state, **start)
+            history = chain.state.history
+            if state is None:
+                store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it
+            log.sync(history)  # skipped within the back-off if opening the run just failed
 
-        def evaluate_pending(upto: int) -> None:
-            for r in rounds:
-                if r > upto or store.load_eval(rkey, r) is not None:
-                    continue
-                mask = store.mask_at(r, fallback=chain.state)
-                res = evaluate_round(hp, ev, data, chain.state.rewind_point, mask, r, device)
-                store.save_eval(rkey, r, res)
-                log.sync(history)
-                tune.report({"round": chain.round, "evaluated_round": r, **res["metrics"]})
+            def evaluate_pending(upto: int) -> None:
+                for r in rounds:
+                    if r > upto or store.load_eval(rkey, r) is not None:
+                        continue
+                    mask = store.mask_at(r, fallback=chain.state)
+                    res = evaluate_round(hp, ev, data, chain.state.rewind_point, mask, r, device)
+                    store.save_eval(rkey, r, res)
+                    log.sync(history)
+                    tune.report({"round": chain.round, "evaluated_round": r, **res["metrics"]})
 
-        evaluate_pending(chain.round)
-        last = hp.pruning.rounds
-        while chain.round < last:
-            rec = chain.step(callback=_fault_hook(spec, chain.round))
-            store.save_state(chain.state)
-            log.sync(history)
-            _report(tune, {"round": chain.round, **round_metrics(rec)}, log.run_id, chain.round)
             evaluate_pending(chain.round)
-        evaluate_pending(last)
-        log.finish(history, "FINISHED")
-        # unsynced: the tracking server was away at the end; the driver logs the rest from the store
-        _report(tune, {"round": chain.round, "done": 1, "unsynced": int(log.behind)}, log.run_id, chain.round)
+            last = hp.pruning.rounds
+            while chain.round < last:
+                rec = chain.step(callback=_fault_hook(spec, chain.round))
+                store.save_state(chain.state)
+                log.sync(history)
+                _report(tune, {"round": chain.round, **round_metrics(rec)}, log.run_id, chain.round)
+                evaluate_pending(chain.round)
+            evaluate_pending(last)
+            log.finish(history, "FINISHED")
+            # unsynced: the tracking server was away at the end; the driver logs the rest from the store
+            _report(tune, {"round": chain.round, "done": 1, "unsynced": int(log.behind)}, log.run_id, chain.round)
     except DivergenceError as e:
         # retrying a diverged chain would diverge again: record why, end the trial, spare the retries
         log.finish(history, "FAILED", f"diverged: {e}")

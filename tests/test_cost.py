@@ -136,13 +136,12 @@ def test_a_trial_without_estimate_goes_last(monkeypatch, capsys):
     trials = expand(load_sweep("fig6", "demo")[0], "fig6")
     real = Trial.estimated_s
 
-    def flaky(self):
+    def flaky(self, store=None):
         if self.label() == "imp,model=resnet10_bn,seed=0":
             raise ValueError("no such model size")
-        return real(self)
+        return real(self, store)
 
     monkeypatch.setattr(Trial, "estimated_s", flaky)
-    monkeypatch.setattr("sweeps.driver._estimates", {})
     ordered = [t.label() for t in longest_first(trials)]
     assert "no time estimate for imp,model=resnet10_bn,seed=0 (no such model size)" in capsys.readouterr().out
     assert ordered[-1] == "imp,model=resnet10_bn,seed=0"  # counted as 0: last, after every estimated chain
@@ -194,3 +193,35 @@ def test_lmc_cost_counts_the_midpoint_an_even_grid_adds():
     cost = {n: evaluation_cost(hp, EvalHparams(lmc_hparams=LMCHparams(num_points=n))) for n in (3, 4, 5)}
     step = cost[5].flops - cost[3].flops  # two more points
     assert cost[4].flops - cost[3].flops == pytest.approx(step)  # 4 points + the midpoint = 5 points
+
+
+def test_what_is_left_of_a_chain(tmp_path):
+    from prunelab.chain import Chain
+    from prunelab.store import ChainStore
+    from sweeps.config import Trial
+
+    ev = EvalHparams(lmc=False)
+    hp = chain(pruning={"rounds": 4}, pruning_data=DM10, model={"width": 8}, pruning_training={"epochs": 1},
+               training={"epochs": 1})
+    full = chain_cost(hp, ev, [2, 4])
+    left = chain_cost(hp, ev, [2, 4], reached=2, evaluated=[2])
+    assert left["synthetic"] == Cost()  # a stored state: the set was built
+    assert left["pruning"].flops == pytest.approx(full["pruning"].flops / 2)
+    assert left["evaluation"].flops == pytest.approx(full["evaluation"].flops / 2)
+
+    # the store's progress, read without loading anything
+    store = ChainStore(tmp_path / "store", hp)
+    assert store.progress("k", [2, 4]) == (None, [])
+    trial = Trial("distilled", hp, [2, 4], ev, {})
+    before = trial.estimated_s(str(tmp_path / "store"))
+    assert before == pytest.approx(trial.estimated_s())
+    c = Chain(hp, "cpu")
+    c.step()
+    c.step()
+    store.save_state(c.state)
+    store.save_eval("k", 2, {"metrics": {}})
+    assert store.progress("k", [2, 4]) == (2, [2])
+    from prunelab.evaluation import result_key
+
+    store.save_eval(result_key(ev), 2, {"metrics": {}})
+    assert trial.estimated_s(str(tmp_path / "store")) < before
