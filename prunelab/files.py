@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import threading
 from pathlib import Path
 
 from .errors import CorruptFileError
@@ -14,7 +16,8 @@ def atomic_write(path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # unique per host, process and thread: writers of one shared store never share a temporary file
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -158,25 +158,40 @@ class ChainStore:
         finally:
             stop.set()
             beat.join()
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):  # never hides the block's own error
                 if path.read_text().split()[:2] == self._me():
                     path.unlink()
 
     def computing_elsewhere(self, stale_s: float = STALE_S) -> bool:
-        """True while another process has marked this chain within the last `stale_s` seconds."""
+        """True while another live process has marked this chain within the last `stale_s` seconds
+        (a mark from a process of this host that has exited, or an unreadable one, does not count)."""
         try:
             host, pid, stamp = (self.dir / "computing").read_text().split()
+            age = time.time() - float(stamp)
+            pid_n = int(pid)
         except (OSError, ValueError):
             return False
-        return [host, pid] != self._me() and time.time() - float(stamp) < stale_s
+        if [host, pid] == self._me() or abs(age) >= stale_s:  # clocks of other hosts may run ahead
+            return False
+        if host == socket.gethostname():
+            try:
+                os.kill(pid_n, 0)
+            except ProcessLookupError:
+                return False  # e.g. this trial's own earlier attempt, killed
+            except OSError:
+                pass  # alive, someone else's
+        return True
 
     def progress(self, eval_hash: str, rounds) -> tuple[Optional[int], list[int]]:
         """Cheaply, without reading states or checking checksums: the round the stored state has
         reached (None when no state is stored) and which of `rounds` have a stored evaluation."""
         history = self.dir / "history.jsonl"
         reached = None
-        if (self.dir / "state.pt").exists():
-            reached = self._start_round() + (len(history.read_text().splitlines()) if history.exists() else 0)
+        if (self.dir / "state.pt").exists() or (self.dir / "state.prev.pt").exists():
+            try:
+                reached = self._start_round() + (len(history.read_text().splitlines()) if history.exists() else 0)
+            except (OSError, ValueError):  # unreadable: estimated as not started
+                reached = None
         return reached, [r for r in rounds if self._eval_path(eval_hash, r).exists()]
 
     def _start_round(self) -> int:

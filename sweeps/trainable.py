@@ -19,7 +19,7 @@ import torch
 
 from prunelab.chain import Chain
 from prunelab.data import load_dataset
-from prunelab.errors import DivergenceError
+from prunelab.errors import CorruptFileError, DivergenceError
 from prunelab.evaluation import EvalHparams, evaluate_round, result_key
 from prunelab.hparams import ChainHparams
 from prunelab.store import ChainStore
@@ -91,22 +91,34 @@ def _start_mask(hp: ChainHparams, store_root: str, data, device):
     first, this one continues the chain from the store."""
     start_hp = hp.start_chain()
     start_store = ChainStore(store_root, start_hp)
-    mask = start_store.mask_at(hp.start_round)
+    mask = _stored_mask(start_store, hp.start_round)
     while mask is None and start_store.computing_elsewhere():
         time.sleep(WAIT_POLL_S)
-        mask = start_store.mask_at(hp.start_round)
+        mask = _stored_mask(start_store, hp.start_round)
     if mask is not None:
         return mask
     state = start_store.load_state(on_corrupt=print)
-    mask = start_store.mask_at(hp.start_round, fallback=state)
+    mask = start_store.mask_at(hp.start_round, fallback=state)  # a damaged mask is rewritten from the state
     if mask is None:
         with start_store.computing():
-            chain = Chain(start_hp, device, data=data, state=state)
+            start = {}
+            if state is None and start_hp.start_from is not None:  # a start chain with a start of its own
+                start = {"start_mask": _start_mask(start_hp, store_root, data, device),
+                         "start_round": start_hp.start_round}
+            chain = Chain(start_hp, device, data=data, state=state, **start)
             while chain.round < hp.start_round:
                 chain.step()
                 start_store.save_state(chain.state)
         mask = start_store.mask_at(hp.start_round, fallback=chain.state)
     return mask
+
+
+def _stored_mask(store: ChainStore, round: int):
+    """The stored mask of `round`, or None (also when damaged: the caller repairs it from the state)."""
+    try:
+        return store.mask_at(round)
+    except CorruptFileError:
+        return None
 
 
 def chain_trial(config: dict) -> None:
@@ -138,6 +150,8 @@ def chain_trial(config: dict) -> None:
         pass
     history: list = []
     try:
+        while store.computing_elsewhere():  # the same chain in another trial (another sweep): wait, then reuse
+            time.sleep(WAIT_POLL_S)
         with store.computing():  # trials that start from this chain wait for its masks
             data = load_dataset(hp.dataset)
             state = store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))

@@ -3,7 +3,10 @@ instead of training the same chain a second time (sweeps.trainable._start_mask).
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -37,10 +40,15 @@ def test_the_mark_lives_while_the_block_runs(tmp_path):
         assert (store.dir / "computing").read_text().split()[2] != first  # refreshed
         assert not store.computing_elsewhere()  # this process's own mark
     assert not (store.dir / "computing").exists()
-    mark_as(other, "999999999")
+    mark_as(other, str(os.getppid()))  # a live process that is not this one
     assert other.computing_elsewhere()
-    mark_as(other, "999999999", age_s=1000)
-    assert not other.computing_elsewhere()  # stale: that process is gone
+    mark_as(other, str(os.getppid()), age_s=1000)
+    assert not other.computing_elsewhere()  # stale: no refresh for too long
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    mark_as(other, gone.stdout.strip())
+    assert not other.computing_elsewhere()  # a fresh mark of a process of this host that has exited
+    (other.dir / "computing").write_text("garbled")
+    assert not other.computing_elsewhere()
 
 
 @pytest.fixture
@@ -56,7 +64,7 @@ def test_a_dependent_waits_for_the_start_chain(tmp_path, data, monkeypatch):
     reference = Chain(start_hp, "cpu", data=data)
     reference.run()
     store = ChainStore(tmp_path, start_hp)
-    mark_as(store, "999999999")  # another trial is computing the start chain
+    mark_as(store, str(os.getppid()))  # another trial is computing the start chain
 
     def finish_elsewhere():
         time.sleep(0.3)
@@ -76,7 +84,7 @@ def test_a_dependent_computes_the_start_chain_when_nobody_does(tmp_path, data, m
 
     hp = combined()
     store = ChainStore(tmp_path, hp.start_chain())
-    mark_as(store, "999999999", age_s=1000)  # a trial that died long ago
+    mark_as(store, str(os.getppid()), age_s=1000)  # a mark nobody has refreshed for long
     monkeypatch.setattr(trainable, "WAIT_POLL_S", 30)  # a wait would show as a slow test
     t0 = time.time()
     mask = trainable._start_mask(hp, str(tmp_path), data, "cpu")
@@ -85,3 +93,18 @@ def test_a_dependent_computes_the_start_chain_when_nobody_does(tmp_path, data, m
     reference.run()
     assert mask.equal(reference.mask)
     assert store.mask_at(2).equal(mask) and not (store.dir / "computing").exists()
+
+
+def test_a_damaged_start_mask_is_rewritten_from_the_start_chains_state(tmp_path, data, monkeypatch):
+    import sweeps.trainable as trainable
+
+    hp = combined()
+    reference = Chain(hp.start_chain(), "cpu", data=data)
+    reference.run()
+    store = ChainStore(tmp_path, hp.start_chain())
+    store.save_state(reference.state)
+    path = store.mask_path(2)
+    path.write_bytes(path.read_bytes()[:-7])  # truncated
+    monkeypatch.setattr(trainable, "Chain", lambda *a, **k: pytest.fail("the start chain was computed again"))
+    mask = trainable._start_mask(hp, str(tmp_path), data, "cpu")
+    assert mask.equal(reference.mask) and store.mask_at(2).equal(reference.mask)

@@ -138,6 +138,7 @@ def test_rerun_computes_nothing(reference_sweep, capsys, no_ray):
     assert {t["run_id"] for t in json.loads(Path(local).read_text())} == before
     pngs = figure_paths(out)
     assert pngs and all(p.exists() and p.parent == figures for p in pngs)
+
     # --dry-run reads what is complete from the existing store, and writes nothing
     db = (storage / "mlflow.db").stat().st_mtime_ns
     rc, out, err = drive(capsys, r["config"], storage, "--dry-run")
@@ -147,6 +148,52 @@ def test_rerun_computes_nothing(reference_sweep, capsys, no_ray):
     assert (storage / "mlflow.db").stat().st_mtime_ns == db
     assert len(runs(storage, "sweep")) == 2
     assert not no_ray.is_initialized()
+
+
+def test_a_chain_being_computed_elsewhere_is_waited_for(tmp_path, capsys, ray_session):
+    """A trial whose chain another process is computing (a fresh mark in the store, as a trial of
+    another sweep leaves) waits, then continues from that state instead of training it again."""
+    import socket
+    import threading
+
+    from prunelab.chain import Chain
+    from prunelab.store import ChainStore
+    from sweeps.config import expand, load_sweep
+
+    ray_session()
+    config = write_config(tmp_path, sweep_doc(variants={"imp": {}}))
+    storage = tmp_path / "storage"
+    (trial,) = expand(load_sweep(FIGURE, "demo", (), config)[0], FIGURE)
+    store = ChainStore(storage / "store", trial.chain)
+    store.dir.mkdir(parents=True)
+    mark = store.dir / "computing"
+    mark.write_text(f"{socket.gethostname()} {os.getppid()} {time.time()!r}")  # a live process, not this one
+    written, t0 = {}, time.time()
+
+    def compute_elsewhere():
+        chain = Chain(trial.chain, "cpu")
+        while not chain.done:
+            chain.step()
+            store.save_state(chain.state)
+        written["mtime"] = (store.dir / "state.pt").stat().st_mtime_ns
+        time.sleep(max(0.0, t0 + 12 - time.time()))  # still "computing" well after the trial has started
+        written["released"] = time.time()
+        mark.unlink()
+
+    other = threading.Thread(target=compute_elsewhere)
+    other.start()
+    rc, out, err = drive(capsys, config, storage)
+    other.join()
+    assert rc == 0, out[-2000:] + err[-2000:]
+    assert (store.dir / "state.pt").stat().st_mtime_ns == written["mtime"]  # the trial trained nothing
+    (chain_run,) = runs(storage, "chain")
+    assert chain_run.info.status == "FINISHED"
+    assert sorted(p.name for p in (store.dir / "evals").rglob("round_*.json")) == ["round_02.json", "round_04.json"]
+    # it logged nothing before the other process let go of the chain
+    client = mlflow_client(storage)
+    stamps = [m.timestamp for key in chain_run.data.metrics
+              for m in client.get_metric_history(chain_run.info.run_id, key)]
+    assert stamps and min(stamps) >= written["released"] * 1000
 
 
 # ---------------------------------------------------------------------------------------------
