@@ -31,9 +31,39 @@ from prunelab.models import build_model  # noqa: E402
 from prunelab.train import evaluate, train  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
+# ---- shared by the benchmarks -----------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on a GPU measure work done, not work queued)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls of `fn` (seconds), the device's work included."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or `cpu (N threads)`."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def write_json(res: dict, path) -> None:
+    """The results as JSON at `path` (--out), if one was given."""
+    if path:
+        Path(path).write_text(json.dumps(res, indent=1))
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 class _HWCSet(torch.utils.data.Dataset):
@@ -64,7 +94,7 @@ def baseline(data, model, epochs: int, device: torch.device, workers: int, batch
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     seen, t_timed = 0, 0.0
     for epoch in range(epochs):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         n = 0
         for xb, yb in loader:
@@ -74,7 +104,7 @@ def baseline(data, model, epochs: int, device: torch.device, workers: int, batch
             loss.backward()
             opt.step()
             n += len(xb)
-        _sync(device)
+        sync(device)
         if epoch > 0:
             t_timed += time.perf_counter() - t0
             seen += n
@@ -87,10 +117,10 @@ def engine(data, model, epochs: int, device: torch.device, hp: TrainingHparams) 
     marks = []
 
     def on_epoch(epoch, metrics):
-        _sync(device)
+        sync(device)
         marks.append(time.perf_counter())
 
-    _sync(device)
+    sync(device)
     train(model, data.train, hp.replace(epochs=epochs), device=device, callback=on_epoch)
     timed = marks[-1] - marks[0] if len(marks) > 1 else float("nan")
     seen = len(data.train) * (len(marks) - 1)
@@ -102,10 +132,10 @@ def lmc_time(data, a, b, device: torch.device) -> float:
     from prunelab.stability import LMCHparams, lmc_curve
 
     lmc_curve(a, b, data, LMCHparams(), device)  # warm-up
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     lmc_curve(a, b, data, LMCHparams(), device)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -151,7 +181,7 @@ def main(argv=None) -> dict:
     m_other = make()
     train(m_other, data.train, hp.replace(epochs=1), device=device, order_seed=1, aug_seed=1)
     lmc_s = lmc_time(data, m_engine, m_other, device)
-    res = {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+    res = {"device": device_name(device),
            "model": a.model, "data": a.data, "train_images": len(data.train), "epochs": a.epochs,
            "baseline": base, "engine": eng, "speedup": eng["images_per_s"] / base["images_per_s"],
            "engine_switches": {"batch_size": a.batch_size, "precision": a.precision,
@@ -169,8 +199,7 @@ def main(argv=None) -> dict:
         print(f"  engine compiled (torch.compile mode {a.compile_mode}): {comp['images_per_s']:9.0f} images/s, "
               f"test accuracy {comp['test_accuracy']:.3f}; {res['compile_speedup']:.2f}x the uncompiled engine")
     print(f"  speed-up {res['speedup']:.2f}x; LMC evaluation {lmc_s:.2f} s ({lmc_s / 11 * 1e3:.0f} ms per alpha)")
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    write_json(res, a.out)
     return res
 
 

@@ -15,9 +15,7 @@ device; the script prints each phase's seconds and the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import add_engine_switches, baseline, engine_switches  # noqa: E402
+from engine import add_engine_switches, baseline, device_name, engine_switches, timed, write_json  # noqa: E402
 
 from prunelab.data import DataSplit, ImageData, make_shapes  # noqa: E402
 from prunelab.hparams import ModelHparams, TrainingHparams  # noqa: E402
@@ -34,20 +32,9 @@ from prunelab.models import build_model  # noqa: E402
 from prunelab.train import train  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _set(n: int, seed: int) -> ImageData:
     x, y = make_shapes(n, 10, seed=seed)
     return ImageData(x, y, num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), name="shapes")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv=None) -> dict:
@@ -75,15 +62,14 @@ def main(argv=None) -> dict:
     model = make()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     mask = Mask.ones_like(model)
-    _sync(device)
-    t_eng_dist = _timed(lambda: (train(model, distilled, engine_hp.replace(epochs=a.distilled_epochs),
-                                       device=device, mask=mask), _sync(device)))
+    t_eng_dist = timed(lambda: train(model, distilled, engine_hp.replace(epochs=a.distilled_epochs),
+                                     device=device, mask=mask), device)
     new_mask = magnitude_prune(mask, model.state_dict(), 0.2)
     sub = make()
     sub.load_state_dict(init)
-    t_eng_real = _timed(lambda: (train(sub, real.train, engine_hp.replace(epochs=a.real_epochs,
-                                                                          batch_size=a.real_batch_size),
-                                       device=device, mask=new_mask), _sync(device)))
+    t_eng_real = timed(lambda: train(sub, real.train, engine_hp.replace(epochs=a.real_epochs,
+                                                                        batch_size=a.real_batch_size),
+                                     device=device, mask=new_mask), device)
 
     base_dist = baseline(DataSplit(distilled, real.test), make(), a.distilled_epochs + 1, device, a.workers,
                          batch_size=64)
@@ -91,7 +77,7 @@ def main(argv=None) -> dict:
     # the baseline times epochs 2..N+1 (the first is its warm-up): its seconds for N epochs
     t_base_dist = a.distilled_epochs * len(distilled) / base_dist["images_per_s"]
     t_base_real = a.real_epochs * a.real_images / base_real["images_per_s"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     res = {"device": name, "settings": vars(a),
            "engine_s": {"distilled": t_eng_dist, "real": t_eng_real, "round": t_eng_dist + t_eng_real},
            "baseline_s": {"distilled": t_base_dist, "real": t_base_real, "round": t_base_dist + t_base_real}}
@@ -101,8 +87,7 @@ def main(argv=None) -> dict:
     for k in ("distilled", "real", "round"):
         print(f"  {k:9s} engine {res['engine_s'][k]:8.1f} s   baseline {res['baseline_s'][k]:8.1f} s   "
               f"{res['speedup'][k]:5.2f}x")
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    write_json(res, a.out)
     return res
 
 

@@ -18,9 +18,7 @@ after one untimed warm-up call of each kind; the ratio is over (a).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,24 +31,7 @@ from prunelab.models import build_model  # noqa: E402
 from prunelab.stacked import train_copies  # noqa: E402
 from prunelab.train import examples_drawn, resolve_device, total_steps, train  # noqa: E402
 
-from engine import add_engine_switches, engine_switches  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Best wall time of `repeats` calls (seconds)."""
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+from engine import add_engine_switches, device_name, engine_switches, timed, write_json  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -91,25 +72,25 @@ def main(argv=None) -> dict:
     for n in a.copies:
         train_copies(model, data.train, warm, device=device, seeds=[(i, i) for i in range(n)])
 
-    single_s = _timed(one, device, a.repeats)
+    single_s = timed(one, device, a.repeats)
     single = images / single_s
     rows = [{"run": "one train()", "copies": 1, "seconds": single_s, "images_per_s": single, "ratio": 1.0}]
     if a.compile:
         # one model throughout, so that the timed calls reuse the compiled code and captured graphs
         cm = make()
         train(cm, data.train, compiled.replace(epochs=1), device=device)  # compilation, graph capture
-        comp_s = _timed(lambda: train(cm, data.train, compiled, device=device), device, a.repeats)
+        comp_s = timed(lambda: train(cm, data.train, compiled, device=device), device, a.repeats)
         rows.append({"run": f"one train(), compiled ({a.compile_mode})", "copies": 1, "seconds": comp_s,
                      "images_per_s": images / comp_s, "ratio": single_s / comp_s})
     for n in a.copies:
-        seq_s = _timed(lambda n=n: [one(i) for i in range(n)], device, a.repeats)
-        stk_s = _timed(lambda n=n: stacked(n), device, a.repeats)
+        seq_s = timed(lambda n=n: [one(i) for i in range(n)], device, a.repeats)
+        stk_s = timed(lambda n=n: stacked(n), device, a.repeats)
         rows.append({"run": f"{n} x train() one by one", "copies": n, "seconds": seq_s,
                      "images_per_s": n * images / seq_s, "ratio": n * images / seq_s / single})
         rows.append({"run": f"train_copies, {n} copies", "copies": n, "seconds": stk_s,
                      "images_per_s": n * images / stk_s, "ratio": n * images / stk_s / single})
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = device_name(device)
     res = {"device": name, "model": a.model, "width": a.width, "train_images": len(data.train),
            "batch_size": a.batch_size, "epochs": a.epochs, "augment": a.augment, **engine_switches(a),
            "images_per_call": images, "repeats": a.repeats, "rows": rows}
@@ -118,8 +99,7 @@ def main(argv=None) -> dict:
     print(f"{'run':<40}{'seconds':>10}{'images/s':>12}{'x one run':>11}")
     for r in rows:
         print(f"{r['run']:<40}{r['seconds']:>10.2f}{r['images_per_s']:>12.0f}{r['ratio']:>11.2f}")
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2))
+    write_json(res, a.out)
     return res
 
 

@@ -104,19 +104,23 @@ def forward_cost(n: int, flops: float, batch_size: int) -> Cost:
     return Cost(math.ceil(n / batch_size), n * flops)
 
 
+def _source(hp: ChainHparams) -> str:
+    """What the pruning data is: real, idc_file, or the synthetic source (idc, dm, random_subset, herding)."""
+    pd = hp.pruning_data
+    return pd.method if pd.kind == "distilled" else pd.kind
+
+
 def pruning_set_size(hp: ChainHparams) -> int:
     """Images a chain trains on to find its mask (a synthetic set as its decoded images)."""
-    pd = hp.pruning_data
+    from .synthetic.idc import formation_factor
+
+    pd, source = hp.pruning_data, _source(hp)
     n_train, _ = dataset_sizes(hp.dataset)
-    if pd.kind == "real":
+    if source == "real":
         return n_train
     _, k = dataset_shape(hp.dataset)
-    factor = 1
-    if pd.kind == "idc_file" or (pd.kind == "distilled" and pd.method == "idc"):
-        from .synthetic.idc import default_factor
-
-        factor = pd.factor or default_factor(hp.dataset.name)
-    return (pd.ipc or 10) * k * factor * factor  # an IDC file's ipc may be left to the file: 10 assumed
+    f = formation_factor(hp.dataset.name, pd.factor) if source in ("idc", "idc_file") else 1
+    return (pd.ipc or 10) * k * f * f  # an IDC file's ipc may be left to the file: 10 assumed
 
 
 def synthetic_cost(hp: ChainHparams) -> Cost:
@@ -124,8 +128,7 @@ def synthetic_cost(hp: ChainHparams) -> Cost:
     trains on real data; a set several chains share is counted for each)."""
     from .synthetic.distill import DEFAULT_BUDGETS, distill_dm, distill_idc
 
-    pd = hp.pruning_data
-    source = pd.method if pd.kind == "distilled" else pd.kind
+    pd, source = hp.pruning_data, _source(hp)
     if source not in ("dm", "idc", "herding"):
         return Cost()
     _, k = dataset_shape(hp.dataset)

@@ -7,7 +7,6 @@ figure needs) its linear mode connectivity, 2D loss landscape and Hessian.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -109,5 +108,4 @@ def result_key(ev: EvalHparams) -> str:
     The `stacked` switches count only when on (stacked copies equal one-by-one copies up to float
     rounding, not bit for bit): they are `hashed_at_default=False`, so evaluations stored before
     they existed are found."""
-    core = ev.replace(sparsities=(), rounds=(), every_round=False)
-    return hashlib.sha256(core.canonical_json().encode()).hexdigest()[:16]
+    return ev.replace(sparsities=(), rounds=(), every_round=False).hash()

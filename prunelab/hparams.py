@@ -4,6 +4,7 @@ validated before any compute. A config is data: `to_dict`, `from_dict` and a can
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -181,21 +182,31 @@ class Hparams:
         return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=None)
+def _hash_schema(cls) -> tuple[dict[str, Any], dict[str, type]]:
+    """Of a Hparams class: the fields left out of hashes at their default (name -> default, as JSON
+    gives it back), and the nested Hparams fields (name -> class)."""
+    hints = typing.get_type_hints(cls)
+    unhashed = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(cls)
+                if not f.metadata.get("hashed_at_default", True)}
+    nested = {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    return unhashed, nested
+
+
 def _strip_unhashed(cls, values: dict) -> dict:
     """`values` (a dict of `cls`'s fields, possibly partial) without the fields marked
     hashed_at_default=False that hold their default; nested Hparams likewise."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        v = values[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        if not f.metadata.get("hashed_at_default", True) and json.loads(json.dumps(default)) == v:
-            continue
-        tp = hints[f.name]
-        out[f.name] = _strip_unhashed(tp, v) if isinstance(v, dict) and dataclasses.is_dataclass(tp) else v
+    unhashed, nested = _hash_schema(cls)
+    return {k: _strip_unhashed(nested[k], v) if k in nested and isinstance(v, dict) else v
+            for k, v in values.items() if not (k in unhashed and v == unhashed[k])}
+
+
+def _strip_chain(values: dict) -> dict:
+    """`_strip_unhashed` of a ChainHparams dict, its `start_from` (a start chain's config kept as
+    plain data) stripped alike."""
+    out = _strip_unhashed(ChainHparams, values)
+    if isinstance(out.get("start_from"), dict):
+        out["start_from"] = _strip_chain(out["start_from"])
     return out
 
 
@@ -378,17 +389,7 @@ class ChainHparams(Hparams):
         return Hparams.hash(core, length)
 
     def hash_dict(self) -> dict:
-        d = super().hash_dict()
-        if isinstance(d.get("start_from"), dict):  # a start chain's config, as data: stripped alike
-            d["start_from"] = ChainHparams._strip_start(d["start_from"])
-        return d
-
-    @staticmethod
-    def _strip_start(values: dict) -> dict:
-        out = _strip_unhashed(ChainHparams, values)
-        if isinstance(out.get("start_from"), dict):
-            out["start_from"] = ChainHparams._strip_start(out["start_from"])
-        return out
+        return _strip_chain(self.to_dict())
 
     def start_chain(self) -> Optional["ChainHparams"]:
         return None if self.start_from is None else ChainHparams.from_dict(self.start_from, "start_from")

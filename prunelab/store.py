@@ -124,8 +124,7 @@ class ChainStore:
         history = self.dir / "history.jsonl"
         if not state.exists() or not history.exists():
             return False
-        done_rounds = len(history.read_text().splitlines()) + self._start_round()
-        return (done_rounds >= self.hp.pruning.rounds
+        return (self._history_round() >= self.hp.pruning.rounds
                 and all(self.load_eval(eval_hash, r) is not None for r in rounds))
 
     # ---- who is computing it ---------------------------------------------------------------
@@ -185,16 +184,15 @@ class ChainStore:
     def progress(self, eval_hash: str, rounds) -> tuple[Optional[int], list[int]]:
         """Cheaply, without reading states or checking checksums: the round the stored state has
         reached (None when no state is stored) and which of `rounds` have a stored evaluation."""
-        history = self.dir / "history.jsonl"
         reached = None
         if (self.dir / "state.pt").exists() or (self.dir / "state.prev.pt").exists():
             try:
-                reached = self._start_round() + (len(history.read_text().splitlines()) if history.exists() else 0)
+                reached = self._history_round() if (self.dir / "history.jsonl").exists() else 0
             except (OSError, ValueError):  # unreadable: estimated as not started
                 reached = None
         return reached, [r for r in rounds if self._eval_path(eval_hash, r).exists()]
 
-    def _start_round(self) -> int:
-        first = self.dir / "history.jsonl"
-        lines = first.read_text().splitlines() if first.exists() else []
-        return json.loads(lines[0])["round"] if lines else 0
+    def _history_round(self) -> int:
+        """The round the stored history reaches: its first record's round plus the rounds recorded."""
+        lines = (self.dir / "history.jsonl").read_text().splitlines()
+        return (json.loads(lines[0])["round"] if lines else 0) + len(lines)

@@ -179,19 +179,18 @@ def longest_first(trials: list[Trial], est: Optional[dict] = None) -> list[Trial
     Ties keep the grid's order; trials without an estimate go last."""
     est = estimates(trials) if est is None else est
     rank = {t.key: est.get(t.key) or 0.0 for t in trials}
-    by_chain: dict[str, list[Trial]] = {}
+    by_chain: dict[str, list[str]] = {}
     for t in trials:
-        by_chain.setdefault(t.chain.hash(), []).append(t)
-    for _ in range(len(trials)):  # a start chain may itself start from another: until nothing moves
+        by_chain.setdefault(t.chain.hash(), []).append(t.key)
+    # (dependent, start) trial keys; a start chain may itself start from another: raise ranks until none moves
+    edges = [(t.key, s) for t in trials if t.chain.start_from is not None
+             for s in by_chain.get(t.chain.start_chain().hash(), [])]
+    moved = True
+    while moved:
         moved = False
-        for t in trials:
-            if t.chain.start_from is None:
-                continue
-            for start in by_chain.get(t.chain.start_chain().hash(), []):
-                if rank[start.key] < rank[t.key]:
-                    rank[start.key], moved = rank[t.key], True
-        if not moved:
-            break
+        for dependent, start in edges:
+            if rank[start] < rank[dependent]:
+                rank[start], moved = rank[dependent], True
     order = {t.key: i for i, t in enumerate(trials)}
     return sorted(trials, key=lambda t: (-rank[t.key], t.chain.start_from is not None, order[t.key]))
 
@@ -205,6 +204,7 @@ def _duration(seconds: float) -> str:
 
 
 def print_trials(trials: list[Trial], res, skipped: set, est: dict) -> None:
+    """The plan: every trial, longest first, with its estimate (`est`, by key, for those to run)."""
     kinds = _resource_kinds(trials) or [res]
     each = f"each {_each(kinds[0])}" if len(kinds) == 1 else "resources per trial below"
     print(f"{len(trials)} trials ({len(skipped)} already complete), {each}; longest first "
@@ -212,7 +212,7 @@ def print_trials(trials: list[Trial], res, skipped: set, est: dict) -> None:
     for t in longest_first(trials, est):
         mark = "done " if t.key in skipped else "run  "
         own = f"  [{_each(t.resources)}]" if len(kinds) > 1 else ""
-        time_s = "" if t.key in skipped else f"~{_duration(est[t.key])}" if est[t.key] is not None else "~?"
+        time_s = "" if t.key in skipped else f"~{_duration(est[t.key])}" if est.get(t.key) is not None else "~?"
         print(f"  {mark}{t.key}  {t.label():60s} rounds->{t.chain.pruning.rounds} eval@{t.rounds}"
               f"  {time_s}{own}")
 
@@ -258,8 +258,8 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                           "directories", "use an absolute path: sqlite:////abs/path/mlflow.db (four slashes)")
 
     if args.dry_run:
-        print_trials(trials, res, _complete_without_writing(trials, tracking_uri, experiment, local),
-                     estimates(trials, local / "store"))
+        skipped = _complete_without_writing(trials, tracking_uri, experiment, local)
+        print_trials(trials, res, skipped, estimates([t for t in trials if t.key not in skipped], local / "store"))
         return 0
     import ray
 
@@ -282,9 +282,10 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                           "start the MLflow server (or correct --tracking-uri) and run again; "
                           "`python -m prunelab.doctor --tracking-uri URI` checks it") from None
     skipped = _complete(trials, done_runs, local)
-    est = estimates(trials, local / "store")  # what is left of each chain: a resumed one counts less
+    todo = [t for t in trials if t.key not in skipped]
+    est = estimates(todo, local / "store")  # what is left of each chain: a resumed one counts less
     print_trials(trials, res, skipped, est)
-    todo = longest_first([t for t in trials if t.key not in skipped], est)
+    todo = longest_first(todo, est)
     if todo:  # the cluster can run these chains: checked before the sweep leaves any record
         _init_ray(args, res, started_ray if started_ray is not None else [])
         _check_each_kind(todo, lambda kind: check_cluster(kind, args.address, storage))

@@ -41,19 +41,18 @@ def round_metrics(rec: dict) -> dict:
 
 
 def sync_run(run: ChainRun, store: ChainStore, history: list[dict], rkey: str, rounds: list[int],
-             artifacts_done: set) -> None:
-    """Log what the store holds and the run lacks: round metrics, evaluation metrics, artifacts."""
+             logged: set) -> None:
+    """Log what the store holds and the run lacks: round metrics, evaluation metrics, artifacts.
+
+    `logged` (kept by the caller across syncs) holds the rounds whose evaluation is logged, which
+    are not read again; a round joins it once its artifacts and metrics are in (artifacts go to fixed
+    paths, so a sync cut short logs them again harmlessly)."""
     run.log_steps(((h["round"], round_metrics(h)) for h in history), sentinel="pruning_accuracy")
-    evals = []
-    for r in rounds:
-        res = store.load_eval(rkey, r)
-        if res is None:
-            continue
-        if r not in artifacts_done:
-            log_eval_artifacts(run, store, res, r)
-            artifacts_done.add(r)
-        evals.append((r, res["metrics"]))
-    run.log_steps(evals, sentinel="eval_sparsity")
+    new = [(r, res) for r in rounds if r not in logged and (res := store.load_eval(rkey, r)) is not None]
+    for r, res in new:
+        log_eval_artifacts(run, store, res, r)
+    run.log_steps(((r, res["metrics"]) for r, res in new), sentinel="eval_sparsity")
+    logged.update(r for r, _ in new)
 
 
 def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> None:
@@ -99,7 +98,7 @@ class TrialLog:
         self.rkey = result_key(EvalHparams.from_dict(spec["eval"]))
         self.rounds = list(spec["rounds"])
         self.notes_dir = self.store.dir / "notes" / spec["key"]
-        self.artifacts_done: set = set()
+        self.logged_evals: set = set()
         self.pending_tags: dict[str, str] = {}
         self.behind = False
         self.outage = False
@@ -149,7 +148,7 @@ class TrialLog:
     def _sync(self, history: list[dict]) -> None:
         self._open()
         self._flush_pending()
-        sync_run(self.run, self.store, history, self.rkey, self.rounds, self.artifacts_done)
+        sync_run(self.run, self.store, history, self.rkey, self.rounds, self.logged_evals)
 
     def open(self) -> bool:
         """Find or create the run (it stays unopened, and the trial goes on, if MLflow is away)."""

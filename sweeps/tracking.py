@@ -58,6 +58,8 @@ def probe(tracking_uri: str) -> Optional[str]:
 def describe(e: BaseException) -> str:
     """`Type: first line of the message`, for one-line reports of a failed MLflow call."""
     return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
+
+
 for _k, _v in HTTP_DEFAULTS.items():
     os.environ.setdefault(_k, _v)
 

@@ -101,16 +101,21 @@ def _start_mask(hp: ChainHparams, store_root: str, data, device):
     mask = start_store.mask_at(hp.start_round, fallback=state)  # a damaged mask is rewritten from the state
     if mask is None:
         with start_store.computing():
-            start = {}
-            if state is None and start_hp.start_from is not None:  # a start chain with a start of its own
-                start = {"start_mask": _start_mask(start_hp, store_root, data, device),
-                         "start_round": start_hp.start_round}
-            chain = Chain(start_hp, device, data=data, state=state, **start)
+            chain = _open_chain(start_hp, state, store_root, data, device)
             while chain.round < hp.start_round:
                 chain.step()
                 start_store.save_state(chain.state)
         mask = start_store.mask_at(hp.start_round, fallback=chain.state)
     return mask
+
+
+def _open_chain(hp: ChainHparams, state, store_root: str, data, device) -> Chain:
+    """The chain of `hp` continued from its stored `state`, or new: from its start chain's mask
+    when it has one (`start_from`), else dense."""
+    start = {}
+    if state is None and hp.start_from is not None:
+        start = {"start_mask": _start_mask(hp, store_root, data, device), "start_round": hp.start_round}
+    return Chain(hp, device, data=data, state=state, **start)
 
 
 def _stored_mask(store: ChainStore, round: int):
@@ -155,10 +160,7 @@ def chain_trial(config: dict) -> None:
         with store.computing():  # trials that start from this chain wait for its masks
             data = load_dataset(hp.dataset)
             state = store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))
-            start = {}
-            if state is None and hp.start_from is not None:
-                start = {"start_mask": _start_mask(hp, spec["store"], data, device), "start_round": hp.start_round}
-            chain = Chain(hp, device, data=data, state=state, **start)
+            chain = _open_chain(hp, state, spec["store"], data, device)
             history = chain.state.history
             if state is None:
                 store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it

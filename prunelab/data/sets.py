@@ -26,8 +26,15 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET10_WNIDS = ("n02869837", "n01749939", "n02488291", "n02107142", "n13037406",
                     "n02091831", "n04517823", "n04589890", "n03062245", "n01773797")
 
+# Each data set as shipped, known without loading it: channels, image size, classes, train and test
+# images (shapes is generated: these are its default sizes; shapes and imagenet10 take image_size).
+FACTS = {"digits": (1, 8, 10, 1438, 359), "cifar10": (3, 32, 10, 50_000, 10_000),
+         "cifar100": (3, 32, 100, 50_000, 10_000), "shapes": (3, 32, 10, 10_000, 2_000),
+         "imagenet10": (3, 224, 10, 13_000, 500)}
+RESIZABLE = ("shapes", "imagenet10")
+
 # How many real training images per class each data set has (for compression ratios).
-REAL_IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500, "imagenet10": 1300}
+REAL_IMAGES_PER_CLASS = {name: FACTS[name][3] // FACTS[name][2] for name in ("cifar10", "cifar100", "imagenet10")}
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +93,8 @@ def make_shapes(n: int, num_classes: int, seed: int, size: int = 32, template_se
 
 def load_shapes(hp) -> DataSplit:
     """Generated CIFAR-shaped data of any size (default 10,000 / 2,000), for tests and benchmarks."""
-    size = hp.image_size or 32
-    n_tr, n_te = hp.train_size or 10_000, hp.test_size or 2_000
+    size = hp.image_size or FACTS["shapes"][1]
+    n_tr, n_te = hp.train_size or FACTS["shapes"][3], hp.test_size or FACTS["shapes"][4]
     xtr, ytr = make_shapes(n_tr, 10, seed=2 * hp.split_seed, size=size)
     xte, yte = make_shapes(n_te, 10, seed=2 * hp.split_seed + 1, size=size)
     common = dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), name="shapes")
@@ -175,7 +182,7 @@ def load_imagenet10(hp) -> DataSplit:
     uint8 and cached under the prunelab cache directory.
     """
     root = _require_root(hp, "ImageNet", "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
-    size = hp.image_size or 224
+    size = hp.image_size or FACTS["imagenet10"][1]
     splits = {}
     for split in ("train", "val"):
         missing = [w for w in IMAGENET10_WNIDS if not (root / split / w).is_dir()]
@@ -204,27 +211,23 @@ def load_imagenet10(hp) -> DataSplit:
                      _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))
 
 
+def _facts(hp) -> tuple[int, int, int, int, int]:
+    if hp.name not in FACTS:
+        raise ConfigError("dataset.name", f"unknown data set {hp.name!r}", "use one of " + ", ".join(sorted(FACTS)))
+    return FACTS[hp.name]
+
+
 def dataset_shape(hp) -> tuple[tuple[int, int, int], int]:
     """(C, H, W) and the class count of the data set `hp` (DatasetHparams) names, without loading it."""
-    sizes = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100),
-             "shapes": (3, hp.image_size or 32, 10), "imagenet10": (3, hp.image_size or 224, 10)}
-    if hp.name not in sizes:
-        raise ConfigError("dataset.name", f"unknown data set {hp.name!r}", "use one of " + ", ".join(sorted(sizes)))
-    c, s, k = sizes[hp.name]
+    c, s, k, _, _ = _facts(hp)
+    s = (hp.image_size or s) if hp.name in RESIZABLE else s
     return (c, s, s), k
-
-
-# (train, test) images of each data set as shipped; shapes is generated at its own sizes
-FULL_SIZES = {"digits": (1438, 359), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000),
-              "imagenet10": (13_000, 500), "shapes": (10_000, 2_000)}
 
 
 def dataset_sizes(hp) -> tuple[int, int]:
     """(train, test) example counts of the data set `hp` (DatasetHparams) names, without loading it:
     the data set's own sizes, or `train_size` / `test_size` where smaller (shapes: where given)."""
-    if hp.name not in FULL_SIZES:
-        raise ConfigError("dataset.name", f"unknown data set {hp.name!r}", "use one of " + ", ".join(sorted(FULL_SIZES)))
-    n_train, n_test = FULL_SIZES[hp.name]
+    _, _, _, n_train, n_test = _facts(hp)
     if hp.name == "shapes":
         return hp.train_size or n_train, hp.test_size or n_test
     return min(n_train, hp.train_size or n_train), min(n_test, hp.test_size or n_test)

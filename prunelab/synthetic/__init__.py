@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from ..data import DataSplit, ImageData
 from ..errors import ConfigError
 from .distill import CORESETS, DEFAULT_BUDGETS, DISTILLERS, check_ipc, distill_dm, distill_idc, herding, random_subset
-from .idc import decode, decode_set, decode_zoom, default_factor, load_idc_file
+from .idc import decode, decode_set, decode_zoom, default_factor, formation_factor, load_idc_file
 from .store import CorruptSyntheticSetError, SyntheticStore, make_key
 
 METHODS = tuple(DISTILLERS)  # kind=distilled
@@ -30,9 +30,7 @@ def check_method(method) -> str:
 
 def _factor(source: str, real: ImageData, factor: Optional[int]) -> int:
     # only IDC has multi-formation; the others ignore `factor`, so it is not part of their key
-    if source != "idc":
-        return 1
-    return default_factor(real.name) if factor is None else int(factor)
+    return formation_factor(real.name, factor) if source == "idc" else 1
 
 
 def build_synthetic(source: str, real: ImageData, *, ipc: int, seed: int = 0, budget: Optional[int] = None,
@@ -97,6 +95,6 @@ def load_pruning_data(hp, data: DataSplit, device) -> ImageData:
 
 
 __all__ = ["CORESETS", "CorruptSyntheticSetError", "DISTILLERS", "METHODS", "SOURCES", "SyntheticStore",
-           "build_synthetic", "check_method", "decode", "decode_set", "decode_zoom", "default_factor",
+           "build_synthetic", "check_method", "decode", "decode_set", "decode_zoom", "default_factor", "formation_factor",
            "distill_dm", "distill_idc", "get_synthetic", "herding", "load_idc_file", "load_pruning_data",
            "make_key", "random_subset", "synthetic_spec"]

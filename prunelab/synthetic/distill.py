@@ -24,7 +24,7 @@ from ..data.dsa import dsa, dsa_siamese
 from ..errors import ConfigError
 from ..models import default_convnet_depth
 from ..models.convnet import ConvNet
-from .idc import decode_zoom, default_factor
+from .idc import decode_zoom, formation_factor
 
 Log = Optional[Callable[[str], None]]
 
@@ -171,7 +171,7 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
     (ConvNet-3 width 32; IDC's CIFAR run: width 128, lr_img 0.005, 100 inner steps, 2,000 iterations);
     lr_img is small because the squared-gradient loss of tiny images has large pixel gradients.
     """
-    f = default_factor(real.name) if factor is None else int(factor)
+    f = formation_factor(real.name, factor)
     if f < 1:
         raise ConfigError("pruning_data.factor", f"must be >= 1, got {f}", "use 1, 2 or 3")
     check_ipc(real, ipc, f)

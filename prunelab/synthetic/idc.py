@@ -25,6 +25,11 @@ FIELD = "pruning_data.path"
 DEFAULT_FACTORS = {"cifar10": 2, "cifar100": 2, "imagenet10": 3, "shapes": 2, "digits": 1}
 
 
+def formation_factor(dataset: str, factor: Optional[int] = None) -> int:
+    """Images per side that each stored IDC image decodes to: `factor`, or the data set's default."""
+    return default_factor(dataset) if factor is None else int(factor)
+
+
 def default_factor(dataset: str) -> int:
     """The multi-formation factor used when `pruning_data.factor` is not set."""
     return DEFAULT_FACTORS.get(dataset, 2)
@@ -147,7 +152,7 @@ def load_idc_file(path: str, real: ImageData, factor: Optional[int] = None,
     images, labels = read_idc_tensors(p)
     ipc = validate_idc(images, labels, real, str(p))
     _check_ipc(p, ipc, expected_ipc)
-    f = default_factor(real.name) if factor is None else int(factor)
+    f = formation_factor(real.name, factor)
     if f < 1:
         raise ConfigError("pruning_data.factor", f"must be >= 1, got {f}", "IDC uses 2 (CIFAR) or 3 (ImageNet)")
     x, y = decode(images.float(), labels.long(), f, real.num_classes)
