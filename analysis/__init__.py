@@ -15,15 +15,16 @@ from typing import Optional
 FIGURES = ("fig2", "fig3_4", "fig5", "hessian", "fig6", "fig7")
 
 
-def make_figures(sweep, names, out_dir: str) -> list:
-    """Run each figure module's `make(sweep, out_dir)`; a module that raises is reported, not fatal."""
+def make_figures(sweep, names, out_dir: str, options: Optional[dict] = None) -> list:
+    """Run each figure module's `make(sweep, out_dir, **options[name])`; a module that raises is
+    reported, not fatal."""
     from .output import FigureResult
 
     results = []
     for name in names:
         module = importlib.import_module(f"{__name__}.{name}")
         try:
-            results.append(module.make(sweep, out_dir))
+            results.append(module.make(sweep, out_dir, **(options or {}).get(name, {})))
         except Exception as e:  # noqa: BLE001 - one broken figure must not hide the others
             res = FigureResult(name, name)
             res.missing.append(f"{name}: failed to draw ({type(e).__name__}: {e})")
@@ -32,9 +33,10 @@ def make_figures(sweep, names, out_dir: str) -> list:
 
 
 def run(figure: str, experiment: str, tracking_uri: Optional[str], out_dir: str,
-        parent_run_id: Optional[str] = None, log_to_mlflow: bool = True) -> dict:
+        parent_run_id: Optional[str] = None, log_to_mlflow: bool = True, options: Optional[dict] = None) -> dict:
     """Draw `figure` (one of FIGURES, or 'all') for a sweep; write PNG/SVG/CSV and report.html to
-    `out_dir`, log them to the sweep's parent run, and return what was written and what is missing."""
+    `out_dir`, log them to the sweep's parent run, and return what was written and what is missing.
+    `options`: figure name -> keyword arguments of its `make` (e.g. {"fig6": {"bn_mode": "recompute"}})."""
     from .load import load_sweep, missing_runs
     from .report import write_report
 
@@ -45,7 +47,7 @@ def run(figure: str, experiment: str, tracking_uri: Optional[str], out_dir: str,
     os.makedirs(out_dir, exist_ok=True)
     sweep = load_sweep(experiment, tracking_uri, parent_run_id)
     general = missing_runs(sweep)
-    results = make_figures(sweep, names, out_dir)
+    results = make_figures(sweep, names, out_dir, options)
     config = sweep.download(sweep.parent_id, "sweep/config.yaml")
     info = {"experiment": experiment, "tracking URI": sweep.tracking_uri, "sweep run": sweep.parent_name,
             "sweep run id": sweep.parent_id, "chains": len(sweep.chains), "failed chains": len(sweep.failed),
@@ -79,13 +81,15 @@ def sweep_experiments(tracking_uri: Optional[str]) -> list[str]:
     return sorted(names)
 
 
-def run_everything(tracking_uri: Optional[str], out_dir: str, log_to_mlflow: bool = True) -> dict:
+def run_everything(tracking_uri: Optional[str], out_dir: str, log_to_mlflow: bool = True,
+                   options: Optional[dict] = None) -> dict:
     """Every figure of every sweep at `tracking_uri` (one sub-folder per experiment) plus an index page."""
     import html
 
     out_dir = os.path.abspath(str(out_dir))
     os.makedirs(out_dir, exist_ok=True)
-    per = {name: run("all", name, tracking_uri, os.path.join(out_dir, name), log_to_mlflow=log_to_mlflow)
+    per = {name: run("all", name, tracking_uri, os.path.join(out_dir, name), log_to_mlflow=log_to_mlflow,
+                     options=options)
            for name in sweep_experiments(tracking_uri)}
     rows = "".join(f"<li><a href='{html.escape(name)}/report.html'>{html.escape(name)}</a>: "
                    f"{sum(p.endswith('.png') for p in r['figures'])} figures, {len(r['tables'])} tables, "

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from prunelab.metrics import BN_MODES, parse_barrier
+
 from . import FIGURES, run, run_everything
 from .load import AnalysisError
 
@@ -29,14 +31,26 @@ def main(argv=None) -> int:
     p.add_argument("--run-id", help="the sweep's parent run (default: the newest sweep of the experiment)")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.add_argument("--no-log", action="store_true", help="do not log the outputs to the parent run")
+    p.add_argument("--bn-mode", choices=BN_MODES, default="interpolate",
+                   help="Figure 6: the BN mode fig6.png draws (interpolate: the authors'; recompute: statistics "
+                        "re-estimated on training data); the other goes to fig6_bn_<mode>.png, both to fig6.csv")
+    p.add_argument("--barrier", default="train_loss",
+                   help="Figure 6: which barrier, [mid_|max_]<train|test>_<loss|error> (default train_loss: the "
+                        "paper's train loss at α=0.5)")
     args = p.parse_args(argv)
+    try:
+        parse_barrier(args.barrier)
+    except ValueError as e:
+        print(f"error: --barrier: {e}", file=sys.stderr)
+        return 2
+    options = {"fig6": {"bn_mode": args.bn_mode, "barrier": args.barrier}}
     if not args.tracking_uri:
         print("error: --tracking-uri: no MLflow store given and no runs/mlflow.db here — fix: pass "
               "--tracking-uri sqlite:////abs/path/mlflow.db (or http://host:5000)", file=sys.stderr)
         return 2
     if args.figure == "all" and not args.experiment:
         try:
-            every = run_everything(args.tracking_uri, args.out, log_to_mlflow=not args.no_log)
+            every = run_everything(args.tracking_uri, args.out, log_to_mlflow=not args.no_log, options=options)
         except AnalysisError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -49,7 +63,7 @@ def main(argv=None) -> int:
     experiment = args.experiment or f"prunelab-{args.figure}"
     try:
         res = run(args.figure, experiment, args.tracking_uri, args.out, parent_run_id=args.run_id,
-                  log_to_mlflow=not args.no_log)
+                  log_to_mlflow=not args.no_log, options=options)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,20 +1,27 @@
 """Figure 2: test accuracy vs sparsity, IMP vs distilled pruning, and the data used to find each mask.
 
-Left panel: mean ± sample std (ddof=1) over seeds of `test_accuracy` at every evaluated round, one
-series per variant/ipc, x = the subnetwork's sparsity. Right panel (log y): training points used to
-find the mask at round r. Solid: cumulative images seen, Σ_{s<r} `pruning_images_seen`[s] (that metric
-is per round — optimizer steps × batch size of round s's training, logged at step s), i.e. every image
-presentation of the r training rounds before the mask. Dashed: distinct images, the pruning set's
-size (`pruning_set_size`), which does not grow with rounds. The dense network (r = 0) needs no data
-and is left off the log axis.
+Left column, one panel per (data set, model): mean ± sample std (ddof=1) over seeds of `test_accuracy`
+at every evaluated round, one series per variant/ipc (legend: n seeds), x = the subnetwork's
+sparsity; the dense network is the dashed grey line (mean ± std band over seeds; from `dense` chains,
+else round 0 of IMP k=0, else round 0 of any chain). Right column, one panel per data set (log y; the
+data used depends on the data set and the pruning data, so models of one data set share it unless
+their numbers differ, then each gets its own series): training points used to find the mask at round
+r. Solid: cumulative images seen, Σ_{s<r} `pruning_images_seen`[s] (that metric is per round —
+optimizer steps × batch size of round s's training, logged at step s), i.e. every image presentation
+of the r training rounds before the mask. Dashed: distinct images, the pruning set's size
+(`pruning_set_size`), which does not grow with rounds. The dense network (r = 0) needs no data and
+is left off the log axis.
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
 
 from .load import Sweep, group, mean_std, missing_seeds, sort_labels
 from .output import FigureResult, save_fig, write_csv
+from .palette import DENSE, SERIES_MARKERS, series_label, series_markers, variant_color
 
 
 def data_per_mask(chain) -> dict[int, tuple[float, float]]:
@@ -48,6 +55,28 @@ def series(chains) -> list[dict]:
     return out
 
 
+def dense_baseline(chains) -> tuple[dict, str]:
+    """seed -> dense test accuracy, and where it comes from: `dense` chains, else round 0 of IMP k=0,
+    else round 0 of any chain (seed-mean where several chains of a seed hold it)."""
+    sources = (("dense chains", lambda c: c.is_dense),
+               ("round 0 of IMP (k=0)", lambda c: c.is_imp and c.rewind_epoch == 0),
+               ("round 0 of every chain", lambda c: True))
+    for name, test in sources:
+        per_seed: dict = {}
+        for c in chains:
+            acc = c.history("test_accuracy")
+            rnd = min(acc, default=None) if c.is_dense else 0
+            if test(c) and rnd in acc:
+                per_seed.setdefault(c.seed, []).append(acc[rnd])
+        if per_seed:
+            return {s: sum(v) / len(v) for s, v in per_seed.items()}, name
+    return {}, ""
+
+
+def same_points(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(np.allclose(p, q, rtol=1e-9, equal_nan=True) for p, q in zip(a, b))
+
+
 def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res = FigureResult("fig2", "Figure 2 — accuracy vs sparsity, IMP vs distilled pruning")
     chains = [c for c in sweep.ok if c.has("test_accuracy")]
@@ -56,11 +85,13 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
         return res
     res.missing += missing_seeds(sweep.chains, "fig2")
     settings = group(chains, lambda c: c.setting)
+    datasets = group(settings, lambda st: st[0])  # settings are sorted: a data set's rows are adjacent
     rows = []
-    fig, axes = plt.subplots(len(settings), 2, figsize=(12, 4.2 * len(settings)), squeeze=False)
-    for (ds, model), cs in settings.items():
-        i = list(settings).index((ds, model))
-        ax_acc, ax_data = axes[i]
+    fig = plt.figure(figsize=(15, 4.2 * len(settings)), layout="constrained")
+    grid = fig.add_gridspec(len(settings), 2)
+    data_used = {}  # data set -> label -> model -> [(sparsity %, images seen, distinct)]
+    for i, ((ds, model), cs) in enumerate(settings.items()):
+        ax_acc = fig.add_subplot(grid[i, 0])
         by_label = group(cs, lambda c: c.label)
         if not any(c.is_imp for c in cs):
             res.missing.append(f"fig2: no IMP run on {ds}/{model}")
@@ -71,45 +102,83 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                 if r not in c.history("test_accuracy"):
                     res.missing.append(f"fig2: {c.describe()} has no test_accuracy at round {r} "
                                        f"(listed in eval.rounds; status {c.status})")
-        for k, label in enumerate(sort_labels(by_label)):
+        labels = sort_labels(by_label)
+        markers = series_markers(labels)
+        for label in labels:
             s = series(by_label[label])
-            color = f"C{k}"
-            x = [100 * p["sparsity"] for p in s]
-            ax_acc.errorbar(x, [100 * p["acc_mean"] for p in s], yerr=[100 * p["acc_std"] for p in s],
-                            marker="o", ms=4, capsize=3, color=color,
-                            label=f"{label} (n={max(p['n'] for p in s)})")
-            pts = [p for p in s if p["round"] > 0 and p["images_seen"] == p["images_seen"]]
+            for p in s:
+                rows.append([ds, model, label, p["round"], p["sparsity"], p["acc_mean"], p["acc_std"], p["n"],
+                             " ".join(map(str, p["seeds"])), p["images_seen"], p["distinct"]])
+            if label == "dense":  # drawn as the baseline below
+                continue
+            color = variant_color(label)
+            ax_acc.errorbar([100 * p["sparsity"] for p in s], [100 * p["acc_mean"] for p in s],
+                            yerr=[100 * p["acc_std"] for p in s], marker=markers[label], ms=4, capsize=3,
+                            color=color, label=series_label(label, [p["n"] for p in s]))
+            pts = [(100 * p["sparsity"], p["images_seen"], p["distinct"]) for p in s
+                   if p["round"] > 0 and p["images_seen"] == p["images_seen"]]
             if pts:
-                xd = [100 * p["sparsity"] for p in pts]
-                ax_data.plot(xd, [p["images_seen"] for p in pts], "o-", ms=4, color=color,
-                             label=f"{label}: images seen (cumulative)")
-                ax_data.plot(xd, [p["distinct"] for p in pts], "s--", ms=3, color=color, alpha=0.7,
-                             label=f"{label}: distinct images")
+                data_used.setdefault(ds, {}).setdefault(label, {})[model] = pts
             else:
                 res.missing.append(f"fig2: {label} on {ds}/{model} logged no pruning_images_seen")
             starts = sorted({c.start_round for c in by_label[label] if c.then_imp})
             if pts and starts:
                 res.notes.append(f"fig2: {label} on {ds}/{model}: data used counted from round "
                                  f"{', '.join(map(str, starts))}, without the rounds of the chain it started from")
-            for p in s:
-                rows.append([ds, model, label, p["round"], p["sparsity"], p["acc_mean"], p["acc_std"], p["n"],
-                             " ".join(map(str, p["seeds"])), p["images_seen"], p["distinct"]])
+        dense, source = dense_baseline(cs)
+        if dense:
+            m, sd, n = mean_std(list(dense.values()))
+            ax_acc.axhline(100 * m, color=DENSE, ls="--", lw=1.3, zorder=1, label=series_label("dense", [n]))
+            if n > 1:
+                ax_acc.axhspan(100 * (m - sd), 100 * (m + sd), color=DENSE, alpha=0.15, lw=0, zorder=0)
+            res.notes.append(f"fig2: dense baseline on {ds}/{model} ({source}): {100 * m:.2f}%"
+                             + (f" ± {100 * sd:.2f}% (std), n={n}" if n > 1 else ", n=1"))
+        else:
+            res.missing.append(f"fig2: no dense (round 0) test_accuracy on {ds}/{model}")
         ax_acc.set(xlabel="sparsity (%)", ylabel="test accuracy (%)", title=f"{ds} / {model}")
         ax_acc.grid(alpha=0.3)
-        ax_acc.legend(fontsize=8)
+        if ax_acc.get_legend_handles_labels()[0]:
+            ax_acc.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    for ds, ds_settings in datasets.items():
+        rows_of = [list(settings).index(st) for st in ds_settings]
+        ax_data = fig.add_subplot(grid[min(rows_of):max(rows_of) + 1, 1])
+        by_label = data_used.get(ds, {})
+        labels = sort_labels(by_label)
+        markers = series_markers(labels)
+        for label in labels:
+            per_model = by_label[label]
+            first = next(iter(per_model.values()))
+            shared = all(same_points(first, pts) for pts in per_model.values())
+            for j, (model, pts) in enumerate(per_model.items()):
+                if shared and j:
+                    break
+                name = label if shared or len(per_model) == 1 else f"{label} — {model}"
+                marker = markers[label] if shared else SERIES_MARKERS[j % len(SERIES_MARKERS)]
+                color = variant_color(label)
+                xd = [p[0] for p in pts]
+                ax_data.plot(xd, [p[1] for p in pts], "-", marker=marker, ms=4, color=color, label=name)
+                ax_data.plot(xd, [p[2] for p in pts], "--", marker=marker, ms=3, color=color, alpha=0.7)
         ax_data.set_yscale("log")
+        models = ", ".join(st[1] for st in ds_settings)
         ax_data.set(xlabel="sparsity of the mask (%)", ylabel="training points used to find the mask",
-                    title="data used to find the mask (solid: cumulative, dashed: distinct)")
-        ax_data.grid(alpha=0.3, which="both")
-        if ax_data.lines:
-            ax_data.legend(fontsize=7)
-    fig.suptitle("Distilled pruning vs IMP (mean ± std over seeds)")
-    fig.tight_layout()
+                    title=f"data used to find the mask — {ds} ({models})")
+        ax_data.grid(alpha=0.3)
+        ax_data.grid(alpha=0.1, which="minor")
+        if not ax_data.lines:
+            ax_data.text(0.5, 0.5, "no pruning_images_seen logged", transform=ax_data.transAxes, ha="center",
+                         color="0.4")
+        else:
+            style = [Line2D([], [], color="k", ls="-", label="images seen (cumulative)"),
+                     Line2D([], [], color="k", ls="--", alpha=0.7, label="distinct images")]
+            ax_data.legend(handles=ax_data.get_legend_handles_labels()[0] + style, fontsize=8,
+                           loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.suptitle("Distilled pruning vs IMP (mean ± std over seeds; n = seeds)")
     save_fig(fig, out_dir, "fig2", res)
     write_csv(out_dir, "fig2.csv", ["dataset", "model", "variant", "round", "sparsity", "test_accuracy_mean",
                                      "test_accuracy_std", "n_seeds", "seeds", "images_seen_cumulative",
                                      "distinct_images"], rows, res)
-    res.notes.append("Error bars: sample std (ddof=1) over seeds; none with a single seed. Right panel: "
-                     "cumulative images seen = sum of per-round pruning_images_seen over the rounds before "
-                     "the mask; distinct images = pruning_set_size.")
+    res.notes.append("Error bars: sample std (ddof=1) over seeds; none with a single seed. Dashed grey line: "
+                     "the dense network, band ± std over seeds. Right panels: cumulative images seen = sum of "
+                     "per-round pruning_images_seen over the rounds before the mask; distinct images = "
+                     "pruning_set_size.")
     return res

@@ -1,22 +1,25 @@
 """Figures 3/4: loss along the linear path between two trained copies, per sparsity, and barrier heights.
 
-One row per (data set, model). One panel per variant (synthetic variants, then IMP) with a curve per
-evaluated round — the seed-mean of `train_loss` from `lmc/round_XX.json` (the paper plots training
-loss; `test_loss` is used where a file has no training curve, and said so) — colored by sparsity. The
-last panel: barrier height vs sparsity, mean ± sample std over seeds of `barrier_mid_train_loss`
-(solid; loss at α = 0.5 minus the endpoints' mean) and `barrier_max_train_loss` (dotted). Where a
-round has the curve but not the metric, the barrier is computed from the curve the same way.
+One row per (data set, model). One panel per variant (synthetic variants, then IMP; n seeds in its
+title) with a curve per evaluated round — the seed-mean of `train_loss` from `lmc/round_XX.json` (the
+paper plots training loss; `test_loss` is used where a file has no training curve, and said so) — in
+the discrete colour and marker of its sparsity (one legend for the figure). The last panel: barrier
+height vs sparsity in the colour of each variant, mean ± sample std over seeds of
+`barrier_mid_train_loss` (solid, filled; loss at α = 0.5 minus the endpoints' mean) and
+`barrier_max_train_loss` (dotted, hollow). Where a round has the curve but not the metric, the barrier
+is computed from the curve the same way.
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import cm
-from matplotlib.colors import Normalize
+from matplotlib.lines import Line2D
 
 from .load import Sweep, group, label_kind, mean_std, missing_seeds, sort_labels
 from .output import FigureResult, save_fig, write_csv
+from .palette import (series_label, series_markers, sparsity_colors, sparsity_marker, sparsity_names,
+                      variant_color)
 
 
 def curve_barriers(alphas, values) -> tuple[float, float]:
@@ -68,41 +71,60 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
     chains = [c for c, _ in data.values()]
     res.missing += missing_seeds([c for c in sweep.chains if not c.is_dense], "fig3_4")
     settings = group(chains, lambda c: c.setting)
-    ncols = 1 + max(len(group(cs, lambda c: c.label)) for cs in settings.values())
-    fig, axes = plt.subplots(len(settings), ncols, figsize=(4.6 * ncols, 3.9 * len(settings)), squeeze=False,
-                             layout="constrained")
-    max_sp = max(c.sparsity_at(r) for c, cur in data.values() for r in cur) or 1.0
-    norm, cmap = Normalize(0, max_sp * 100), cm.viridis
+
+    # seed-mean curves first: their sparsities, across the figure, pick the discrete colours
+    panels = {}  # (setting, label) -> [(round, sparsity, alphas, loss, n, splits, first chain's split)]
+    order = {}  # setting -> labels, synthetic first
+    for (ds, model), cs in settings.items():
+        by_label = group(cs, lambda c: c.label)
+        order[(ds, model)] = [l for l in sort_labels(by_label) if label_kind(l) != "imp"] + \
+                             [l for l in sort_labels(by_label) if label_kind(l) == "imp"]
+        for label, lc in by_label.items():
+            curves = panels.setdefault(((ds, model), label), [])
+            for r in sorted({r for c in lc for r in data[c.run_id][1]}):
+                cur = [data[c.run_id][1][r] for c in lc if r in data[c.run_id][1]
+                       and data[c.run_id][1][r]["loss"] is not None]
+                if not cur:
+                    continue
+                sp = mean_std([c.sparsity_at(r) for c in lc if r in data[c.run_id][1]])[0]
+                alphas = np.asarray(cur[0]["alphas"], float)
+                same = [d for d in cur if len(d["loss"]) == len(alphas)]
+                curves.append((r, sp, alphas, np.mean([d["loss"] for d in same], axis=0), len(same),
+                               {d["split"] for d in cur}, cur[0]["split"]))
+    # sparsities a hair apart (seed means of logged values) share one colour
+    key = lambda sp: round(sp, 4)  # noqa: E731
+    shown = sorted({key(p[1]) for curves in panels.values() for p in curves})
+    colors, names = sparsity_colors(shown), sparsity_names(shown)
+
+    ncols = 1 + max(len(labels) for labels in order.values())
+    fig, axes = plt.subplots(len(settings), ncols, figsize=(4.6 * ncols + 1.5, 4.0 * len(settings)),
+                             squeeze=False, layout="constrained")
     curve_rows, barrier_rows = [], []
     for i, ((ds, model), cs) in enumerate(settings.items()):
         by_label = group(cs, lambda c: c.label)
-        labels = [l for l in sort_labels(by_label) if label_kind(l) != "imp"] + \
-                 [l for l in sort_labels(by_label) if label_kind(l) == "imp"]
+        labels = order[(ds, model)]
         if not any(c.is_imp for c in cs):
             res.missing.append(f"fig3_4: no IMP LMC results on {ds}/{model}")
         if not any(c.is_synthetic for c in cs):
             res.missing.append(f"fig3_4: no synthetic LMC results on {ds}/{model}")
         ax_b = axes[i, -1]
+        markers = series_markers(labels)
         for j, label in enumerate(labels):
             ax = axes[i, j]
             lc = by_label[label]
             rounds = sorted({r for c in lc for r in data[c.run_id][1]})
             splits = set()
-            for r in rounds:
-                cur = [data[c.run_id][1][r] for c in lc if r in data[c.run_id][1]
-                       and data[c.run_id][1][r]["loss"] is not None]
-                if not cur:
-                    continue
-                splits |= {d["split"] for d in cur}
-                sp = mean_std([c.sparsity_at(r) for c in lc if r in data[c.run_id][1]])[0]
-                alphas = np.asarray(cur[0]["alphas"], float)
-                same = [d for d in cur if len(d["loss"]) == len(alphas)]
-                loss = np.mean([d["loss"] for d in same], axis=0)
-                ax.plot(alphas, loss, "-", marker=".", ms=3, color=cmap(norm(100 * sp)), lw=1.4)
+            for r, sp, alphas, loss, n, split, split0 in panels[((ds, model), label)]:
+                splits |= split
+                ax.plot(alphas, loss, "-", marker=sparsity_marker(sp), ms=3.5, markevery=max(1, len(alphas) // 10),
+                        color=colors[key(sp)], lw=1.4)
                 for a, v in zip(alphas, loss):
-                    curve_rows.append([ds, model, label, r, sp, cur[0]["split"], a, v, len(same)])
-            ax.set(title=f"{label} — {ds}/{model}", xlabel="interpolation α",
-                   ylabel=f"{'/'.join(sorted(splits)) or 'train'} loss (seed mean)")
+                    curve_rows.append([ds, model, label, r, sp, split0, a, v, n])
+            ns = [len([c for c in lc if r in data[c.run_id][1]]) for r in rounds]
+            ax.set_title(f"{series_label(label, ns)}\n{ds}/{model}", fontsize=10)
+            for spine in ax.spines.values():  # the variant's colour, as in the barrier panel
+                spine.set(color=variant_color(label), linewidth=1.6)
+            ax.set(xlabel="interpolation α", ylabel=f"{'/'.join(sorted(splits)) or 'train'} loss (seed mean)")
             ax.grid(alpha=0.3)
             # barrier vs sparsity
             pts = []
@@ -116,25 +138,33 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                     if d is not None:
                         barrier_rows.append([ds, model, label, c.seed, r, c.sparsity_at(r), d["split"],
                                              d["mid"], d["max"]])
-            color = f"C{j}"
+            color, marker = variant_color(label), markers[label]
             ax_b.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
-                          marker="o", ms=4, capsize=3, color=color, label=f"{label} mid (α=0.5)")
-            ax_b.plot([p[0] for p in pts], [p[2][0] for p in pts], ":", marker="^", ms=3, color=color,
-                      label=f"{label} max over α")
+                          marker=marker, ms=4, capsize=3, color=color,
+                          label=series_label(label, [p[1][2] for p in pts]))
+            ax_b.plot([p[0] for p in pts], [p[2][0] for p in pts], ":", marker=marker, ms=4, color=color,
+                      mfc="white")
         for j in range(len(labels), ncols - 1):
             axes[i, j].axis("off")
         ax_b.axhline(0, color="k", lw=0.6)
-        ax_b.set(title=f"barrier height — {ds}/{model}", xlabel="sparsity (%)", ylabel="barrier (train loss)")
+        ax_b.set(title=f"barrier height\n{ds}/{model}", xlabel="sparsity (%)", ylabel="barrier (train loss)")
+        ax_b.title.set_fontsize(10)
         ax_b.grid(alpha=0.3)
-        ax_b.legend(fontsize=7)
-    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, :-1].ravel().tolist(),
-                 label="sparsity (%)", shrink=0.8)
+        style = [Line2D([], [], color="k", ls="-", marker="o", ms=4, label="mid (α=0.5) ± std"),
+                 Line2D([], [], color="k", ls=":", marker="o", ms=4, mfc="white", label="max over α")]
+        ax_b.legend(handles=ax_b.get_legend_handles_labels()[0] + style, fontsize=8, loc="upper left",
+                    bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    if shown:
+        handles = [Line2D([], [], color=colors[s], marker=sparsity_marker(s), ms=5, lw=1.6, label=names[s])
+                   for s in shown]
+        fig.legend(handles=handles, title="sparsity (curves)", loc="outside lower center",
+                   ncol=min(len(handles), 11), fontsize=9, title_fontsize=9)
     fig.suptitle("Loss along the linear path between two copies trained on different data orders")
     save_fig(fig, out_dir, "fig3_4", res)
     write_csv(out_dir, "fig3_4_curves.csv", ["dataset", "model", "variant", "round", "sparsity", "split", "alpha",
                                               "loss_seed_mean", "n_seeds"], curve_rows, res)
     write_csv(out_dir, "fig3_4_barriers.csv", ["dataset", "model", "variant", "seed", "round", "sparsity", "split",
                                                 "barrier_mid_loss", "barrier_max_loss"], barrier_rows, res)
-    res.notes.append("Curves: training loss along θ(α) = (1−α)θ_A + αθ_B, mean over seeds; error bars: sample "
-                     "std over seeds.")
+    res.notes.append("Curves: training loss along θ(α) = (1−α)θ_A + αθ_B, mean over seeds, one colour and "
+                     "marker per sparsity; error bars: sample std over seeds.")
     return res

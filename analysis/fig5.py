@@ -3,8 +3,8 @@
 Reads `landscape/round_XX.npz` (keys in docs/results.md: `grid` (or `loss`) ny×nx losses with row i at
 `ys[i]`, `xs`, `ys`, `coords` (k, 2) copies' positions). One figure per (data set, model, pruned
 round r): the dense network (round 0 of a dense or IMP chain, else of any chain), IMP at r and each
-synthetic variant at r, filled contours on a shared log color scale, copies marked. With several
-chain seeds the lowest seed is shown (noted).
+synthetic variant at r, filled contours on a shared log color scale, copies marked in the colour of
+the panel's variant. With several chain seeds the lowest seed is shown (noted).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from matplotlib.colors import LogNorm
 
 from .load import Sweep, label_kind, sort_labels
 from .output import FigureResult, save_fig, slug, write_csv
+from .palette import variant_color
 
 
 def grid_of(d: dict):
@@ -63,6 +64,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
         rounds = sorted({r for l in labels for r in by_label[l] if r > 0}) or [0]
         for r in rounds:
             panels = [("dense", dense)] + [(f"{l} r{r}", by_label[l].get(r)) for l in labels]
+            variant_of = {"dense": "dense", **{f"{l} r{r}": l for l in labels}}
             for name, p in panels[1:]:
                 if p is None:
                     res.missing.append(f"fig5: no {name.rsplit(' ', 1)[0]} landscape at round {r} on {ds}/{model}")
@@ -82,7 +84,8 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                            colors="white", linewidths=0.4, alpha=0.6)
                 if "coords" in d:
                     xy = np.asarray(d["coords"], float).reshape(-1, 2)
-                    ax.scatter(xy[:, 0], xy[:, 1], s=45, c="red", edgecolors="white", zorder=3)
+                    ax.scatter(xy[:, 0], xy[:, 1], s=50, c=variant_color(variant_of[name]), edgecolors="white",
+                               linewidths=1.2, zorder=3)
                     for k, (x, y) in enumerate(xy):
                         ax.annotate(str(k + 1), (x, y), textcoords="offset points", xytext=(4, 4),
                                     color="white", fontsize=8)

@@ -4,7 +4,8 @@ Rows come from the `hessian_*` metrics (step = round). Round 0 of any chain is t
 labelled `dense` (`dense (k=K)` from a rewind point); chains of one seed share it, so it counts once
 per (seed, rewind epoch). Other rounds by variant and sparsity. With several seeds each statistic is the
 seed-mean (n given); the per-seed values are in hessian_runs.csv. Written as Markdown and CSV, plus a
-plot of mean ± std (thick), min..max (thin) and mean |h| (diamond) per subnetwork.
+plot per subnetwork in its variant's colour and its sparsity's marker: mean ± std (thick, filled),
+mean |h| (hollow) and min..max (thin grey).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import math
 import os
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 from .load import Sweep, group, label_kind, mean_std
 from .output import FigureResult, markdown_table, save_fig, write_csv
+from .palette import sparsity_label, sparsity_marker, variant_color
 
 STATS = ("min", "max", "mean", "std", "abs_mean", "top_eigenvalue")
 
@@ -72,22 +75,26 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res.tables.append(path)
     res.markdown.append(md)
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(agg)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(agg)), 4.4), layout="constrained")
     for i, a in enumerate(agg):
+        color, marker = variant_color(a[2]), sparsity_marker(a[4])
         ax.plot([i, i], [a[6], a[7]], color="0.6", lw=1)
-        ax.errorbar([i], [a[8]], yerr=[a[9]], fmt="o", color="C0", capsize=4, lw=2)
-        ax.plot([i], [a[10]], "D", color="C3", ms=5)
-    ax.plot([], [], "o", color="C0", label="mean ± std")
-    ax.plot([], [], color="0.6", label="min … max")
-    ax.plot([], [], "D", color="C3", label="mean |h|")
-    ax.set_xticks(range(len(agg)), [f"{a[2]}\n{100 * a[4]:.0f}%\n{a[0]}/{a[1]}" for a in agg], fontsize=7)
+        ax.errorbar([i], [a[8]], yerr=[a[9]], fmt=marker, color=color, capsize=4, lw=2, ms=6)
+        ax.plot([i - 0.18], [a[10]], marker, color=color, mfc="white", ms=6)
+    ax.set_xticks(range(len(agg)), [f"{a[2]}\n{sparsity_label(a[4])}\n{a[0]}/{a[1]}" for a in agg], fontsize=7)
+    sparsities = {sparsity_label(a[4]): a[4] for a in agg}
+    handles = [Line2D([], [], color="k", marker="o", ls="-", lw=2, label="mean ± std (filled)"),
+               Line2D([], [], color="k", marker="o", ls="", mfc="white", label="mean |h| (hollow, left)"),
+               Line2D([], [], color="0.6", label="min … max")]
+    handles += [Line2D([], [], color="0.3", marker=sparsity_marker(s), ls="", label=f"sparsity {name}")
+                for name, s in sorted(sparsities.items(), key=lambda kv: kv[1])]
     ax.axhline(0, color="k", lw=0.5)
     ax.set(ylabel="Hessian diagonal entry", title="Hessian diagonal per subnetwork (seed means)")
     # symlog: entries straddle zero and span orders of magnitude; linear only well inside the spread
     stds = [a[9] for a in agg if a[9] == a[9] and a[9] > 0]
     lin = 10.0 ** math.floor(math.log10(min(stds) / 10)) if stds else 1e-3  # a decade: ticks clear of 0
     ax.set_yscale("symlog", linthresh=lin, linscale=2)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     save_fig(fig, out_dir, "hessian", res)
     return res

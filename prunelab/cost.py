@@ -22,6 +22,7 @@ import torch
 from .data import dataset_shape, dataset_sizes
 from .hparams import ChainHparams, ModelHparams, TrainingHparams
 from .masks import density_after
+from .metrics import other_bn_mode
 from .train import total_steps
 
 # (seconds per optimizer step, sustained FLOP/s): one CPU thread (scaled by the threads a chain
@@ -167,7 +168,10 @@ def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
         lh = ev.lmc_hparams
         per_split = {"train": n_train, "test": n_test}
         n_eval = sum(min(per_split[s], lh.eval_examples or per_split[s]) for s in lh.splits)
-        cost = cost + len(lh.seeds) * one + len(lmc_alphas(lh.num_points)) * point(n_eval, lh)
+        curve = len(lmc_alphas(lh.num_points)) * point(n_eval, lh)
+        if lh.both_bn_modes and has_bn:  # the same pair measured in the other BN mode
+            curve = curve + len(lmc_alphas(lh.num_points)) * point(n_eval, lh.replace(bn_mode=other_bn_mode(lh.bn_mode)))
+        cost = cost + (1 + len(ev.controls)) * (len(lh.seeds) * one + curve)  # the pair and each control's
     if ev.landscape:
         lh = ev.landscape_hparams
         n_eval = min(n_train, lh.eval_examples or n_train)

@@ -1,12 +1,18 @@
 """What is measured at a chain's evaluation rounds: real-data accuracy of the subnetwork, and (as a
 figure needs) its linear mode connectivity, 2D loss landscape and Hessian.
 
-`evaluate_round` returns plain data: flat `metrics` (names as in docs/results.md) plus the arrays
-(curves, grids) a sweep stores as artifacts.
+`evaluate_round` returns plain data: flat `metrics` (names in `prunelab.metrics` and docs/results.md)
+plus the arrays (curves, grids) a sweep stores as artifacts.
+
+Controls (`controls`): the same LMC measurement (same data orders, both BN modes) on a random mask
+with the round mask's per-layer counts (`shuffled`) and on the round's mask over a fresh random
+initialization (`reinit`), so a figure can tell whether stability comes from per-layer density,
+from which weights are kept, or from the pairing of mask and initialization.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -15,7 +21,9 @@ from .data import DataSplit
 from .hessian import HessianHparams, hessian_analysis
 from .hparams import ChainHparams, Hparams, hp, require
 from .landscape import LandscapeHparams, landscape
-from .masks import Mask, rounds_for_sparsity
+from .masks import Mask, rounds_for_sparsity, shuffle_layerwise
+from .metrics import CONTROLS, KINDS, accuracy_name, barrier_name, with_control
+from .models import build_model
 from .stability import LMCHparams, instability
 
 
@@ -26,6 +34,9 @@ class EvalHparams(Hparams):
     every_round: bool = hp(False, "evaluate at every round from 0 to the last")
     lmc: bool = hp(True, "train two copies and measure linear mode connectivity")
     lmc_hparams: LMCHparams = hp(LMCHparams(), "interpolation settings")
+    controls: tuple[str, ...] = hp((), "LMC controls of each evaluated mask: shuffled (random mask, same "
+                                       "per-layer counts), reinit (same mask, fresh initialization)",
+                                   hashed_at_default=False)
     landscape: bool = hp(False, "train several copies and map the 2D loss landscape")
     landscape_hparams: LandscapeHparams = hp(LandscapeHparams(), "landscape settings")
     hessian: bool = hp(False, "Hessian diagonal statistics of a trained copy")
@@ -37,6 +48,11 @@ class EvalHparams(Hparams):
                     "give sparsities as fractions, e.g. 0.6 or 0.87")
         for i, r in enumerate(self.rounds):
             require(r >= 0, f"{p}rounds[{i}]", f"must be >= 0, got {r}")
+        for i, c in enumerate(self.controls):
+            require(c in CONTROLS, f"{p}controls[{i}]", f"unknown control {c!r}", "use " + " and/or ".join(CONTROLS))
+        require(len(set(self.controls)) == len(self.controls), p + "controls", "contains duplicates")
+        require(self.lmc or not self.controls, p + "controls", "controls are LMC measurements",
+                "set evaluation.lmc: true, or drop the controls")
 
     def resolve_rounds(self, chain: ChainHparams, path: str = "evaluation") -> list[int]:
         """The evaluation rounds for this chain, checked against its number of rounds.
@@ -73,13 +89,18 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
     if ev.lmc:
         res = instability(hp, data, weights, mask, ev.lmc_hparams, device)
         copies = res["copies"]
-        metrics.update(test_accuracy=res["copy_test_accuracy"],
-                       test_loss=sum(c["test_loss"] for c in copies) / len(copies),
+        metrics.update(test_loss=sum(c["test_loss"] for c in copies) / len(copies),
                        train_loss=sum(c["train_loss"] for c in copies) / len(copies))
-        for kind in ("mid", "max"):
-            for k, v in res[f"barrier_{kind}"].items():
-                metrics[f"barrier_{kind}_{k}"] = v
+        metrics.update(lmc_metrics(res))
         out["lmc"] = {k: v for k, v in res.items() if k not in ("models",)}
+        controls = {}
+        for name in ev.controls:
+            w, m = control_subnetwork(hp, data, weights, mask, name)
+            c = instability(hp, data, w, m, ev.lmc_hparams, device)
+            metrics.update(lmc_metrics(c, control=name))
+            controls[name] = {k: v for k, v in c.items() if k not in ("models",)}
+        if controls:
+            out["lmc"]["controls"] = controls
     if ev.landscape:
         out["landscape"] = landscape(hp, data, weights, mask, ev.landscape_hparams, device)
     if ev.hessian or not ev.lmc:
@@ -101,11 +122,50 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
     return out
 
 
+def lmc_metrics(res: dict, control: str | None = None) -> dict[str, float]:
+    """The flat metrics of an `instability` result: mean test accuracy of the copies, and every
+    barrier in the primary BN mode (plain names) and in each recorded mode (`_bn_<mode>`)."""
+    out = {accuracy_name(control): res["copy_test_accuracy"]}
+    for kind in KINDS:
+        for k, v in res[f"barrier_{kind}"].items():
+            out[with_control(f"barrier_{kind}_{k}", control)] = v
+    for mode, r in res.get("by_bn_mode", {}).items():
+        for kind in KINDS:
+            for k, v in r[f"barrier_{kind}"].items():
+                split, measure = k.split("_")
+                out[barrier_name(kind, split, measure, mode, control)] = v
+    return out
+
+
+def control_subnetwork(hp: ChainHparams, data: DataSplit, weights: dict, mask: Mask, control: str
+                       ) -> tuple[dict, Mask]:
+    """(weights, mask) of a control of the subnetwork `weights ⊙ mask` (see the module docstring).
+
+    Both are seeded from the chain's seed, so a control is as reproducible as the chain: `shuffled`
+    keeps `weights` and draws a mask with the same per-layer counts; `reinit` keeps the mask and draws
+    a fresh initialization of the same architecture. For a chain rewound to epoch k > 0 the fresh
+    initialization takes the rewind point's place, so it trains the rest of the schedule only (from
+    step k·steps-per-epoch, at that point's learning rate), as the mask's own copies do."""
+    if control == "shuffled":
+        return weights, shuffle_layerwise(mask, derive_seed(hp.seed, "control", "shuffled", mask.remaining))
+    if control == "reinit":
+        model = build_model(hp.model, data.train.shape, data.train.num_classes,
+                            seed=derive_seed(hp.seed, "control", "reinit"))
+        return {k: v.detach() for k, v in model.state_dict().items()}, mask
+    raise ValueError(f"unknown control {control!r}")
+
+
 def result_key(ev: EvalHparams) -> str:
     """Hash naming one round's stored evaluation: the spec without the choice of rounds, so sweeps
     that evaluate different rounds with the same settings share results.
 
     The `stacked` switches count only when on (stacked copies equal one-by-one copies up to float
     rounding, not bit for bit): they are `hashed_at_default=False`, so evaluations stored before
-    they existed are found."""
-    return ev.replace(sparsities=(), rounds=(), every_round=False).hash()
+    they existed are found. The controls count as a set (their order changes nothing measured).
+    An LMC evaluation that records both BN modes (the default) gets a key of its own: one stored
+    before both modes were recorded holds one mode and is not this result (evaluations without LMC
+    keep their keys; `both_bn_modes: false` is a new key too, as the field is then hashed)."""
+    core = ev.replace(sparsities=(), rounds=(), every_round=False, controls=tuple(sorted(ev.controls)))
+    if ev.lmc and ev.lmc_hparams.both_bn_modes:
+        return hashlib.sha256((core.canonical_json() + "|lmc-both-bn-modes").encode()).hexdigest()[:16]
+    return core.hash()

@@ -189,6 +189,18 @@ def magnitude_prune(mask: Mask, weights: dict[str, torch.Tensor], fraction: floa
     return out
 
 
+def shuffle_layerwise(mask: Mask, seed: int) -> Mask:
+    """A random mask with exactly `mask`'s count of surviving weights in every layer, at positions drawn
+    uniformly (seeded): the control that keeps the per-layer density and forgets which weights."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = Mask()
+    for n, m in mask.items():
+        keep = torch.zeros(m.numel(), dtype=torch.bool)
+        keep[torch.randperm(m.numel(), generator=g)[:int(m.sum())]] = True
+        out[n] = keep.view_as(m)
+    return out
+
+
 def density_after(rounds: int, fraction: float) -> float:
     """Fraction of weights left after `rounds` rounds of pruning `fraction` of the remaining."""
     return (1.0 - fraction) ** rounds

@@ -17,6 +17,9 @@ tensor — what the authors' code did, so it reproduces their curves. `"recomput
 statistics at every α and re-estimates them on a fixed set of `bn_batches` training batches (the same
 batches at every α, no augmentation), which measures the interpolated network as it would really run.
 Models without batch norm (ConvNet-3 uses instance norm) give identical results in both modes.
+The two can differ tenfold on the same pair (interpolated statistics inflate the barrier), so
+`instability` measures the pair in both modes (`both_bn_modes`, on by default): `bn_mode` is the
+primary one (the plain metric names), and `by_bn_mode` holds each mode's curve and barriers.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from .data import DataSplit, ImageData
 from .errors import ConfigError
 from .hparams import ChainHparams, Hparams, hp, require
 from .masks import Mask
+from .metrics import SPLITS, other_bn_mode
 from .train import resolve_device
 
-SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class LMCHparams(Hparams):
     seeds: tuple[int, ...] = hp((0, 1), "seeds of the two copies' data order and augmentation")
     bn_mode: Literal["interpolate", "recompute"] = hp(
         "interpolate", "batch-norm statistics: interpolate linearly (authors' code) or recompute per α")
+    both_bn_modes: bool = hp(True, "also measure the other BN mode on the same trained pair (models with BN)",
+                             hashed_at_default=False)
     bn_batches: int = hp(20, "training batches used to recompute BN statistics (bn_mode=recompute)")
     bn_batch_size: int = hp(128, "batch size for recomputing BN statistics")
     splits: tuple[str, ...] = hp(SPLITS, "splits evaluated along the line (paper: train; authors' code: test)")
@@ -308,18 +313,41 @@ def train_pair(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tenso
     return (models[0], models[1]), metrics
 
 
+def bn_curves(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: LMCHparams = LMCHparams(),
+              device="cpu", mask: Optional[Mask] = None) -> dict:
+    """`lmc_curve` of one pair in the primary BN mode and, with `both_bn_modes`, in the other one.
+
+    Returns the primary curve's data plus `by_bn_mode`: mode -> {curves, barrier_mid, barrier_max,
+    bn_recomputed}. A model without batch norm is measured once; both modes then hold that curve
+    (they are the same measurement)."""
+    primary = lmc_curve(model_a, model_b, data, lmc_hp, device, mask=mask)
+    keys = [k for k in primary if k.endswith(("_loss", "_accuracy"))] + ["barrier_mid", "barrier_max",
+                                                                       "bn_recomputed"]
+    by_mode = {lmc_hp.bn_mode: {k: primary[k] for k in keys}}
+    if lmc_hp.both_bn_modes:
+        other = other_bn_mode(lmc_hp.bn_mode)
+        has_bn = bool(batchnorm_modules(model_a))
+        second = lmc_curve(model_a, model_b, data, lmc_hp.replace(bn_mode=other), device, mask=mask) \
+            if has_bn else primary
+        by_mode[other] = {k: second[k] for k in keys}
+        primary["wall_s"] += second["wall_s"] if has_bn else 0.0
+    primary["by_bn_mode"] = by_mode
+    return primary
+
+
 def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
                 lmc_hp: LMCHparams = LMCHparams(), device="cpu") -> dict:
-    """Train a pair (`train_pair` with `lmc_hp.seeds`) and measure its LMC curve (`lmc_curve`).
+    """Train a pair (`train_pair` with `lmc_hp.seeds`) and measure its LMC curve (`bn_curves`).
 
-    Returns the curve's plain data plus `copies` (each copy's seed, test accuracy/loss, final
-    training loss), `copy_test_accuracy` (their mean), `sparsity`, and `train_s` (training time).
+    Returns the curve's plain data (with `by_bn_mode`) plus `copies` (each copy's seed, test
+    accuracy/loss, final training loss), `copy_test_accuracy` (their mean), `sparsity`, and
+    `train_s` (training time).
     """
     lmc_hp.validate()
     t0 = time.perf_counter()
     (a, b), metrics = train_pair(hp, data, weights, mask, lmc_hp.seeds, device, stacked=lmc_hp.stacked)
     train_s = time.perf_counter() - t0
-    curve = lmc_curve(a, b, data, lmc_hp, device, mask=mask)
+    curve = bn_curves(a, b, data, lmc_hp, device, mask=mask)
     curve.update(copies=metrics, copy_test_accuracy=sum(m["test_accuracy"] for m in metrics) / 2,
                  sparsity=mask.sparsity, train_s=train_s)
     return curve

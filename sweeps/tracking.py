@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from prunelab.errors import first_line
+from prunelab.metrics import PRIMARY_BN_PARAM
 
 RETRIES = 5
 # MLflow's HTTP client retries a refused connection for minutes by default (7 retries, back-off
@@ -196,6 +197,7 @@ class ChainRun:
 
         params = flatten(spec["chain"])
         params["eval.rounds"] = ",".join(map(str, spec["rounds"]))
+        params[PRIMARY_BN_PARAM] = str(spec.get("eval", {}).get("lmc_hparams", {}).get("bn_mode", "interpolate"))
         params = {k: (v if len(v) <= 6000 else v[:5990] + "...") for k, v in params.items()}
         items = [Param(k, v) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):

@@ -114,18 +114,22 @@ def test_seconds_model():
     assert Cost().seconds("gpu") == 0
 
 
+# the demo on two models and one seed: chains of very different lengths
+TWO_MODELS = [("model", ["convnet3", "resnet10_bn"]), ("seeds", [0])]
+
+
 def test_sweep_order_longest_first():
     from sweeps.config import expand, load_sweep
     from sweeps.driver import longest_first
 
-    trials = expand(load_sweep("fig6", "demo")[0], "fig6")
+    trials = expand(load_sweep("fig6", "demo", TWO_MODELS)[0], "fig6")
     ordered = longest_first(trials)
     est = [t.estimated_s() for t in ordered]
     assert est == sorted(est, reverse=True)
     labels = [t.label() for t in ordered]
     # the demo's measured order on a CPU (a ResNet-10 chain on ipc 10 first, the ConvNet-3 IMP chain last)
-    assert labels[0] == "distilled,model=resnet10_bn,seed=0,ipc=10"
-    assert labels[-1] == "imp,model=convnet3,seed=0"
+    assert labels[0] == "distilled,seed=0,model=resnet10_bn,ipc=10"
+    assert labels[-1] == "imp,seed=0,model=convnet3"
     assert all("resnet10_bn" in lab for lab in labels[:3])
 
 
@@ -133,19 +137,19 @@ def test_a_trial_without_estimate_goes_last(monkeypatch, capsys):
     from sweeps.config import Trial, expand, load_sweep
     from sweeps.driver import longest_first
 
-    trials = expand(load_sweep("fig6", "demo")[0], "fig6")
+    trials = expand(load_sweep("fig6", "demo", TWO_MODELS)[0], "fig6")
     real = Trial.estimated_s
 
     def flaky(self, store=None):
-        if self.label() == "imp,model=resnet10_bn,seed=0":
+        if self.label() == "imp,seed=0,model=resnet10_bn":
             raise ValueError("no such model size")
         return real(self, store)
 
     monkeypatch.setattr(Trial, "estimated_s", flaky)
     ordered = [t.label() for t in longest_first(trials)]
-    assert "no time estimate for imp,model=resnet10_bn,seed=0 (no such model size)" in capsys.readouterr().out
-    assert ordered[-1] == "imp,model=resnet10_bn,seed=0"  # counted as 0: last, after every estimated chain
-    assert ordered[0] == "distilled,model=resnet10_bn,seed=0,ipc=10"
+    assert "no time estimate for imp,seed=0,model=resnet10_bn (no such model size)" in capsys.readouterr().out
+    assert ordered[-1] == "imp,seed=0,model=resnet10_bn"  # counted as 0: last, after every estimated chain
+    assert ordered[0] == "distilled,seed=0,model=resnet10_bn,ipc=10"
 
 
 def test_start_chains_go_before_the_chains_that_start_from_them():
@@ -225,3 +229,17 @@ def test_what_is_left_of_a_chain(tmp_path):
 
     store.save_eval(result_key(ev), 2, {"metrics": {}})
     assert trial.estimated_s(str(tmp_path / "store")) < before
+
+
+def test_controls_and_the_second_bn_mode_are_counted():
+    from prunelab.stability import LMCHparams
+
+    for model, has_bn in (("convnet3", False), ("resnet10_bn", True)):
+        hp = chain(model={"name": model, "width": 8})
+        one_mode = evaluation_cost(hp, EvalHparams(lmc_hparams=LMCHparams(both_bn_modes=False)))
+        both = evaluation_cost(hp, EvalHparams())
+        # the other mode's curve (with its BN re-estimation) only where there is BN to recompute
+        assert (both.flops > one_mode.flops) == has_bn
+        # each control is one more pair and its curves: the cost scales by 1 + controls
+        two = evaluation_cost(hp, EvalHparams(controls=("shuffled", "reinit")))
+        assert two.flops == pytest.approx(3 * both.flops) and two.steps == 3 * both.steps

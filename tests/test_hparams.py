@@ -78,8 +78,12 @@ def test_switches_added_later_keep_stored_hashes():
     from prunelab.evaluation import EvalHparams, result_key
 
     assert ChainHparams().hash() == "2ab6df90f501b7d2"
-    assert result_key(EvalHparams()) == "6df619d024f714cc"
-    assert result_key(EvalHparams(landscape=True, hessian=True)) == "4eb88c8219c04278"
+    assert result_key(EvalHparams(lmc=False)) == "e42743785b5a3cb4"
+    # LMC evaluations record both BN modes since the key below: older ones (keys 6df619d024f714cc and
+    # 4eb88c8219c04278) hold one mode and are not reused for them
+    assert result_key(EvalHparams()) == "b6a7646dedbc980d"
+    assert result_key(EvalHparams(landscape=True, hessian=True)) == "9a1205339d11ef87"
+    assert result_key(EvalHparams(controls=("shuffled",))) != result_key(EvalHparams())
     on = ChainHparams.from_dict({"training": {"compile": True, "compile_mode": "reduce-overhead"}})
     assert on.hash() != ChainHparams.from_dict({"training": {"compile": True}}).hash()
     assert "compile_mode" in ChainHparams().to_dict()["training"]  # still in the config itself

@@ -1,0 +1,56 @@
+"""The names of a round's evaluation metrics, in one place: `evaluation.py` writes them, `analysis/`
+reads them (this module imports nothing heavy, so the analysis side needs no torch).
+
+    test_accuracy                                   the subnetwork's mean test accuracy (LMC copies)
+    barrier_<mid|max>_<train|test>_<loss|error>     barriers in the primary BN mode (lmc_hparams.bn_mode)
+    ..._bn_<interpolate|recompute>                  the same in a named BN mode (both are recorded)
+    control_<shuffled|reinit>_<any name above>      the same for a control of the round's mask
+
+Controls (`EvalHparams.controls`): `shuffled` keeps each layer's count of surviving weights and draws
+their positions at random (is it *which* weights, or only how many per layer?); `reinit` keeps the
+mask and draws a fresh initialization (does the mask only work with the weights it was found on?).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+BN_MODES = ("interpolate", "recompute")
+PRIMARY_BN_PARAM = "eval.bn_mode"  # the run param naming the BN mode of the plain barrier names
+CONTROLS = ("shuffled", "reinit")
+SPLITS = ("train", "test")
+MEASURES = ("loss", "error")
+KINDS = ("mid", "max")
+
+
+def barrier_name(kind: str = "mid", split: str = "train", measure: str = "loss", bn_mode: Optional[str] = None,
+                 control: Optional[str] = None) -> str:
+    """e.g. `barrier_mid_train_loss`, `barrier_mid_test_error_bn_recompute`,
+    `control_shuffled_barrier_mid_train_loss_bn_interpolate`."""
+    name = f"barrier_{kind}_{split}_{measure}" + (f"_bn_{bn_mode}" if bn_mode else "")
+    return with_control(name, control)
+
+
+def accuracy_name(control: Optional[str] = None) -> str:
+    """`test_accuracy`, or `control_<name>_test_accuracy`."""
+    return with_control("test_accuracy", control)
+
+
+def with_control(name: str, control: Optional[str]) -> str:
+    """`name` as measured on `control` (unchanged for the mask itself)."""
+    return f"control_{control}_{name}" if control else name
+
+
+def other_bn_mode(mode: str) -> str:
+    """The BN mode that is not `mode`."""
+    return next(m for m in BN_MODES if m != mode)
+
+
+def parse_barrier(spec: str) -> tuple[str, str, str]:
+    """`train_loss` / `test_error` / `mid_train_loss` -> (kind, split, measure); ValueError if unknown."""
+    parts = spec.split("_")
+    if len(parts) == 2:
+        parts = ["mid"] + parts
+    if len(parts) != 3 or parts[0] not in KINDS or parts[1] not in SPLITS or parts[2] not in MEASURES:
+        raise ValueError(f"unknown barrier {spec!r}: use [mid_|max_]<train|test>_<loss|error>, e.g. train_loss")
+    return parts[0], parts[1], parts[2]
