@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
-from .load import Sweep, group, mean_std, missing_seeds, sort_labels
+from .load import Sweep, group, mean_std, missing_seeds, seed_words, sort_labels
 from .output import FigureResult, save_fig, write_csv
 from .palette import DENSE, SERIES_MARKERS, series_label, series_markers, variant_color
 
@@ -172,7 +172,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                      Line2D([], [], color="k", ls="--", alpha=0.7, label="distinct images")]
             ax_data.legend(handles=ax_data.get_legend_handles_labels()[0] + style, fontsize=8,
                            loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.suptitle("Distilled pruning vs IMP (mean ± std over seeds; n = seeds)")
+    fig.suptitle(f"Distilled pruning vs IMP (mean ± std over seeds; n = seeds; {seed_words(sweep.ok)})")
     save_fig(fig, out_dir, "fig2", res)
     write_csv(out_dir, "fig2.csv", ["dataset", "model", "variant", "round", "sparsity", "test_accuracy_mean",
                                      "test_accuracy_std", "n_seeds", "seeds", "images_seen_cumulative",

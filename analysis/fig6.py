@@ -40,7 +40,7 @@ from matplotlib.lines import Line2D
 from prunelab.metrics import (BN_MODES, CONTROLS, PRIMARY_BN_PARAM, accuracy_name, barrier_name, other_bn_mode,
                               parse_barrier)
 
-from .load import Sweep, group
+from .load import Sweep, group, seed_words
 from .output import FigureResult, markdown_table, save_fig, write_csv
 from .palette import CONTROL_MARKERS, IMP, TARGETS, sparsity_marker, variant_color
 from .stats import (NAN, Interval, compare_word, diff_interval, mean_interval, pair_by_seed, ratio_defined,
@@ -429,7 +429,7 @@ def draw(sweep: Sweep, rows: list[Row], mode: str, spec: str, out_dir: str, stem
     n_txt = f"n = {ns[0]} seeds per point" if len(ns) == 1 else f"n = {ns[0]}–{ns[-1]} seeds per point"
     fig.suptitle(f"Figure 6 — synthetic vs IMP subnetworks; barrier: {split} {measure} at α = 0.5 minus the mean "
                  f"of the endpoints; {BN_WORDS[mode]}\nmeans with 95% paired-bootstrap intervals over seeds "
-                 f"({n_txt}); ratios are ratios of seed means", fontsize=11, y=1.0)
+                 f"({n_txt}; {seed_words(sweep.ok)}); ratios are ratios of seed means", fontsize=11, y=1.0)
     save_fig(fig, out_dir, stem, res)
 
 

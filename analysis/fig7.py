@@ -14,7 +14,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
-from .load import Sweep, group, label_kind, mean_std, missing_seeds, sort_labels
+from .load import Sweep, group, label_kind, mean_std, missing_seeds, seed_words, sort_labels
 from .output import FigureResult, save_fig, write_csv
 from .palette import series_label, series_markers, variant_color
 
@@ -65,7 +65,8 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                title=f"{ds} / {model}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.suptitle("IMP (k=0), IMP with rewinding, and IMP from a synthetic subnetwork (mean ± std over seeds)")
+    fig.suptitle("IMP (k=0), IMP with rewinding, and IMP from a synthetic subnetwork (mean ± std over seeds; "
+                 f"{seed_words(sweep.ok)})")
     save_fig(fig, out_dir, "fig7", res)
     write_csv(out_dir, "fig7.csv", ["dataset", "model", "variant", "round", "sparsity", "test_accuracy_mean",
                                      "test_accuracy_std", "n_seeds", "seeds"], rows, res)

@@ -90,6 +90,11 @@ class Chain:
         return self.params.get("pruning_data.kind", "real")
 
     @property
+    def seed_scope(self) -> str:
+        """What the run's seed varies (param `seed_scope`): `all`, or `training` (one mask per chain)."""
+        return self.params.get("seed_scope", "all")
+
+    @property
     def rewind_epoch(self) -> int:
         return _int(self.params.get("pruning.rewind_epoch")) or 0
 
@@ -378,6 +383,13 @@ def missing_seeds(chains, figure: str) -> list[str]:
             for s in sorted(seeds - ok, key=str):
                 msgs.append(f"{figure}: {label} on {ds}/{model} has no successful run for seed {s}")
     return msgs
+
+
+def seed_words(chains) -> str:
+    """How the seeds of these chains differ, for a figure's title."""
+    scopes = sorted({c.seed_scope for c in chains})
+    words = {"all": "seeds vary init, mask and training", "training": "seeds vary the training only (one mask)"}
+    return "; ".join(words.get(s, s) for s in scopes) or words["all"]
 
 
 def label_kind(label: str) -> str:

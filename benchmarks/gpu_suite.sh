@@ -24,3 +24,4 @@ run benchmarks/packing.py --device cuda --procs 1 2 4 8 --precision bf16 --chann
     --out "$out/packing.json"
 run benchmarks/imp_round.py --device cuda --precision bf16 --channels-last --distilled-epochs 300 \
     --real-epochs 3 --workers 8 --out "$out/imp_round.json"
+# python benchmarks/idc_distiller.py --dataset cifar10 --root /abs/cifar --device cuda --out "$out/idc_distiller.json"  # needs CIFAR-10 at /abs/cifar; hours (IDC's full budget), so outside run's timeout

@@ -4,6 +4,8 @@ With the real training set as pruning data this is IMP; with a distilled set it 
 (the paper's Figure 1). The chain's state is plain data (tensors, ints, lists) serialized with a
 checksum, so a sweep can checkpoint it after every round and resume to the same final mask.
 Every random choice of round r is seeded from (seed, r, purpose), so resuming needs no RNG state.
+The initialization, the rewind point and the pruning rounds draw from `mask_seed(hp)`, the trainings
+after pruning from `hp.seed` (the two differ only with `seed_scope: training`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,19 @@ def derive_seed(seed: int, *labels) -> int:
     """A 63-bit seed determined by `seed` and labels (e.g. ("order", 3)): independent streams."""
     h = hashlib.sha256(repr((int(seed),) + tuple(labels)).encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
+
+
+def mask_seed(hp: ChainHparams) -> int:
+    """The seed of everything that finds the mask: the initialization, the rewind training, the
+    pruning rounds' data order and augmentation (and the controls of `prunelab.evaluation`).
+
+    `hp.seed` with `seed_scope: all`; 0 with `seed_scope: training` (the paper authors fixed
+    torch.manual_seed(0) for pruning), so chains that differ only in `seed` then find the same mask
+    from the same initialization and differ only in the trainings after pruning (LMC and landscape
+    copies, evaluation runs), which keep drawing from `hp.seed`. Such chains still have different
+    content hashes (`seed` is hashed) and each stores its own copy of that mask.
+    """
+    return 0 if hp.seed_scope == "training" else hp.seed
 
 
 class CorruptStateError(CorruptFileError):
@@ -167,7 +182,7 @@ class Chain:
 
     def new_model(self) -> nn.Module:
         return build_model(self.hp.model, self.data.train.shape, self.data.train.num_classes,
-                           seed=derive_seed(self.hp.seed, "init"))
+                           seed=derive_seed(mask_seed(self.hp), "init"))
 
     def _fresh_state(self, start_mask: Optional[Mask], start_round: int) -> ChainState:
         model = self.new_model()
@@ -183,9 +198,10 @@ class Chain:
         k = self.hp.pruning.rewind_epoch
         if k > 0:
             spe = steps_per_epoch(len(self.data.train), self.hp.training.batch_size)
+            seed = mask_seed(self.hp)
             train(model, self.data.train, self.hp.training, device=self.device, mask=mask,
-                  order_seed=derive_seed(self.hp.seed, "rewind", "order"),
-                  aug_seed=derive_seed(self.hp.seed, "rewind", "augment"), stop_step=k * spe)
+                  order_seed=derive_seed(seed, "rewind", "order"),
+                  aug_seed=derive_seed(seed, "rewind", "augment"), stop_step=k * spe)
             rewind = {kk: v.detach().cpu().clone() for kk, v in model.state_dict().items()}
         return ChainState(round=start_round, init=init, rewind=rewind, mask=mask, start_round=start_round,
                           config_hash=self.hp.hash())
@@ -221,10 +237,11 @@ class Chain:
             raise RuntimeError(f"chain already finished its {self.hp.pruning.rounds} rounds")
         r = self.state.round
         hp = self.hp.pruning_training
+        seed = mask_seed(self.hp)
         model = self.subnetwork()
         res = train(model, self.pruning_data, hp, device=self.device, mask=self.state.mask,
-                    order_seed=derive_seed(self.hp.seed, "prune", r, "order"),
-                    aug_seed=derive_seed(self.hp.seed, "prune", r, "augment"),
+                    order_seed=derive_seed(seed, "prune", r, "order"),
+                    aug_seed=derive_seed(seed, "prune", r, "augment"),
                     start_step=self._rewind_start_step(self.pruning_data, hp), callback=callback)
         fit = evaluate(model, self.pruning_data, device=self.device, batch_size=hp.eval_batch_size)
         target = int(round(self.state.mask.total * density_after(r + 1, self.hp.pruning.fraction)))
@@ -253,7 +270,9 @@ class Chain:
         return out
 
     def evaluate(self, seed: Optional[int] = None, eval_every: int = 0, callback=None) -> dict:
-        """Train the current subnetwork (rewind point ⊙ mask) on the real training set; test metrics."""
+        """Train the current subnetwork (rewind point ⊙ mask) on the real training set; test metrics.
+
+        `seed` (default `hp.seed`, whatever `seed_scope`) picks the data order and augmentation."""
         seed = self.hp.seed if seed is None else seed
         _, metrics = train_subnetwork(
             self.hp, self.data, self.state.rewind_point, self.state.mask, device=self.device,

@@ -7,7 +7,8 @@ one that happened to start late, and to show the plan. Operations are counted wi
 counted as twice the forward). Time is `steps × step overhead + flops / throughput`: small-batch
 training (a distilled set of 10–500 images) is bound by the per-step overhead, real-data training
 by the arithmetic. The two constants per device are rough (measured once on a 2-core CPU, taken
-from an H100's throughput for the GPU): the estimate orders chains, it does not promise a wall time.
+from an H100's throughput for the GPU), and on a GPU a training phase in fp32 is costed at a rough
+fraction of the bf16 rate: the estimate orders chains and sizes a plan, it does not promise a wall time.
 """
 
 from __future__ import annotations
@@ -31,29 +32,43 @@ from .train import total_steps
 # H100's bf16 training throughput, ConvNet-3 at 65k images/s (2e13 FLOP/s) and ResNet-18 at 40k
 # (1.3e14), and ~4 ms a step for ConvNet-3 at batch 64 (15.9k images/s); not measured by prunelab.
 DEVICE_SPEED = {"cpu": (3e-3, 3e10), "gpu": (3e-3, 5e13)}
+# How much slower a GPU does fp32 arithmetic than bf16: rough, not measured. Peak dense throughput
+# of an H100 SXM is 989 TFLOP/s in bf16 against 67 in fp32 without tensor cores (~1/15) and 495 in
+# TF32. The sustained bf16 rate above is ~5% of that peak (small models, bound by memory traffic and
+# kernel launches as much as by arithmetic), so the sustained gap is smaller than the peak one:
+# fp32 is taken as 1/4 of the bf16 rate. PyTorch runs fp32 convolutions in TF32 by default
+# (torch.backends.cudnn.allow_tf32), which narrows the gap further; matrix products stay in fp32.
+# Evaluation, BN re-estimation, Hessian products and distillation run in fp32 whatever the
+# training precision; only training under bf16 autocast gets the bf16 rate. A CPU ignores precision.
+GPU_FP32_SLOWDOWN = 4.0
 
 
 @dataclass
 class Cost:
-    """Optimizer steps (and other small-batch passes) and floating-point operations."""
+    """Optimizer steps (and other small-batch passes) and floating-point operations, of which
+    `bf16_flops` run under bf16 autocast (the rest in fp32)."""
 
     steps: float = 0.0
     flops: float = 0.0
+    bf16_flops: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.steps + other.steps, self.flops + other.flops)
+        return Cost(self.steps + other.steps, self.flops + other.flops, self.bf16_flops + other.bf16_flops)
 
     def __mul__(self, k: float) -> "Cost":
-        return Cost(self.steps * k, self.flops * k)
+        return Cost(self.steps * k, self.flops * k, self.bf16_flops * k)
 
     __rmul__ = __mul__
 
     def seconds(self, device: str = "cpu", threads: float = 1.0) -> float:
-        """A rough time on `device` ("cpu" with `threads` threads, or "gpu")."""
-        step_s, rate = DEVICE_SPEED["gpu" if device == "gpu" else "cpu"]
+        """A rough time on `device` ("cpu" with `threads` threads, or "gpu": fp32 at a fraction of
+        the bf16 rate)."""
         if device != "gpu":
-            rate *= max(1.0, threads)
-        return self.steps * step_s + self.flops / rate
+            step_s, rate = DEVICE_SPEED["cpu"]
+            return self.steps * step_s + self.flops / (rate * max(1.0, threads))
+        step_s, rate = DEVICE_SPEED["gpu"]
+        fp32 = self.flops - self.bf16_flops
+        return self.steps * step_s + self.bf16_flops / rate + fp32 * GPU_FP32_SLOWDOWN / rate
 
 
 @lru_cache(maxsize=64)
@@ -95,9 +110,10 @@ def unpruned_weights(hp: ChainHparams, rounds: int) -> int:
 
 
 def training_cost(hp: TrainingHparams, n: int, flops: float, start_step: int = 0) -> Cost:
-    """`hp`'s training over a set of `n` images with a model of `flops` per forward pass."""
+    """`hp`'s training over a set of `n` images with a model of `flops` per forward pass, in its precision."""
     steps = max(0, total_steps(hp, n) - start_step)
-    return Cost(steps, steps * min(hp.batch_size, n) * 3 * flops)
+    total = steps * min(hp.batch_size, n) * 3 * flops
+    return Cost(steps, total, total if hp.precision == "bf16" else 0.0)
 
 
 def forward_cost(n: int, flops: float, batch_size: int) -> Cost:
@@ -126,8 +142,10 @@ def pruning_set_size(hp: ChainHparams) -> int:
 
 def synthetic_cost(hp: ChainHparams) -> Cost:
     """Building the chain's synthetic set with prunelab's own distiller (0 when it reads a file or
-    trains on real data; a set several chains share is counted for each)."""
-    from .synthetic.distill import DEFAULT_BUDGETS, distill_dm, distill_idc
+    trains on real data; a set several chains share is counted for each). The distiller's settings
+    are pruning_data's where set (net_width, inner_loop, batch_real, lr_img), else its defaults."""
+    from .synthetic import distiller_settings
+    from .synthetic.distill import DEFAULT_BUDGETS, distill_dm, distill_idc, distiller_kwargs
 
     pd, source = hp.pruning_data, _source(hp)
     if source not in ("dm", "idc", "herding"):
@@ -136,7 +154,9 @@ def synthetic_cost(hp: ChainHparams) -> Cost:
     n_train, _ = dataset_sizes(hp.dataset)
     if source == "herding":
         return forward_cost(n_train, forward_flops(ModelHparams(name="convnet3"), hp.dataset), 1024)
-    kw = (distill_dm if source == "dm" else distill_idc).__kwdefaults__
+    # ConfigError here, at planning, for a setting the method lacks (dm + inner_loop)
+    kw = {**(distill_dm if source == "dm" else distill_idc).__kwdefaults__,
+          **distiller_kwargs(source, **distiller_settings(pd))}
     f = forward_flops(ModelHparams(name="convnet3", width=kw["net_width"]), hp.dataset)
     budget = pd.budget or DEFAULT_BUDGETS[source]
     if source == "dm":

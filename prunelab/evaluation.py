@@ -16,7 +16,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from .chain import derive_seed, train_subnetwork
+from .chain import derive_seed, mask_seed, train_subnetwork
 from .data import DataSplit
 from .hessian import HessianHparams, hessian_analysis
 from .hparams import ChainHparams, Hparams, hp, require
@@ -141,16 +141,20 @@ def control_subnetwork(hp: ChainHparams, data: DataSplit, weights: dict, mask: M
                        ) -> tuple[dict, Mask]:
     """(weights, mask) of a control of the subnetwork `weights ⊙ mask` (see the module docstring).
 
-    Both are seeded from the chain's seed, so a control is as reproducible as the chain: `shuffled`
-    keeps `weights` and draws a mask with the same per-layer counts; `reinit` keeps the mask and draws
-    a fresh initialization of the same architecture. For a chain rewound to epoch k > 0 the fresh
-    initialization takes the rewind point's place, so it trains the rest of the schedule only (from
-    step k·steps-per-epoch, at that point's learning rate), as the mask's own copies do."""
+    Both are seeded from the seed that found the mask (`prunelab.chain.mask_seed`), so a control is as
+    reproducible as the chain: `shuffled` keeps `weights` and draws a mask with the same per-layer
+    counts; `reinit` keeps the mask and draws a fresh initialization of the same architecture. With
+    `seed_scope: training` that seed is 0 whatever `seed` is, so chains that share a mask share its
+    controls too (comparable across seeds); only the controls' LMC trainings vary with `seed`, as the
+    mask's own do. For a chain rewound to epoch k > 0 the fresh initialization takes the rewind
+    point's place, so it trains the rest of the schedule only (from step k·steps-per-epoch, at that
+    point's learning rate), as the mask's own copies do."""
+    seed = mask_seed(hp)
     if control == "shuffled":
-        return weights, shuffle_layerwise(mask, derive_seed(hp.seed, "control", "shuffled", mask.remaining))
+        return weights, shuffle_layerwise(mask, derive_seed(seed, "control", "shuffled", mask.remaining))
     if control == "reinit":
         model = build_model(hp.model, data.train.shape, data.train.num_classes,
-                            seed=derive_seed(hp.seed, "control", "reinit"))
+                            seed=derive_seed(seed, "control", "reinit"))
         return {k: v.detach() for k, v in model.state_dict().items()}, mask
     raise ValueError(f"unknown control {control!r}")
 

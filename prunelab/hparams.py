@@ -289,6 +289,8 @@ class TrainingHparams(Hparams):
     augment: Literal["standard", "standard_cutmix", "none", "dsa", "dsa_cutmix"] = hp(
         "standard", "augmentation: data set's standard (crop+flip), with CutMix (IDC's ImageNet recipe), "
                     "none, DSA, DSA with CutMix")
+    cutmix_prob: float = hp(0.5, "probability of CutMix per batch (augment *_cutmix; IDC: 0.5 on CIFAR, 1.0 on "
+                                  "ImageNet)", hashed_at_default=False)
     precision: Literal["fp32", "bf16"] = hp("fp32", "bf16 autocast (CUDA only)")
     channels_last: bool = hp(False, "channels-last memory format (CUDA only)")
     compile: bool = hp(False, "torch.compile the model")
@@ -310,6 +312,8 @@ class TrainingHparams(Hparams):
         require(0 < self.gamma <= 1, p + "gamma", f"must be in (0, 1], got {self.gamma}")
         require(self.warmup_steps >= 0, p + "warmup_steps", "must be >= 0")
         require(self.eval_batch_size > 0, p + "eval_batch_size", "must be positive")
+        require(0 < self.cutmix_prob <= 1, p + "cutmix_prob", f"must be in (0, 1], got {self.cutmix_prob}",
+                "e.g. 0.5 (IDC's CIFAR recipe) or 1.0 (its ImageNet recipe)")
         require(self.compile or self.compile_mode == "default", p + "compile_mode",
                 f"{self.compile_mode!r} needs compile: true", "set compile: true as well, or drop compile_mode")
 
@@ -339,6 +343,14 @@ class PruningDataHparams(Hparams):
     factor: Optional[int] = hp(None, "multi-formation factor (IDC: 2 for CIFAR, 3 for ImageNet)")
     seed: int = hp(0, "seed of the synthetic set")
     budget: Optional[int] = hp(None, "distillation budget (outer iterations)")
+    net_width: Optional[int] = hp(None, "width of the distiller's ConvNet (None: the method's default; IDC's "
+                                        "CIFAR runs: 128)", hashed_at_default=False)
+    inner_loop: Optional[int] = hp(None, "idc: matching steps per outer iteration (None: default; IDC's CIFAR: 100)",
+                                   hashed_at_default=False)
+    batch_real: Optional[int] = hp(None, "real images per class per matching step (None: default; IDC's CIFAR: 64)",
+                                   hashed_at_default=False)
+    lr_img: Optional[float] = hp(None, "learning rate of the synthetic images (None: default; IDC's CIFAR: "
+                                       "0.005 x ipc / 10)", hashed_at_default=False)
     store: Optional[str] = hp(None, "directory of the synthetic-set store (default: ~/.cache/prunelab)")
 
     def _validate(self, p):
@@ -355,8 +367,14 @@ class PruningDataHparams(Hparams):
             require(self.method in METHODS, p + "method",
                     f"unknown distillation method {self.method!r}" if self.method else "required for kind='distilled'",
                     "use one of " + ", ".join(METHODS))
+            require(self.method != "dm" or self.inner_loop is None, p + "inner_loop",
+                    "is a setting of method idc; dm has no inner loop", "remove pruning_data.inner_loop")
         require(self.factor is None or self.factor >= 1, p + "factor", f"must be >= 1, got {self.factor}")
         require(self.budget is None or self.budget > 0, p + "budget", f"must be positive, got {self.budget}")
+        for k in ("net_width", "inner_loop", "batch_real"):
+            v = getattr(self, k)
+            require(v is None or v > 0, p + k, f"must be positive, got {v}")
+        require(self.lr_img is None or self.lr_img > 0, p + "lr_img", f"must be positive, got {self.lr_img}")
 
 
 @dataclass(frozen=True)
@@ -370,6 +388,10 @@ class ChainHparams(Hparams):
     pruning_training: TrainingHparams = hp(TrainingHparams(epochs=1000), "training on the pruning data")
     training: TrainingHparams = hp(TrainingHparams(), "training a subnetwork on the real data")
     seed: int = hp(0, "seed of the initialization, data order and augmentation")
+    seed_scope: Literal["all", "training"] = hp(
+        "all", "what `seed` varies: all (initialization, mask and every training) or training (the authors': "
+               "one mask per chain, found with seed 0; seeds vary only the trainings after pruning)",
+        hashed_at_default=False)
     start_from: Optional[dict] = hp(None, "chain config whose mask at start_round this chain starts from "
                                           "(IMP from a synthetic subnetwork, Fig. 7)")
     start_round: int = hp(0, "round of start_from's mask; this chain's rounds continue from it")

@@ -225,7 +225,8 @@ def landscape(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor
               land_hp: LandscapeHparams = LandscapeHparams(), device="cpu") -> dict:
     """Train one copy of `weights ⊙ mask` per seed in `land_hp.seeds` and map the loss in their plane.
 
-    Copy i trains with `derive_seed(hp.seed, "landscape", seeds[i])` (data order and augmentation);
+    Copy i trains with `derive_seed(hp.seed, "landscape", seeds[i])` (data order and augmentation;
+    `hp.seed` under either `seed_scope`, as for every training after pruning);
     returns `loss_landscape`'s data plus each copy's test metrics under `copies[i]["test_accuracy"]`.
     With `land_hp.stacked` the copies train as one stacked model (`prunelab.stacked`).
     """

@@ -291,6 +291,7 @@ def lmc_curve(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: L
 
 
 def _lmc_seed(hp: ChainHparams, seed: int) -> int:
+    # the copies are trainings after pruning: they follow `hp.seed` under either `seed_scope`
     return derive_seed(hp.seed, "lmc", seed)
 
 

@@ -37,8 +37,9 @@ def resolve_device(device) -> torch.device:
     return d
 
 
-def make_augment(kind: str, data: ImageData) -> Optional[Augment]:
-    """The augmentation named by TrainingHparams.augment, for this data set."""
+def make_augment(kind: str, data: ImageData, cutmix_prob: float = 0.5) -> Optional[Augment]:
+    """The augmentation named by TrainingHparams.augment, for this data set (CutMix, where the kind
+    has it, on each batch with probability `cutmix_prob`)."""
     if kind == "none":
         return None
     if kind in ("standard", "standard_cutmix"):
@@ -47,7 +48,7 @@ def make_augment(kind: str, data: ImageData) -> Optional[Augment]:
             from .data.dsa import apply_cutmix
 
             def standard_cutmix(x, y, gen):
-                return apply_cutmix(random_crop_flip(x, pad, flip, gen), y, k, gen)
+                return apply_cutmix(random_crop_flip(x, pad, flip, gen), y, k, gen, prob=cutmix_prob)
 
             return standard_cutmix
 
@@ -58,7 +59,8 @@ def make_augment(kind: str, data: ImageData) -> Optional[Augment]:
     if kind in ("dsa", "dsa_cutmix"):
         from .data.dsa import make_dsa_augment
 
-        return make_dsa_augment(cutmix=kind == "dsa_cutmix", num_classes=data.num_classes)
+        return make_dsa_augment(cutmix=kind == "dsa_cutmix", num_classes=data.num_classes, prob=cutmix_prob,
+                                mean=data.mean, std=data.std)
     raise ConfigError("training.augment", f"unknown augmentation {kind!r}",
                       "use standard, standard_cutmix, none, dsa or dsa_cutmix")
 
@@ -213,7 +215,7 @@ class Loop:
         total = total_steps(hp, n)
         return cls(hp, data, device, steps_per_epoch(n, hp.batch_size),
                    total if stop_step is None else min(stop_step, total), lr_factor(hp, n),
-                   make_augment(hp.augment, data))
+                   make_augment(hp.augment, data, hp.cutmix_prob))
 
     def order(self, seed: int, start_step: int) -> DataOrder:
         return DataOrder(seed, len(self.data), self.hp.batch_size, start_step,

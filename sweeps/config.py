@@ -9,6 +9,7 @@ import copy
 import hashlib
 import itertools
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # short names accepted by --set for the common grid axes
 AXIS_ALIASES = {"model": "model.name", "dataset": "dataset.name", "seeds": "seed", "ipc": "pruning_data.ipc",
                 "root": "dataset.root"}
-SWEEP_KEYS = ("base", "grid", "variants", "evaluation", "resources", "experiment")
+SWEEP_KEYS = ("base", "grid", "variants", "evaluation", "resources", "experiment", "paths")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class VariantHparams(Hparams):
     name: str = hp("imp", "label of this kind of chain (imp, distilled, random_subset, ...)")
     set: dict = hp({}, "chain config values that make this variant (nested mapping)")
     grid: dict = hp({}, "extra grid axes for this variant only (dotted key -> list)")
+    zip: dict = hp({}, "axes that vary together, one value of each per chain (dotted key -> list, equal "
+                       "lengths), e.g. ipc with the learning rate of its images")
     start_from: Optional[str] = hp(None, "start from the mask of this other variant (same grid point)")
     start_round: int = hp(0, "round of that variant's mask to start from")
     resources: dict = hp({}, "this variant's chains' own cpus_per_trial / gpus_per_trial / memory_fraction "
@@ -39,6 +42,13 @@ class VariantHparams(Hparams):
 
     def _validate(self, p):
         require(bool(self.name), p + "name", "must not be empty")
+        lengths = {k: len(v) if isinstance(v, (list, tuple)) else -1 for k, v in self.zip.items()}
+        for k, n in lengths.items():
+            require(n > 0, f"{p}zip.{k}", "must be a non-empty list", f"write e.g. {k}: [value1, value2]")
+        require(len(set(lengths.values())) <= 1, p + "zip", f"lists of different lengths: {lengths}",
+                "give every zipped axis one value per chain")
+        clash = sorted(set(self.zip) & set(self.grid))
+        require(not clash, f"{p}zip.{clash[0] if clash else ''}", "is also a grid axis", "put it in one of the two")
         require(self.start_from is None or self.start_round >= 1, p + "start_round",
                 "must be >= 1 with start_from", "e.g. 8 for the paper's 83% synthetic subnetwork")
 
@@ -72,6 +82,7 @@ class ResourcesHparams(Hparams):
 @dataclass(frozen=True)
 class SweepHparams(Hparams):
     experiment: str = hp("", "MLflow experiment (default prunelab-<figure>)")
+    paths: dict = hp({}, "named roots filling {name} in pruning_data.path (e.g. idc: /abs/idc for IDC's files)")
     base: dict = hp({}, "chain config shared by every trial (ChainHparams as a nested mapping)")
     grid: dict = hp({}, "grid axes: dotted chain key -> list of values (cartesian product)")
     variants: tuple[VariantHparams, ...] = hp((VariantHparams(),), "kinds of chain compared")
@@ -171,9 +182,21 @@ def load_sweep_yaml(figure: str, preset: str, path: Optional[str] = None) -> dic
     if unknown:
         raise ConfigError(f"{file.name}: {unknown[0]}", "unknown key", "use figure, description, presets")
     presets = doc["presets"] or {}
-    if preset not in presets:
-        raise ConfigError("--preset", f"{figure} has no preset {preset!r}", "use one of " + ", ".join(sorted(presets)))
-    return copy.deepcopy(presets[preset]) or {}
+    return _resolve_preset(presets, preset, figure, [])
+
+
+def _resolve_preset(presets: dict, name: str, figure: str, seen: list) -> dict:
+    """A preset with what it `extends` merged under it (mappings merged key by key; a null value
+    clears the inherited one)."""
+    if name not in presets:
+        where = "--preset" if not seen else f"presets.{seen[-1]}.extends"
+        raise ConfigError(where, f"{figure} has no preset {name!r}", "use one of " + ", ".join(sorted(presets)))
+    if name in seen:
+        raise ConfigError(f"presets.{name}.extends", f"presets extend each other in a loop: {seen + [name]}",
+                          "let one of them stand alone")
+    own = copy.deepcopy(presets[name]) or {}
+    parent = own.pop("extends", None)
+    return _deep_merge(_resolve_preset(presets, parent, figure, seen + [name]), own) if parent else own
 
 
 def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
@@ -197,16 +220,33 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
     return raw
 
 
-def _format_paths(data: dict) -> None:
-    """IDC files differ per data set and ipc: `pruning_data.path` may hold {dataset}, {ipc}, {model}."""
+class _KeepMissing(dict):
+    """Format values where a root is not given: its placeholder stays, for the data check to name."""
+
+    def __missing__(self, key):
+        return "{" + key + "}"
+
+
+def _format_paths(data: dict, paths: dict) -> None:
+    """IDC files differ per data set and ipc: `pruning_data.path` may hold {dataset}, {ipc}, {model},
+    and any root named under the sweep's `paths` (e.g. {idc}). A root that is not given stays as its
+    placeholder: planning (--dry-run) goes on, and the data check before a run names what is missing."""
     pd = data.get("pruning_data") or {}
     if isinstance(pd.get("path"), str) and "{" in pd["path"]:
+        values = {k: v for k, v in (paths or {}).items() if v}
+        values.update(dataset=(data.get("dataset") or {}).get("name", "digits"), ipc=pd.get("ipc"),
+                      model=(data.get("model") or {}).get("name", "convnet3"))
+        known = set(values) | set(paths or {})
         try:
-            pd["path"] = pd["path"].format(dataset=(data.get("dataset") or {}).get("name", "digits"),
-                                           ipc=pd.get("ipc"), model=(data.get("model") or {}).get("name", "convnet3"))
-        except (KeyError, IndexError) as e:
-            raise ConfigError("pruning_data.path", f"unknown placeholder {e} in {pd['path']!r}",
-                              "use {dataset}, {ipc} or {model}") from None
+            names = {f[1] for f in string.Formatter().parse(pd["path"]) if f[1]}
+        except ValueError as e:
+            raise ConfigError("pruning_data.path", f"malformed placeholder in {pd['path']!r} ({e})",
+                              "write placeholders as {name}") from None
+        unknown = sorted(names - known)
+        if unknown:
+            raise ConfigError("pruning_data.path", f"unknown placeholder {{{unknown[0]}}} in {pd['path']!r}",
+                              "use {dataset}, {ipc}, {model} or a root named under paths (e.g. paths: {idc: ...})")
+        pd["path"] = pd["path"].format_map(_KeepMissing(values))
 
 
 def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
@@ -222,8 +262,9 @@ def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
     for variant in ordered:
         axes = {**sweep.grid, **variant.grid}
         keys = list(axes)
-        for combo in itertools.product(*(axes[k] for k in keys)):
-            point = dict(zip(keys, combo))
+        zipped = list(zip(*variant.zip.values())) if variant.zip else [()]
+        for combo, together in itertools.product(itertools.product(*(axes[k] for k in keys)), zipped):
+            point = {**dict(zip(keys, combo)), **dict(zip(variant.zip, together))}
             shared = tuple(sorted((k, json.dumps(v)) for k, v in point.items() if k in sweep.grid))
             where = f"variant {variant.name!r}" + (f" at {point}" if point else "")
             starts: list[tuple[dict, Optional[ChainHparams]]] = [({}, None)]
@@ -237,7 +278,7 @@ def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
                 data = _deep_merge(sweep.base, variant.set)
                 for k, v in point.items():
                     set_path(data, k, v)
-                _format_paths(data)
+                _format_paths(data, sweep.paths)
                 trial_axes = dict(point)
                 if start is not None:
                     data["start_from"] = start.replace(
@@ -263,5 +304,7 @@ def load_sweep(figure: str, preset: str, overrides: list[tuple[str, Any]] = (), 
     typed = dict(raw)
     variants = raw.get("variants")
     if isinstance(variants, dict):  # YAML writes variants as name -> spec, so --set can reach them
-        typed["variants"] = [{"name": n, **(v or {})} for n, v in variants.items()]
+        # a null field (e.g. `grid: null` in a preset that extends another) is the field's default
+        typed["variants"] = [{"name": n, **{k: x for k, x in (v or {}).items() if x is not None}}
+                             for n, v in variants.items()]
     return SweepHparams.from_dict(typed), raw

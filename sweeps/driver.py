@@ -217,6 +217,43 @@ def print_trials(trials: list[Trial], res, skipped: set, est: dict) -> None:
               f"  {time_s}{own}")
 
 
+def _hours(h: float) -> str:
+    return f"{h:.0f}" if h >= 100 else f"{h:.1f}" if h >= 1 else f"{h:.2g}"
+
+
+def plan_totals(trials: list[Trial], skipped: set, est: dict) -> str:
+    """The plan in one line: trials, chain-hours (the sum of the estimates), GPU-hours after packing
+    (a trial holds its gpus_per_trial share of a GPU while it runs), CPU-hours of the CPU-only trials
+    (their CPUs × time), and the largest trial."""
+    todo = [t for t in trials if t.key not in skipped]
+    hours = {t.key: est[t.key] / 3600 for t in todo if est.get(t.key) is not None}
+    known = [t for t in todo if t.key in hours]
+    gpu = sum(t.resources.gpus_per_trial * hours[t.key] for t in known if t.resources.gpus_per_trial > 0)
+    cpu = sum(t.resources.cpus_per_trial * hours[t.key] for t in known if t.resources.gpus_per_trial == 0)
+    parts = [f"total: {len(trials)} trials ({len(todo)} to run), {_hours(sum(hours.values()))} chain-hours"
+             + (f" ({len(todo) - len(known)} without estimate)" if len(known) < len(todo) else "")]
+    if any(t.resources.gpus_per_trial > 0 for t in known):
+        parts.append(f"{_hours(gpu)} GPU-hours with packing")
+    if any(t.resources.gpus_per_trial == 0 for t in known):
+        parts.append(f"{_hours(cpu)} CPU-hours")
+    if known:
+        largest = max(known, key=lambda t: hours[t.key])
+        parts.append(f"largest: {largest.label()} {_duration(est[largest.key])}")
+    return "; ".join(parts)
+
+
+def data_problems(trials: list[Trial], keep_going: bool = False) -> dict[str, int]:
+    """`check_data` for every trial: the first failing check raises. With `keep_going` (planning), each
+    distinct problem is kept instead, as {message (field, problem, fix): trials it concerns}."""
+    problems: dict[str, int] = {}
+    for t in trials:
+        found: Optional[list] = [] if keep_going else None
+        check_data(t.chain, found)
+        for message in dict.fromkeys(str(e) for e in found or ()):  # a trial counts once per problem
+            problems[message] = problems.get(message, 0) + 1
+    return problems
+
+
 def _dirname(trial) -> str:
     spec = trial.config["spec"]
     return f"{spec['variant']}_{spec['key'][:10]}"
@@ -242,8 +279,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     # 1. everything that can be checked without Ray
     sweep, raw = load_sweep(figure, args.preset, _overrides(args), args.config)
     trials = expand(sweep, figure)
-    for t in trials:
-        check_data(t.chain)
+    problems = data_problems(trials, keep_going=args.dry_run)  # without --dry-run the first one raises
     storage = _storage(args.storage_path)
     check_storage(storage, args.address)
     local = _local_storage(storage)
@@ -258,8 +294,12 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
                           "directories", "use an absolute path: sqlite:////abs/path/mlflow.db (four slashes)")
 
     if args.dry_run:
+        for message, n in problems.items():
+            print(f"warning: {message} [{n} trial{'s' if n != 1 else ''}]")
         skipped = _complete_without_writing(trials, tracking_uri, experiment, local)
-        print_trials(trials, res, skipped, estimates([t for t in trials if t.key not in skipped], local / "store"))
+        est = estimates([t for t in trials if t.key not in skipped], local / "store")
+        print_trials(trials, res, skipped, est)
+        print(plan_totals(trials, skipped, est))
         return 0
     import ray
 

@@ -5,7 +5,9 @@ such trials pending forever)."""
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
+from typing import Optional
 
 from prunelab.data import check_root
 from prunelab.errors import ConfigError, DataNotFoundError
@@ -18,22 +20,39 @@ def is_uri(path: str) -> bool:
     return path.startswith(URI_SCHEMES)
 
 
-def check_data(hp: ChainHparams) -> None:
-    """The data a chain reads exists (without loading it)."""
-    check_root(hp.dataset)
-    pd = hp.pruning_data
-    if pd.kind == "idc_file":
-        p = Path(pd.path).expanduser()
-        if not p.is_absolute():
-            raise ConfigError("pruning_data.path", f"{pd.path} is relative", f"use an absolute path, e.g. {p.resolve()}")
-        if not (p.is_file() or (p / "data.pt").is_file()):
-            raise DataNotFoundError("pruning_data.path", f"no IDC data.pt at {p}",
-                                    "point it at IDC's data.pt or the folder holding it")
-        from prunelab.synthetic.idc import check_idc_file
-
-        check_idc_file(pd, hp.dataset)  # shape, classes and ipc, read from the (small) file itself
+def check_data(hp: ChainHparams, problems: Optional[list] = None) -> None:
+    """The data a chain reads exists (without loading it). The first problem raises; with a
+    `problems` list, each failing check appends its error there instead and the rest still run."""
+    for check, *args in ((check_root, hp.dataset), (_check_idc_file, hp.pruning_data, hp.dataset)):
+        try:
+            check(*args)
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append(e)
     if hp.start_from is not None:
-        check_data(hp.start_chain())
+        check_data(hp.start_chain(), problems)
+
+
+def _check_idc_file(pd, dataset) -> None:
+    """An IDC file the chain prunes with (pruning_data.kind idc_file) is there and fits `dataset`."""
+    if pd.kind != "idc_file":
+        return
+    roots = sorted({f[1] for f in string.Formatter().parse(pd.path) if f[1]})
+    if roots:  # a root the preset names (sweeps.config fills those given under `paths`)
+        layout = pd.path.replace("{" + roots[0] + "}", f"<{roots[0]}>")
+        raise DataNotFoundError(f"paths.{roots[0]}", f"the folder of IDC's distilled data is not given "
+                                f"(the chain reads {layout}/data.pt)",
+                                f"--set paths.{roots[0]}=/abs/folder holding IDC's release in that layout")
+    p = Path(pd.path).expanduser()
+    if not p.is_absolute():
+        raise ConfigError("pruning_data.path", f"{pd.path} is relative", f"use an absolute path, e.g. {p.resolve()}")
+    if not (p.is_file() or (p / "data.pt").is_file()):
+        raise DataNotFoundError("pruning_data.path", f"no IDC data.pt at {p}",
+                                "point it at IDC's data.pt or the folder holding it")
+    from prunelab.synthetic.idc import check_idc_file
+
+    check_idc_file(pd, dataset)  # shape, classes and ipc, read from the (small) file itself
 
 
 def check_storage(storage: str, address) -> None:

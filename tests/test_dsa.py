@@ -70,3 +70,16 @@ def test_standard_cutmix_mixes_crops_and_labels(digits):
     assert any((t.max(1).values < 1).any() for _, t in mixed)  # some batches were cut and mixed
     model = build_model(ModelHparams(name="convnet3", width=8), digits.train.shape, 10, seed=0)
     assert train(model, digits.train.subset(torch.arange(64)), TrainingHparams(steps=3, augment="standard_cutmix")).steps == 3
+
+
+def test_dsa_runs_on_normalized_images_as_idc_does():
+    # by hand: normalize with the data set's mean/std, apply DSA drawn from the same seed, map back
+    x, y = _x(n=5, c=3), torch.arange(5)
+    mean, std = (0.49, 0.48, 0.45), (0.2, 0.2, 0.2)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    got, t = make_dsa_augment(cutmix=False, mean=mean, std=std)(x, y, torch.Generator().manual_seed(5))
+    ref = dsa((x - m) / s, torch.Generator().manual_seed(5)) * s + m
+    assert torch.allclose(got, ref, atol=1e-6) and torch.equal(t, y)
+    # not the same as DSA in pixel space: a brightness shift of b moves pixels by b·std, not b
+    pixel = dsa(x, torch.Generator().manual_seed(5))
+    assert (got - pixel).abs().max() > 1e-2

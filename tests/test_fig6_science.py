@@ -191,6 +191,7 @@ class FakeChain:
         self.params = {"training.lr": "0.1", "training.epochs": "10", "pruning_training.lr": "0.1",
                        "pruning_training.epochs": "10", "model.width": "8"}
         self.tags = {}
+        self.seed_scope = "training"
         self._m = metrics  # name -> {round: value}
 
     def has(self, key):
@@ -261,7 +262,8 @@ def test_fig6_rows_strip_and_verdict(tmp_path, monkeypatch):
     assert any(y == pytest.approx(acc87) for _, y in in_strip)
     assert not any(y == pytest.approx(acc87) for _, y in on_axis)
     assert any(x == pytest.approx(0.3) and y == pytest.approx(0.85 / 0.9) for x, y in on_axis)
-    assert "interpolated" in fig._suptitle.get_text() and "train loss" in fig._suptitle.get_text()
+    title = fig._suptitle.get_text()
+    assert "interpolated" in title and "train loss" in title and "seeds vary the training only" in title
 
     verdict = (tmp_path / "verdict.md").read_text()
     lines = [l for l in verdict.splitlines() if l.startswith("| digits")]

@@ -5,8 +5,10 @@ crop / scale / rotate, then cutout (left out when CutMix follows). Every operati
 in the pixels (arithmetic, masks and one `grid_sample`), so distillers can back-propagate through it.
 Randomness comes only from the `torch.Generator` handed in, so a fixed seed gives fixed output.
 
-IDC applies DSA after normalization; prunelab applies it in [0, 1] pixel space, before the per-batch
-normalization of `prunelab.train` (brightness shifts are then in pixel units: ±0.5).
+IDC applies DSA after normalization, and so does prunelab: its constants (a brightness shift of up
+to ±0.5, zero padding and cutout) are in units of the normalized images. The training loop hands
+augmentations [0, 1] pixels, so `make_dsa_augment` normalizes, applies DSA and maps back (exact up
+to float rounding); the distillers apply it to normalized batches directly.
 
 Two modes:
 - per-sample parameters (`dsa`, `make_dsa_augment`): training on a synthetic set;
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +161,12 @@ def apply_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.
     return x, ratio * targets + (1.0 - ratio) * targets[perm]
 
 
-def make_dsa_augment(cutmix: bool, num_classes: Optional[int] = None):
-    """An `Augment` for prunelab.train: per-image DSA, then CutMix (p=1/2) if `cutmix`.
+def make_dsa_augment(cutmix: bool, num_classes: Optional[int] = None, prob: float = CUTMIX_PROB,
+                     mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+    """An `Augment` for prunelab.train: per-image DSA on the images normalized by `mean`/`std` (IDC's
+    order), handed back as pixels, then CutMix (on a batch with probability `prob`, IDC's 1/2 by
+    default) if `cutmix`. CutMix mixes boxes of images, so it is the same before or after the
+    per-channel normalization.
 
     With CutMix the cutout op is dropped (as IDC does) and targets are soft labels (N, K); without it
     targets are the class ids unchanged. `num_classes` is required with CutMix.
@@ -170,9 +176,11 @@ def make_dsa_augment(cutmix: bool, num_classes: Optional[int] = None):
     use_cutmix = cutmix
 
     def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-        x = dsa(x, gen, cutout=not use_cutmix)
+        m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        x = dsa((x - m) / s, gen, cutout=not use_cutmix) * s + m
         if use_cutmix:
-            return apply_cutmix(x, y, num_classes, gen)
+            return apply_cutmix(x, y, num_classes, gen, prob=prob)
         return x, y
 
     return augment

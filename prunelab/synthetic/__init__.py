@@ -2,8 +2,10 @@
 
 kinds: `real`; `idc_file` (IDC's saved data.pt, decoded); `distilled` (built-in `method`: idc, dm);
 `random_subset` and `herding` (coresets). Everything generated goes through the content-addressed
-store (`store.py`), so a set is built once per (data set, method, ipc, factor, seed, budget) and
-reused by every chain that asks for it.
+store (`store.py`), so a set is built once per (data set, method, ipc, factor, seed, budget, and the
+distiller settings net_width, inner_loop, batch_real, lr_img where set) and reused by every chain
+that asks for it. The distiller settings apply to kind=distilled only; coresets ignore them (as all
+but IDC ignore `factor`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Callable, Optional
 
 from ..data import DataSplit, ImageData
 from ..errors import ConfigError
-from .distill import CORESETS, DEFAULT_BUDGETS, DISTILLERS, check_ipc, distill_dm, distill_idc, herding, random_subset
+from .distill import (CORESETS, DEFAULT_BUDGETS, DISTILLER_SETTINGS, DISTILLERS, check_ipc, distill_dm, distill_idc,
+                      distiller_kwargs, herding, random_subset)
 from .idc import decode, decode_set, decode_zoom, default_factor, formation_factor, load_idc_file
+from .recipes import idc_net_steps, idc_settings
 from .store import CorruptSyntheticSetError, SyntheticStore, make_key
 
 METHODS = tuple(DISTILLERS)  # kind=distilled
@@ -33,14 +37,24 @@ def _factor(source: str, real: ImageData, factor: Optional[int]) -> int:
     return formation_factor(real.name, factor) if source == "idc" else 1
 
 
+def _settings(source: str, settings: dict) -> dict:
+    # a distiller's keyword arguments (ConfigError for one it lacks); coresets take none
+    return distiller_kwargs(source, **settings) if source in DISTILLERS else {}
+
+
 def build_synthetic(source: str, real: ImageData, *, ipc: int, seed: int = 0, budget: Optional[int] = None,
-                    factor: Optional[int] = None, device="cpu", log: Optional[Callable[[str], None]] = None
-                    ) -> ImageData:
-    """Build (not store) the set of `source` (idc, dm, random_subset, herding); IDC's stays encoded."""
-    if source == "idc":
-        return distill_idc(real, ipc, seed, budget, device, log, factor=_factor(source, real, factor))
+                    factor: Optional[int] = None, device="cpu", log: Optional[Callable[[str], None]] = None,
+                    net_width: Optional[int] = None, inner_loop: Optional[int] = None,
+                    batch_real: Optional[int] = None, lr_img: Optional[float] = None) -> ImageData:
+    """Build (not store) the set of `source` (idc, dm, random_subset, herding); IDC's stays encoded.
+
+    net_width, inner_loop, batch_real, lr_img: the distiller's settings where not None (coresets
+    ignore them; dm has no inner_loop: ConfigError)."""
     if source in DISTILLERS:
-        return DISTILLERS[source](real, ipc, seed, budget, device, log)
+        kw = _settings(source, dict(net_width=net_width, inner_loop=inner_loop, batch_real=batch_real, lr_img=lr_img))
+        if source == "idc":
+            kw["factor"] = _factor(source, real, factor)
+        return DISTILLERS[source](real, ipc, seed, budget, device, log, **kw)
     if source in CORESETS:
         return CORESETS[source](real, ipc, seed, budget, device, log)
     raise ConfigError("pruning_data.method", f"unknown synthetic source {source!r}",
@@ -48,29 +62,41 @@ def build_synthetic(source: str, real: ImageData, *, ipc: int, seed: int = 0, bu
 
 
 def synthetic_spec(dataset_hp, source: str, real: ImageData, *, ipc: int, seed: int = 0,
-                   budget: Optional[int] = None, factor: Optional[int] = None) -> dict:
-    """The inputs that define a synthetic set (its store key is their hash)."""
+                   budget: Optional[int] = None, factor: Optional[int] = None, net_width: Optional[int] = None,
+                   inner_loop: Optional[int] = None, batch_real: Optional[int] = None,
+                   lr_img: Optional[float] = None) -> dict:
+    """The inputs that define a synthetic set (its store key is their hash).
+
+    Distiller settings enter only where set, so the keys of sets built at the defaults stay as they were."""
     learned = source in DISTILLERS
+    settings = _settings(source, dict(net_width=net_width, inner_loop=inner_loop, batch_real=batch_real, lr_img=lr_img))
     return {"dataset": dataset_hp.to_dict(), "method": source, "ipc": int(ipc),
             "factor": _factor(source, real, factor), "seed": int(seed),
-            "budget": (budget or DEFAULT_BUDGETS[source]) if learned else None}
+            "budget": (budget or DEFAULT_BUDGETS[source]) if learned else None, **settings}
 
 
 def get_synthetic(dataset_hp, real: ImageData, source: str, *, ipc: int, seed: int = 0,
                   budget: Optional[int] = None, factor: Optional[int] = None, device="cpu",
                   store: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
-                  decoded: bool = True) -> ImageData:
+                  decoded: bool = True, net_width: Optional[int] = None, inner_loop: Optional[int] = None,
+                  batch_real: Optional[int] = None, lr_img: Optional[float] = None) -> ImageData:
     """The stored set for these inputs, built and stored first if absent (decoded unless told not)."""
     if source not in SOURCES:
         raise ConfigError("pruning_data.method", f"unknown synthetic source {source!r}",
                           "use one of " + ", ".join(SOURCES))
+    settings = dict(net_width=net_width, inner_loop=inner_loop, batch_real=batch_real, lr_img=lr_img)
     f = _factor(source, real, factor)
     check_ipc(real, ipc, f)
-    spec = synthetic_spec(dataset_hp, source, real, ipc=ipc, seed=seed, budget=budget, factor=factor)
+    spec = synthetic_spec(dataset_hp, source, real, ipc=ipc, seed=seed, budget=budget, factor=factor, **settings)
     data = SyntheticStore(store).get_or_create(
         spec, real, lambda: build_synthetic(source, real, ipc=ipc, seed=seed, budget=budget, factor=f,
-                                            device=device, log=log), log=log)
+                                            device=device, log=log, **settings), log=log)
     return decode_set(data) if decoded else data
+
+
+def distiller_settings(pd) -> dict:
+    """`pd`'s (PruningDataHparams) distiller settings, None where unset."""
+    return {k: getattr(pd, k) for k in DISTILLER_SETTINGS}
 
 
 def load_pruning_data(hp, data: DataSplit, device) -> ImageData:
@@ -91,10 +117,11 @@ def load_pruning_data(hp, data: DataSplit, device) -> ImageData:
     if pd.ipc is None:
         raise ConfigError("pruning_data.ipc", f"required for kind={kind!r}", "set pruning_data.ipc, e.g. 10")
     return get_synthetic(hp.dataset, data.train, source, ipc=pd.ipc, seed=pd.seed, budget=pd.budget,
-                         factor=pd.factor, device=device, store=pd.store)
+                         factor=pd.factor, device=device, store=pd.store, **distiller_settings(pd))
 
 
-__all__ = ["CORESETS", "CorruptSyntheticSetError", "DISTILLERS", "METHODS", "SOURCES", "SyntheticStore",
-           "build_synthetic", "check_method", "decode", "decode_set", "decode_zoom", "default_factor", "formation_factor",
-           "distill_dm", "distill_idc", "get_synthetic", "herding", "load_idc_file", "load_pruning_data",
-           "make_key", "random_subset", "synthetic_spec"]
+__all__ = ["CORESETS", "CorruptSyntheticSetError", "DISTILLER_SETTINGS", "DISTILLERS", "METHODS", "SOURCES",
+           "SyntheticStore", "build_synthetic", "check_method", "decode", "decode_set", "decode_zoom",
+           "default_factor", "distill_dm", "distill_idc", "distiller_kwargs", "distiller_settings",
+           "formation_factor", "get_synthetic", "herding", "idc_net_steps", "idc_settings", "load_idc_file",
+           "load_pruning_data", "make_key", "random_subset", "synthetic_spec"]

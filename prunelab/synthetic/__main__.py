@@ -1,6 +1,7 @@
 """Command line for synthetic sets.
 
     python -m prunelab.synthetic make --dataset digits --method idc --ipc 10 [--seed --budget --factor --store]
+        [--net-width --inner-loop --batch-real --lr-img]
     python -m prunelab.synthetic show [--store DIR]
     python -m prunelab.synthetic grid KEY_OR_PATH --out grid.png [--store DIR] [--dataset digits]
 """
@@ -16,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..hparams import DatasetHparams
-from . import SOURCES, get_synthetic, synthetic_spec
+from . import DISTILLER_SETTINGS, SOURCES, get_synthetic, synthetic_spec
 from .idc import decode, read_idc_tensors, resolve_path
 from .store import SyntheticStore, make_key
 
@@ -30,7 +31,8 @@ def cmd_make(a) -> int:
 
     ds = DatasetHparams.from_dict({"name": a.dataset, **({"root": a.root} if a.root else {})}, "dataset")
     real = load_dataset(ds).train
-    spec = synthetic_spec(ds, a.method, real, ipc=a.ipc, seed=a.seed, budget=a.budget, factor=a.factor)
+    settings = {k: getattr(a, k) for k in DISTILLER_SETTINGS}
+    spec = synthetic_spec(ds, a.method, real, ipc=a.ipc, seed=a.seed, budget=a.budget, factor=a.factor, **settings)
     store = SyntheticStore(a.store)
     key = make_key(spec)
     if store.has(key):
@@ -38,7 +40,7 @@ def cmd_make(a) -> int:
     else:
         _log(f"building {a.method} ipc {a.ipc} on {a.dataset} (seed {a.seed}) on {a.device}")
     data = get_synthetic(ds, real, a.method, ipc=a.ipc, seed=a.seed, budget=a.budget, factor=a.factor,
-                         device=a.device, store=a.store, log=_log, decoded=False)
+                         device=a.device, store=a.store, log=_log, decoded=False, **settings)
     print(f"key: {key}\npath: {store.dir(key) / 'data.pt'}\nimages: {tuple(data.x.shape)} "
           f"(factor {data.meta.get('factor', 1)})")
     return 0
@@ -56,9 +58,11 @@ def cmd_show(a) -> int:
             print(f"{m['key']}  ERROR {m['error']}")
             continue
         spec = m.get("spec", {})
+        settings = "".join(f" {k} {spec[k]}" for k in DISTILLER_SETTINGS if k in spec)
         print(f"{m['key']}  {spec.get('dataset', {}).get('name', '?'):8s} {spec.get('method', '?'):14s} "
               f"ipc {spec.get('ipc')} factor {spec.get('factor')} seed {spec.get('seed')} "
-              f"budget {spec.get('budget')}  shape {m.get('shape')}  {m.get('seconds', 0):.1f} s  {m.get('created', '')}")
+              f"budget {spec.get('budget')}{settings}  shape {m.get('shape')}  {m.get('seconds', 0):.1f} s  "
+              f"{m.get('created', '')}")
     return 0
 
 
@@ -118,6 +122,10 @@ def main(argv=None) -> int:
     m.add_argument("--factor", type=int, default=None)
     m.add_argument("--store", default=None)
     m.add_argument("--device", default="cpu")
+    m.add_argument("--net-width", dest="net_width", type=int, default=None, help="distiller's ConvNet width")
+    m.add_argument("--inner-loop", dest="inner_loop", type=int, default=None, help="idc: matching steps per iteration")
+    m.add_argument("--batch-real", dest="batch_real", type=int, default=None, help="real images per class per step")
+    m.add_argument("--lr-img", dest="lr_img", type=float, default=None, help="learning rate of the images")
     m.set_defaults(fn=cmd_make)
     s = sub.add_parser("show", help="list stored synthetic sets")
     s.add_argument("--store", default=None)

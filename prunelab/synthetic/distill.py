@@ -168,8 +168,9 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
     gradients is minimized by one SGD step on the stored images; after each inner step but the
     last, the network trains `net_steps` mini-batches on augmented real data (IDC's `n_data`).
     Returns the *encoded* set (meta['factor'] = f). Defaults are tuned for 8x8 digits on a CPU
-    (ConvNet-3 width 32; IDC's CIFAR run: width 128, lr_img 0.005, 100 inner steps, 2,000 iterations);
-    lr_img is small because the squared-gradient loss of tiny images has large pixel gradients.
+    (ConvNet-3 width 32; IDC's CIFAR run: width 128, lr_img 0.005, 100 inner steps, 2,000 iterations,
+    as `recipes.idc_settings` gives them); lr_img is small because the squared-gradient loss of tiny
+    images has large pixel gradients.
     """
     f = formation_factor(real.name, factor)
     if f < 1:
@@ -197,8 +198,9 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
                 idx = by_class[c]
                 idx = idx[torch.randperm(len(idx), generator=gen)[:batch_real].to(device)]
                 xs, ys = decode_zoom(syn[c * ipc:(c + 1) * ipc], y_syn[c * ipc:(c + 1) * ipc], f)
-                xr_a, xs_a = dsa_siamese(x_real[idx], xs, aug_gen)
-                loss = _grad_match_loss(net, real.normalize(xr_a), y_real[idx], real.normalize(xs_a), ys)
+                # DSA on normalized images, as IDC
+                xr_a, xs_a = dsa_siamese(real.normalize(x_real[idx]), real.normalize(xs), aug_gen)
+                loss = _grad_match_loss(net, xr_a, y_real[idx], xs_a, ys)
                 opt_img.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_img.step()
@@ -206,7 +208,7 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
             if ot < inner_loop - 1:
                 for _ in range(net_steps):
                     idx = torch.randint(0, len(x_real), (batch_real,), generator=gen).to(device)
-                    out = net(real.normalize(dsa(x_real[idx], aug_gen)))
+                    out = net(dsa(real.normalize(x_real[idx]), aug_gen))
                     opt_net.zero_grad(set_to_none=True)
                     F.cross_entropy(out, y_real[idx]).backward()
                     opt_net.step()
@@ -247,17 +249,39 @@ def distill_dm(real: ImageData, ipc: int, seed: int, budget: Optional[int] = Non
         loss = torch.zeros((), device=device)
         for c, idx in enumerate(by_class):
             idx = idx[torch.randperm(len(idx), generator=gen)[:batch_real].to(device)]
-            xr_a, xs_a = dsa_siamese(x_real[idx], syn[c * ipc:(c + 1) * ipc], aug_gen)
-            er = net.features(real.normalize(xr_a)).flatten(1).mean(0)
-            es = net.features(real.normalize(xs_a)).flatten(1).mean(0)
+            xr_a, xs_a = dsa_siamese(real.normalize(x_real[idx]), real.normalize(syn[c * ipc:(c + 1) * ipc]), aug_gen)
+            er = net.features(xr_a).flatten(1).mean(0)
+            es = net.features(xs_a).flatten(1).mean(0)
             loss = loss + ((er - es) ** 2).sum()
         opt_img.zero_grad(set_to_none=True)
         loss.backward()
         opt_img.step()
         if log and (it % max(1, budget // 10) == 0 or it == budget - 1):
-            log(f"dm iteration {it + 1}/{budget}: matching loss {float(loss) / len(by_class):.4f}")
+            log(f"dm iteration {it + 1}/{budget}: matching loss {float(loss.detach()) / len(by_class):.4f}")
     return _out(real, syn, y0, "dm", ipc, factor=1, budget=budget)
 
 
 DISTILLERS = {"idc": distill_idc, "dm": distill_dm}
 CORESETS = {"random_subset": random_subset, "herding": herding}
+
+# PruningDataHparams fields passed to a distiller as keyword arguments when set (None: its default)
+DISTILLER_SETTINGS = ("net_width", "inner_loop", "batch_real", "lr_img")
+# taken from the functions themselves, not DISTILLERS, which tests and callers may wrap
+_ACCEPTS = {m: frozenset(fn.__kwdefaults__) for m, fn in DISTILLERS.items()}
+
+
+def distiller_kwargs(method: str, **settings) -> dict:
+    """The `settings` (DISTILLER_SETTINGS) that are set, as keyword arguments of `method`'s
+    distiller; ConfigError for a setting that distiller does not have (DM has no inner loop)."""
+    unknown = sorted(set(settings) - set(DISTILLER_SETTINGS))
+    if unknown:
+        raise TypeError(f"not a distiller setting: {', '.join(unknown)}")
+    kw = {k: v for k, v in settings.items() if v is not None}
+    for k in kw:
+        if k not in _ACCEPTS[method]:
+            others = [m for m, accepts in _ACCEPTS.items() if k in accepts]
+            why = " (distribution matching has no inner loop: it matches once per iteration)" \
+                if (method, k) == ("dm", "inner_loop") else ""
+            fix = f"remove pruning_data.{k}" + (f" (it is for method: {', '.join(others)})" if others else "")
+            raise ConfigError(f"pruning_data.{k}", f"method {method!r} has no {k} setting{why}", fix)
+    return kw

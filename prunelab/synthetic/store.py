@@ -25,7 +25,7 @@ from ..data import ImageData, cache_dir
 from ..files import atomic_write
 
 # bump when a distiller's output changes for the same inputs, so old entries are not reused
-CODE_VERSION = 2
+CODE_VERSION = 3  # 3: DSA on normalized images (IDC's order)
 
 
 class CorruptSyntheticSetError(CorruptFileError):
