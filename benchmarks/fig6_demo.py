@@ -6,7 +6,7 @@ fig6.csv and verdict.md were written, how many fig6.csv rows have a defined rati
 rows of both BN modes (means and 95% intervals) with the verdict. The target is 10 minutes on 2 CPUs.
 
     .venv/bin/python benchmarks/fig6_demo.py                 # the demo as shipped
-    .venv/bin/python benchmarks/fig6_demo.py --keep /tmp/fig6 -- --set seeds=[0,1]
+    .venv/bin/python benchmarks/fig6_demo.py --keep "$PWD/fig6-demo" -- --set seeds=[0,1]
 """
 
 from __future__ import annotations

@@ -108,11 +108,20 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def artifact_root(tracking_uri: str) -> Optional[str]:
+    """Where a new experiment of a SQLite store keeps its artifacts: `mlartifacts/` beside the
+    database (MLflow's own default is `./mlruns` of whatever directory the process runs in). A
+    tracking server chooses its own (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Create the store (SQLite tables) and the experiment once, in the driver; return its id."""
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    return exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_root(tracking_uri))
 
 
 def start_parent_run(tracking_uri: str, experiment_id: str, figure: str, preset: str, config: dict,
