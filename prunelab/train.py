@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.augment import random_crop_flip
+from .data.dsa import CUTMIX_PROB
 from .data.base import ImageData
 from .errors import ConfigError, DivergenceError
 from .hparams import TrainingHparams
@@ -37,7 +38,7 @@ def resolve_device(device) -> torch.device:
     return d
 
 
-def make_augment(kind: str, data: ImageData, cutmix_prob: float = 0.5) -> Optional[Augment]:
+def make_augment(kind: str, data: ImageData, cutmix_prob: float = CUTMIX_PROB) -> Optional[Augment]:
     """The augmentation named by TrainingHparams.augment, for this data set (CutMix, where the kind
     has it, on each batch with probability `cutmix_prob`)."""
     if kind == "none":

@@ -3,6 +3,7 @@ hold, and every row either matches the paper/authors' value or says why not."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -36,12 +37,19 @@ def plain(v):
     return v
 
 
+@functools.lru_cache(maxsize=None)
+def paper(figure: str):
+    """The resolved paper preset of `figure` and its chains (once per figure)."""
+    sweep, _ = load_sweep(figure, "paper")
+    return sweep, tuple(expand(sweep, figure))
+
+
 def resolved(figure: str, variant: str, setting: str):
     """The preset's value of `setting` (one value, or the sorted distinct values across the chains)."""
-    sweep, _ = load_sweep(figure, "paper")
+    sweep, chains = paper(figure)
     if setting.startswith("evaluation."):
         return plain(dotted(sweep.evaluation.to_dict(), setting[len("evaluation."):]))
-    trials = [t for t in expand(sweep, figure) if variant == "*" or t.variant == variant]
+    trials = [t for t in chains if variant == "*" or t.variant == variant]
     assert trials, f"{figure}: no chains of variant {variant!r}"
     values = []
     for t in trials:

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..hparams import TrainingHparams
+
 # IDC's DiffAug constants
 PROB_FLIP = 0.5
 RATIO_SCALE = 1.2
@@ -34,7 +36,7 @@ RATIO_CUTOUT = 0.5
 BRIGHTNESS = 1.0
 SATURATION = 2.0
 CONTRAST = 0.5
-CUTMIX_PROB = 0.5
+CUTMIX_PROB = TrainingHparams.__dataclass_fields__["cutmix_prob"].default  # IDC's CIFAR recipe: 1/2
 GEOMETRIC = ("crop", "scale", "rotate")
 
 
