@@ -8,9 +8,18 @@
 
 from __future__ import annotations
 
+import html
 import importlib
 import os
 from typing import Optional
+
+from mlflow import MlflowClient
+
+from prunelab import schema
+
+from .load import load_sweep, missing_runs
+from .output import FigureResult
+from .report import write_report
 
 FIGURES = ("fig2", "fig3_4", "fig5", "hessian", "fig6", "fig7")
 
@@ -18,8 +27,6 @@ FIGURES = ("fig2", "fig3_4", "fig5", "hessian", "fig6", "fig7")
 def make_figures(sweep, names, out_dir: str, options: Optional[dict] = None) -> list:
     """Run each figure module's `make(sweep, out_dir, **options[name])`; a module that raises is
     reported, not fatal."""
-    from .output import FigureResult
-
     results = []
     for name in names:
         module = importlib.import_module(f"{__name__}.{name}")
@@ -37,9 +44,6 @@ def run(figure: str, experiment: str, tracking_uri: Optional[str], out_dir: str,
     """Draw `figure` (one of FIGURES, or 'all') for a sweep; write PNG/SVG/CSV and report.html to
     `out_dir`, log them to the sweep's parent run, and return what was written and what is missing.
     `options`: figure name -> keyword arguments of its `make` (e.g. {"fig6": {"bn_mode": "recompute"}})."""
-    from .load import load_sweep, missing_runs
-    from .report import write_report
-
     if figure != "all" and figure not in FIGURES:
         raise ValueError(f"figure: unknown {figure!r}; use one of {', '.join(FIGURES)} or all")
     names = FIGURES if figure == "all" else (figure,)
@@ -48,10 +52,10 @@ def run(figure: str, experiment: str, tracking_uri: Optional[str], out_dir: str,
     sweep = load_sweep(experiment, tracking_uri, parent_run_id)
     general = missing_runs(sweep)
     results = make_figures(sweep, names, out_dir, options)
-    config = sweep.download(sweep.parent_id, "sweep/config.yaml")
+    config = sweep.download(sweep.parent_id, schema.SWEEP_CONFIG)
     info = {"experiment": experiment, "tracking URI": sweep.tracking_uri, "sweep run": sweep.parent_name,
             "sweep run id": sweep.parent_id, "chains": len(sweep.chains), "failed chains": len(sweep.failed),
-            "git commit": sweep.parent_tags.get("prunelab.git_commit", "?")}
+            "git commit": sweep.parent_tags.get(schema.GIT_COMMIT_TAG, "?")}
     if config:
         local_config = os.path.join(out_dir, "sweep_config.yaml")
         with open(config) as src, open(local_config, "w") as dst:
@@ -63,20 +67,17 @@ def run(figure: str, experiment: str, tracking_uri: Optional[str], out_dir: str,
            "notes": [n for r in results for n in r.notes], "report": report, "results": results}
     if log_to_mlflow:
         for path in out["figures"] + out["tables"] + [report]:
-            sweep.client.log_artifact(sweep.parent_id, path, "figures")
+            sweep.client.log_artifact(sweep.parent_id, path, schema.FIGURES_DIR)
     return out
 
 
 def sweep_experiments(tracking_uri: Optional[str]) -> list[str]:
     """Names of the experiments at `tracking_uri` that hold at least one sweep (parent) run."""
-    from mlflow import MlflowClient
-
-    from .load import ROLE_TAG
-
     client = MlflowClient(tracking_uri=tracking_uri)
     names = []
     for exp in client.search_experiments():
-        if client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1):
+        if client.search_runs([exp.experiment_id], schema.tag_filter(schema.ROLE_TAG, schema.ROLE_SWEEP),
+                              max_results=1):
             names.append(exp.name)
     return sorted(names)
 
@@ -84,8 +85,6 @@ def sweep_experiments(tracking_uri: Optional[str]) -> list[str]:
 def run_everything(tracking_uri: Optional[str], out_dir: str, log_to_mlflow: bool = True,
                    options: Optional[dict] = None) -> dict:
     """Every figure of every sweep at `tracking_uri` (one sub-folder per experiment) plus an index page."""
-    import html
-
     out_dir = os.path.abspath(str(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     per = {name: run("all", name, tracking_uri, os.path.join(out_dir, name), log_to_mlflow=log_to_mlflow,

@@ -10,6 +10,7 @@ import os
 import sys
 
 from prunelab.metrics import BN_MODES, parse_barrier
+from prunelab.schema import experiment_name
 
 from . import FIGURES, run, run_everything
 from .load import AnalysisError
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
                 print(f"  missing: {m}")
         print(f"index  {every['index']}")
         return 0 if every["experiments"] else 1
-    experiment = args.experiment or f"prunelab-{args.figure}"
+    experiment = args.experiment or experiment_name(args.figure)
     try:
         res = run(args.figure, experiment, args.tracking_uri, args.out, parent_run_id=args.run_id,
                   log_to_mlflow=not args.no_log, options=options)

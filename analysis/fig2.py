@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
+from prunelab.schema import EVAL_ROUNDS_PARAM, PRUNING_IMAGES_SEEN, PRUNING_SET_SIZE, TEST_ACCURACY
+
 from .load import Sweep, group, mean_std, missing_seeds, seed_words, sort_labels
 from .output import FigureResult, save_fig, write_csv
 from .palette import DENSE, SERIES_MARKERS, series_label, series_markers, variant_color
@@ -28,7 +30,7 @@ def data_per_mask(chain) -> dict[int, tuple[float, float]]:
     """round r -> (cumulative images seen before mask r, distinct images); only where all those rounds
     logged. A chain started from another chain's mask at round S counts from S (its record holds
     only its own rounds)."""
-    seen, size = chain.history("pruning_images_seen"), chain.history("pruning_set_size")
+    seen, size = chain.history(PRUNING_IMAGES_SEEN), chain.history(PRUNING_SET_SIZE)
     out, total = {}, 0.0
     r = start = chain.start_round
     while r in seen:
@@ -40,11 +42,11 @@ def data_per_mask(chain) -> dict[int, tuple[float, float]]:
 
 def series(chains) -> list[dict]:
     """Per round: sparsity, accuracy mean/std/n over seeds, and data used (means over seeds)."""
-    rounds = sorted({r for c in chains for r in c.history("test_accuracy")})
+    rounds = sorted({r for c in chains for r in c.history(TEST_ACCURACY)})
     out = []
     for r in rounds:
-        have = [c for c in chains if r in c.history("test_accuracy")]
-        acc = mean_std([c.history("test_accuracy")[r] for c in have])
+        have = [c for c in chains if r in c.history(TEST_ACCURACY)]
+        acc = mean_std([c.history(TEST_ACCURACY)[r] for c in have])
         sp = mean_std([c.sparsity_at(r) for c in have])[0]
         used = [data_per_mask(c).get(r) for c in have]
         used = [u for u in used if u is not None]
@@ -64,7 +66,7 @@ def dense_baseline(chains) -> tuple[dict, str]:
     for name, test in sources:
         per_seed: dict = {}
         for c in chains:
-            acc = c.history("test_accuracy")
+            acc = c.history(TEST_ACCURACY)
             rnd = min(acc, default=None) if c.is_dense else 0
             if test(c) and rnd in acc:
                 per_seed.setdefault(c.seed, []).append(acc[rnd])
@@ -79,9 +81,9 @@ def same_points(a: list, b: list) -> bool:
 
 def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res = FigureResult("fig2", "Figure 2 — accuracy vs sparsity, IMP vs distilled pruning")
-    chains = [c for c in sweep.ok if c.has("test_accuracy")]
+    chains = [c for c in sweep.ok if c.has(TEST_ACCURACY)]
     if not chains:
-        res.missing.append("fig2: no run logged test_accuracy")
+        res.missing.append(f"fig2: no run logged {TEST_ACCURACY}")
         return res
     res.missing += missing_seeds(sweep.chains, "fig2")
     settings = group(chains, lambda c: c.setting)
@@ -99,9 +101,9 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
             res.missing.append(f"fig2: no distilled/synthetic run on {ds}/{model}")
         for c in cs:
             for r in c.eval_rounds:
-                if r not in c.history("test_accuracy"):
-                    res.missing.append(f"fig2: {c.describe()} has no test_accuracy at round {r} "
-                                       f"(listed in eval.rounds; status {c.status})")
+                if r not in c.history(TEST_ACCURACY):
+                    res.missing.append(f"fig2: {c.describe()} has no {TEST_ACCURACY} at round {r} "
+                                       f"(listed in {EVAL_ROUNDS_PARAM}; status {c.status})")
         labels = sort_labels(by_label)
         markers = series_markers(labels)
         for label in labels:
@@ -120,7 +122,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
             if pts:
                 data_used.setdefault(ds, {}).setdefault(label, {})[model] = pts
             else:
-                res.missing.append(f"fig2: {label} on {ds}/{model} logged no pruning_images_seen")
+                res.missing.append(f"fig2: {label} on {ds}/{model} logged no {PRUNING_IMAGES_SEEN}")
             starts = sorted({c.start_round for c in by_label[label] if c.then_imp})
             if pts and starts:
                 res.notes.append(f"fig2: {label} on {ds}/{model}: data used counted from round "
@@ -134,7 +136,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
             res.notes.append(f"fig2: dense baseline on {ds}/{model} ({source}): {100 * m:.2f}%"
                              + (f" ± {100 * sd:.2f}% (std), n={n}" if n > 1 else ", n=1"))
         else:
-            res.missing.append(f"fig2: no dense (round 0) test_accuracy on {ds}/{model}")
+            res.missing.append(f"fig2: no dense (round 0) {TEST_ACCURACY} on {ds}/{model}")
         ax_acc.set(xlabel="sparsity (%)", ylabel="test accuracy (%)", title=f"{ds} / {model}")
         ax_acc.grid(alpha=0.3)
         if ax_acc.get_legend_handles_labels()[0]:
@@ -165,7 +167,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
         ax_data.grid(alpha=0.3)
         ax_data.grid(alpha=0.1, which="minor")
         if not ax_data.lines:
-            ax_data.text(0.5, 0.5, "no pruning_images_seen logged", transform=ax_data.transAxes, ha="center",
+            ax_data.text(0.5, 0.5, f"no {PRUNING_IMAGES_SEEN} logged", transform=ax_data.transAxes, ha="center",
                          color="0.4")
         else:
             style = [Line2D([], [], color="k", ls="-", label="images seen (cumulative)"),

@@ -16,43 +16,41 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
+from prunelab.metrics import barrier_name, barriers
+from prunelab.schema import LMC_DIR, lmc_artifact
+
 from .load import Sweep, group, label_kind, mean_std, missing_seeds, sort_labels
 from .output import FigureResult, save_fig, write_csv
 from .palette import (series_label, series_markers, sparsity_colors, sparsity_marker, sparsity_names,
                       variant_color)
 
 
-def curve_barriers(alphas, values) -> tuple[float, float]:
-    """(mid, max) barrier of a curve: v(0.5) − mean of ends; max over α of v(α) − linear ends."""
-    a, v = np.asarray(alphas, float), np.asarray(values, float)
-    lin = (1 - a) * v[0] + a * v[-1]
-    i = int(np.argmin(np.abs(a - 0.5)))
-    return float(v[i] - 0.5 * (v[0] + v[-1])), float(np.max(v - lin))
-
-
 def chain_curves(chain, res: FigureResult) -> dict[int, dict]:
     """round -> {alphas, loss, split, mid, max} for every lmc artifact of the chain."""
     out = {}
-    for r in sorted(chain.artifact_rounds("lmc")):
+    for r in sorted(chain.artifact_rounds(LMC_DIR)):
         d = chain.lmc(r)
         if d is None:
-            res.missing.append(f"fig3_4: {chain.describe()}: lmc/round_{r:02d}.json could not be read")
+            res.missing.append(f"fig3_4: {chain.describe()}: {lmc_artifact(r)} could not be read")
             continue
         split = "train" if "train_loss" in d else "test"
         if f"{split}_loss" not in d or "alphas" not in d:
-            res.missing.append(f"fig3_4: {chain.describe()}: lmc/round_{r:02d}.json has no loss curve")
+            res.missing.append(f"fig3_4: {chain.describe()}: {lmc_artifact(r)} has no loss curve")
             continue
-        mid_c, max_c = curve_barriers(d["alphas"], d[f"{split}_loss"])
-        mid = chain.history(f"barrier_mid_{split}_loss").get(r, mid_c)
-        mx = chain.history(f"barrier_max_{split}_loss").get(r, max_c)
+        mid = chain.history(barrier_name("mid", split, "loss")).get(r)
+        mx = chain.history(barrier_name("max", split, "loss")).get(r)
+        if mid is None or mx is None:  # a round with the curve but not the metric
+            b = barriers(d["alphas"], d[f"{split}_loss"])
+            mid, mx = b["mid"] if mid is None else mid, b["max"] if mx is None else mx
         out[r] = {"alphas": d["alphas"], "loss": d[f"{split}_loss"], "split": split, "mid": mid, "max": mx,
                   "test_loss": d.get("test_loss")}
     # rounds with a barrier metric but no curve: still plotted in the barrier panel, reported
-    for r, v in chain.history("barrier_mid_train_loss").items():
+    for r, v in chain.history(barrier_name("mid", "train", "loss")).items():
         if r not in out:
-            res.missing.append(f"fig3_4: {chain.describe()}: barrier at round {r} but no lmc/round_{r:02d}.json")
+            res.missing.append(f"fig3_4: {chain.describe()}: barrier at round {r} but no {lmc_artifact(r)}")
             out[r] = {"alphas": None, "loss": None, "split": "train", "mid": v,
-                      "max": chain.history("barrier_max_train_loss").get(r, float("nan")), "test_loss": None}
+                      "max": chain.history(barrier_name("max", "train", "loss")).get(r, float("nan")),
+                      "test_loss": None}
     return out
 
 
@@ -62,11 +60,12 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
     for c in sweep.ok:
         if c.is_dense:
             continue
-        cur = chain_curves(c, res) if (c.artifact_rounds("lmc") or c.has("barrier_mid_train_loss")) else {}
+        has_lmc = c.artifact_rounds(LMC_DIR) or c.has(barrier_name("mid", "train", "loss"))
+        cur = chain_curves(c, res) if has_lmc else {}
         if cur:
             data[c.run_id] = (c, cur)
     if not data:
-        res.missing.append("fig3_4: no run has lmc/round_XX.json artifacts or barrier metrics")
+        res.missing.append(f"fig3_4: no run has {LMC_DIR}/round_XX.json artifacts or barrier metrics")
         return res
     chains = [c for c, _ in data.values()]
     res.missing += missing_seeds([c for c in sweep.chains if not c.is_dense], "fig3_4")

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
 
+from prunelab.schema import LANDSCAPE_DIR, landscape_artifact
+
 from .load import Sweep, label_kind, sort_labels
 from .output import FigureResult, save_fig, slug, write_csv
 from .palette import variant_color
@@ -30,10 +32,10 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
     found = {}  # (ds, model) -> label -> round -> (chain, data, rank)
     candidates = {}  # (setting, label, round) -> number of runs with that landscape
     for c in sweep.ok:
-        for r in sorted(c.artifact_rounds("landscape")):
+        for r in sorted(c.artifact_rounds(LANDSCAPE_DIR)):
             d = c.landscape(r)
             if d is None or grid_of(d) is None:
-                res.missing.append(f"fig5: {c.describe()}: landscape/round_{r:02d}.npz unreadable or lacks "
+                res.missing.append(f"fig5: {c.describe()}: {landscape_artifact(r)} unreadable or lacks "
                                    f"grid/xs/ys")
                 continue
             label = "dense" if r == 0 else c.label
@@ -45,7 +47,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                 slot[r] = (c, d, rank)
             candidates[(c.setting, label, r)] = candidates.get((c.setting, label, r), 0) + 1
     if not found:
-        res.missing.append("fig5: no run has landscape/round_XX.npz artifacts")
+        res.missing.append(f"fig5: no run has {LANDSCAPE_DIR}/round_XX.npz artifacts")
         return res
     for ((ds, model), label, r), n in candidates.items():
         if n > 1:

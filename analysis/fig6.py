@@ -37,6 +37,7 @@ from typing import Optional
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
+from prunelab import schema
 from prunelab.metrics import (BN_MODES, CONTROLS, PRIMARY_BN_PARAM, accuracy_name, barrier_name, other_bn_mode,
                               parse_barrier)
 
@@ -144,7 +145,7 @@ def _comparison(ds, model, label, ipc, target, mode, source, src: dict, imp: dic
 
 def collect(sweep: Sweep, spec: str, res: FigureResult) -> tuple[list[Row], list[list]]:
     """Every fig6.csv row (all sources, both BN modes) and the per-seed synthetic/IMP pairs."""
-    usable = [c for c in sweep.ok if c.has("test_accuracy")]
+    usable = [c for c in sweep.ok if c.has(schema.TEST_ACCURACY)]
     syn_all = [c for c in usable if c.is_synthetic]
     imp_all = [c for c in usable if c.is_imp]
     imp = {}
@@ -155,7 +156,7 @@ def collect(sweep: Sweep, spec: str, res: FigureResult) -> tuple[list[Row], list
         imp[setting] = k0 or cs
     for c in sweep.failed:
         if c.is_synthetic or c.is_imp:
-            res.missing.append(f"fig6: {c.describe()} failed: {c.tags.get('prunelab.failure', 'no reason given')}")
+            res.missing.append(f"fig6: {c.describe()} failed: {c.tags.get(schema.FAILURE_TAG, 'no reason given')}")
 
     rows: list[Row] = []
     pairs: list[list] = []
@@ -298,12 +299,12 @@ def _recipe(sweep: Sweep, ds: str, model: str) -> str:
     if imp is None:
         return ""
     p = imp.params
-    width = p.get("model.width", "None")
+    width = p.get(schema.MODEL_WIDTH_PARAM, "None")
     parts = [f"width {width}" if width not in ("None", "") else "default width",
-             f"SGD lr {p.get('training.lr', '?')}, {p.get('training.epochs', '?')} ep real",
-             f"pruning lr {p.get('pruning_training.lr', '?')}, {p.get('pruning_training.epochs', '?')} ep IMP"]
+             f"SGD lr {p.get(schema.TRAINING_LR_PARAM, '?')}, {p.get(schema.TRAINING_EPOCHS_PARAM, '?')} ep real",
+             f"pruning lr {p.get(schema.PRUNING_LR_PARAM, '?')}, {p.get(schema.PRUNING_EPOCHS_PARAM, '?')} ep IMP"]
     if syn is not None:
-        parts[-1] += f" / {syn.params.get('pruning_training.epochs', '?')} ep synthetic"
+        parts[-1] += f" / {syn.params.get(schema.PRUNING_EPOCHS_PARAM, '?')} ep synthetic"
     return "; ".join(parts)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
+from prunelab.schema import TEST_ACCURACY
+
 from .load import Sweep, group, label_kind, mean_std, missing_seeds, seed_words, sort_labels
 from .output import FigureResult, save_fig, write_csv
 from .palette import series_label, series_markers, variant_color
@@ -23,9 +25,9 @@ REMAINING_TICKS = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001]
 
 def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res = FigureResult("fig7", "Figure 7 — IMP from a synthetic subnetwork")
-    chains = [c for c in sweep.ok if c.has("test_accuracy") and (c.is_imp or c.then_imp)]
+    chains = [c for c in sweep.ok if c.has(TEST_ACCURACY) and (c.is_imp or c.then_imp)]
     if not any(c.then_imp or c.rewind_epoch > 0 for c in chains):
-        res.missing.append("fig7: no IMP-with-rewinding (k>0) or synthetic-then-IMP runs with test_accuracy")
+        res.missing.append(f"fig7: no IMP-with-rewinding (k>0) or synthetic-then-IMP runs with {TEST_ACCURACY}")
         return res
     res.missing += missing_seeds([c for c in sweep.chains if c.is_imp or c.then_imp], "fig7")
     settings = group(chains, lambda c: c.setting)
@@ -43,9 +45,9 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
         for label in sort_labels(by_label):
             lc = by_label[label]
             pts = []
-            for r in sorted({r for c in lc for r in c.history("test_accuracy")}):
-                have = [c for c in lc if r in c.history("test_accuracy")]
-                m, s, n = mean_std([c.history("test_accuracy")[r] for c in have])
+            for r in sorted({r for c in lc for r in c.history(TEST_ACCURACY)}):
+                have = [c for c in lc if r in c.history(TEST_ACCURACY)]
+                m, s, n = mean_std([c.history(TEST_ACCURACY)[r] for c in have])
                 sp = mean_std([c.sparsity_at(r) for c in have])[0]
                 pts.append((sp, m, s, n))
                 rows.append([ds, model, label, r, sp, m, s, n, " ".join(str(c.seed) for c in have)])
@@ -54,7 +56,7 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                         ls="--" if label_kind(label) == "then_imp" else "-",
                         label=series_label(label, [p[3] for p in pts]))
         ax.set_xscale("log")
-        lo = min(1 - c.sparsity_at(r) for c in cs for r in c.history("test_accuracy"))
+        lo = min(1 - c.sparsity_at(r) for c in cs for r in c.history(TEST_ACCURACY))
         ticks = [t for t in REMAINING_TICKS if t >= lo * 0.5]
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())

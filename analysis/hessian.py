@@ -16,35 +16,37 @@ import os
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
+from prunelab.schema import HESSIAN_STATS, hessian_metric
+
 from .load import Sweep, group, label_kind, mean_std
 from .output import FigureResult, markdown_table, save_fig, write_csv
 from .palette import sparsity_label, sparsity_marker, variant_color
 
-STATS = ("min", "max", "mean", "std", "abs_mean", "top_eigenvalue")
+STATS = HESSIAN_STATS  # also the columns of hessian.csv
 
 
 def make(sweep: Sweep, out_dir: str) -> FigureResult:
     res = FigureResult("hessian", "Hessian diagonal statistics")
     recs, dense_seen = [], set()
     for c in sweep.ok:
-        if not any(c.has(f"hessian_{s}") for s in STATS):
+        if not any(c.has(hessian_metric(s)) for s in STATS):
             continue
-        rounds = sorted({r for s in STATS for r in c.history(f"hessian_{s}")})
+        rounds = sorted({r for s in STATS for r in c.history(hessian_metric(s))})
         for r in rounds:
             if r == 0:
                 key = (c.dataset, c.model, c.seed, c.rewind_epoch)
                 if key in dense_seen:  # the same dense network, measured again by another chain
                     continue
                 dense_seen.add(key)
-            vals = {s: c.history(f"hessian_{s}").get(r) for s in STATS}
+            vals = {s: c.history(hessian_metric(s)).get(r) for s in STATS}
             for s, v in vals.items():
                 if v is None:
-                    res.missing.append(f"hessian: {c.describe()} has no hessian_{s} at round {r}")
+                    res.missing.append(f"hessian: {c.describe()} has no {hessian_metric(s)} at round {r}")
             dense = "dense" if c.rewind_epoch == 0 else f"dense (k={c.rewind_epoch})"
             recs.append({"ds": c.dataset, "model": c.model, "sub": dense if r == 0 else c.label,
                          "round": r, "sparsity": c.sparsity_at(r), "seed": c.seed, **vals})
     if not recs:
-        res.missing.append("hessian: no run logged hessian_* metrics")
+        res.missing.append(f"hessian: no run logged {hessian_metric('*')} metrics")
         return res
     subs = {(x["ds"], x["model"]): set() for x in recs}
     for x in recs:

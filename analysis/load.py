@@ -3,7 +3,7 @@
 A `Sweep` is the parent run (tag `prunelab.role=sweep`) and its child runs (`Chain`s, tag
 `mlflow.parentRunId`). `search_runs` only carries each metric's *last* value, so per-round curves
 come from `get_metric_history`, fetched lazily and cached per (run, key). Artifacts are downloaded
-on demand into a scratch directory. Names follow docs/results.md.
+on demand into a scratch directory. Names come from `prunelab.schema` (docs/results.md).
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-ROLE_TAG, PARENT_TAG = "prunelab.role", "mlflow.parentRunId"
-VARIANT_TAG, STATUS_TAG, FAILURE_TAG = "prunelab.variant", "prunelab.status", "prunelab.failure"
-
-# Real training images per class, for compression ratios. Mirrors prunelab.data.REAL_IMAGES_PER_CLASS
-# (not imported: prunelab.data pulls in torch), plus `digits` (1,438 train images / 10 classes).
-REAL_IMAGES_PER_CLASS = {"cifar10": 5000, "cifar100": 500, "imagenet10": 1300, "digits": 143.8}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet10": 10, "digits": 10}
-_ROUND_RE = re.compile(r"round_(\d+)\.(json|npz)$")
+from prunelab import schema
+from prunelab.catalog import DATASETS, real_images_per_class
 
 
 class AnalysisError(RuntimeError):
@@ -63,48 +57,48 @@ class Chain:
     # -- identity -------------------------------------------------------------------------------
     @property
     def status(self) -> str:
-        return self.tags.get(STATUS_TAG, "finished")
+        return self.tags.get(schema.STATUS_TAG, schema.STATUS_FINISHED)
 
     @property
     def failed(self) -> bool:
-        return self.status == "failed"
+        return self.status == schema.STATUS_FAILED
 
     @property
     def dataset(self) -> str:
-        return self.params.get("dataset.name", "?")
+        return self.params.get(schema.DATASET_PARAM, "?")
 
     @property
     def model(self) -> str:
-        return self.params.get("model.name", "?")
+        return self.params.get(schema.MODEL_PARAM, "?")
 
     @property
     def seed(self) -> Optional[int]:
-        return _int(self.params.get("seed"))
+        return _int(self.params.get(schema.SEED_PARAM))
 
     @property
     def ipc(self) -> Optional[int]:
-        return _int(self.params.get("pruning_data.ipc"))
+        return _int(self.params.get(schema.PRUNING_IPC_PARAM))
 
     @property
     def kind(self) -> str:
-        return self.params.get("pruning_data.kind", "real")
+        return self.params.get(schema.PRUNING_KIND_PARAM, "real")
 
     @property
     def seed_scope(self) -> str:
         """What the run's seed varies (param `seed_scope`): `all`, or `training` (one mask per chain)."""
-        return self.params.get("seed_scope", "all")
+        return self.params.get(schema.SEED_SCOPE_PARAM, "all")
 
     @property
     def rewind_epoch(self) -> int:
-        return _int(self.params.get("pruning.rewind_epoch")) or 0
+        return _int(self.params.get(schema.REWIND_EPOCH_PARAM)) or 0
 
     @property
     def fraction(self) -> float:
-        return _num(self.params.get("pruning.fraction")) or 0.2
+        return _num(self.params.get(schema.FRACTION_PARAM)) or 0.2
 
     @property
     def variant(self) -> str:
-        v = self.tags.get(VARIANT_TAG) or self.params.get("variant")
+        v = self.tags.get(schema.VARIANT_TAG) or self.params.get(schema.VARIANT_PARAM)
         if v:
             return v
         return "imp" if self.kind == "real" else self.kind
@@ -112,7 +106,7 @@ class Chain:
     @property
     def start_round(self) -> int:
         """Rounds of the start chain's mask this chain began from (param `start_round`), else 0."""
-        return _int(self.params.get("start_round")) or 0
+        return _int(self.params.get(schema.START_ROUND_PARAM)) or 0
 
     @property
     def then_imp(self) -> bool:
@@ -122,7 +116,7 @@ class Chain:
     @property
     def is_dense(self) -> bool:
         """A chain that only holds the dense network (variant `dense`, or no pruning rounds)."""
-        return self.variant == "dense" or self.params.get("pruning.rounds") == "0"
+        return self.variant == "dense" or self.params.get(schema.ROUNDS_PARAM) == "0"
 
     @property
     def is_imp(self) -> bool:
@@ -139,7 +133,7 @@ class Chain:
         (see `label_kind`)."""
         if self.then_imp:
             s = self.start_round
-            ipc = _int(self.params.get("start_from.pruning_data.ipc"))
+            ipc = _int(self.params.get(schema.START_IPC_PARAM))
             start = f"ipc{ipc} r{s}" if ipc is not None else f"r{s}"  # one series per start chain
             return f"{self.variant} (from {start})" if s else self.variant
         if self.is_dense:
@@ -156,7 +150,7 @@ class Chain:
     def eval_rounds(self) -> list[int]:
         """Rounds listed in `eval.rounds` that this chain can evaluate (a then-IMP chain starts at
         its start round)."""
-        raw = self.params.get("eval.rounds", "")
+        raw = self.params.get(schema.EVAL_ROUNDS_PARAM, "")
         rounds = {int(x) for x in re.split(r"[,\s]+", raw.strip("[] ")) if x.strip().lstrip("-").isdigit()}
         return sorted(r for r in rounds if r >= self.start_round)
 
@@ -166,10 +160,10 @@ class Chain:
 
     @property
     def real_per_class(self) -> Optional[float]:
-        n, c = _num(self.params.get("dataset.train_size")), NUM_CLASSES.get(self.dataset)
-        if n and c:
-            return n / c
-        return REAL_IMAGES_PER_CLASS.get(self.dataset)
+        n, facts = _num(self.params.get(schema.DATASET_TRAIN_SIZE_PARAM)), DATASETS.get(self.dataset)
+        if n and facts:
+            return n / facts.classes
+        return real_images_per_class(self.dataset)
 
     # -- metrics --------------------------------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -189,7 +183,7 @@ class Chain:
     def sparsity_at(self, rnd: int) -> float:
         """Sparsity of the subnetwork after `rnd` rounds: logged `eval_sparsity`/`sparsity`, else
         1-(1-f)^r (rounds count from the dense network, in then-IMP chains too)."""
-        for key in ("eval_sparsity", "sparsity"):
+        for key in (schema.EVAL_SPARSITY, schema.SPARSITY):
             v = self.history(key).get(rnd)
             if v is not None:
                 return v
@@ -205,7 +199,7 @@ class Chain:
                 infos = []
             out = {}
             for fi in infos:
-                m = _ROUND_RE.search(fi.path)
+                m = schema.ROUND_FILE_RE.search(fi.path)
                 if m and not fi.is_dir:
                     out[int(m.group(1))] = fi.path
             self._arts[folder] = out
@@ -225,14 +219,14 @@ class Chain:
         return local if os.path.exists(local) else self.download(p)
 
     def lmc(self, rnd: int) -> Optional[dict]:
-        local = self._round_file("lmc", rnd)
+        local = self._round_file(schema.LMC_DIR, rnd)
         if local is None:
             return None
         with open(local) as f:
             return json.load(f)
 
     def landscape(self, rnd: int) -> Optional[dict]:
-        local = self._round_file("landscape", rnd)
+        local = self._round_file(schema.LANDSCAPE_DIR, rnd)
         if local is None:
             return None
         with np.load(local, allow_pickle=False) as z:
@@ -298,13 +292,14 @@ def load_sweep(experiment: str, tracking_uri: Optional[str] = None, parent_run_i
         except Exception as e:
             raise AnalysisError(f"parent run {parent_run_id!r} not found: {e}") from None
     else:
-        parents = _search_all(client, exp.experiment_id, f"tags.`{ROLE_TAG}` = 'sweep'",
+        parents = _search_all(client, exp.experiment_id, schema.tag_filter(schema.ROLE_TAG, schema.ROLE_SWEEP),
                               ["attributes.start_time DESC"])
         if not parents:
-            raise AnalysisError(f"experiment {experiment!r} has no sweep run (tag {ROLE_TAG}=sweep)")
+            raise AnalysisError(f"experiment {experiment!r} has no sweep run "
+                                f"(tag {schema.ROLE_TAG}={schema.ROLE_SWEEP})")
         parent = parents[0]
     pid = parent.info.run_id
-    children = _search_all(client, exp.experiment_id, f"tags.`{PARENT_TAG}` = '{pid}'",
+    children = _search_all(client, exp.experiment_id, schema.tag_filter(schema.PARENT_TAG, pid),
                            ["attributes.start_time ASC"])
     sweep = Sweep(client=client, tracking_uri=tracking_uri, experiment=experiment,
                   experiment_id=exp.experiment_id, parent_id=pid, parent_tags=dict(parent.data.tags),
@@ -322,7 +317,7 @@ def load_sweep(experiment: str, tracking_uri: Optional[str] = None, parent_run_i
             except Exception:  # deleted since: reported by missing_runs
                 pass
     for r in children:
-        if r.data.tags.get(ROLE_TAG, "chain") != "chain":
+        if r.data.tags.get(schema.ROLE_TAG, schema.ROLE_CHAIN) != schema.ROLE_CHAIN:
             continue
         sweep.chains.append(Chain(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id,
                                   tags=dict(r.data.tags), params=dict(r.data.params),
@@ -332,7 +327,7 @@ def load_sweep(experiment: str, tracking_uri: Optional[str] = None, parent_run_i
 
 def _trials(sweep: Sweep) -> list[dict]:
     """The parent run's sweep/trials.json (every trial the sweep asked for), or [] if absent."""
-    path = sweep.download(sweep.parent_id, "sweep/trials.json")
+    path = sweep.download(sweep.parent_id, schema.SWEEP_TRIALS)
     if not path:
         return []
     with open(path) as f:
@@ -341,12 +336,12 @@ def _trials(sweep: Sweep) -> list[dict]:
 
 def missing_runs(sweep: Sweep) -> list[str]:
     """Trials the sweep asked for that have no chain run, and chains that failed, by name."""
-    have = {c.tags.get("prunelab.trial_key") for c in sweep.chains}
+    have = {c.tags.get(schema.TRIAL_KEY_TAG) for c in sweep.chains}
     out = [f"trial {t.get('label', '?')} [{t.get('key', '?')}] has no run (not started, or lost)"
            for t in _trials(sweep) if t.get("key") not in have]
-    out += [f"{c.describe()} failed: {c.tags.get(FAILURE_TAG, 'no reason given')}" for c in sweep.failed]
+    out += [f"{c.describe()} failed: {c.tags.get(schema.FAILURE_TAG, 'no reason given')}" for c in sweep.failed]
     out += [f"{c.describe()} did not finish (status {c.status})" for c in sweep.chains
-            if c.status not in ("finished", "failed")]
+            if c.status not in (schema.STATUS_FINISHED, schema.STATUS_FAILED)]
     return out
 
 

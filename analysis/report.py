@@ -6,6 +6,8 @@ import html
 import os
 from datetime import datetime, timezone
 
+from prunelab.schema import SWEEP_CONFIG
+
 from .output import FigureResult
 
 
@@ -32,8 +34,8 @@ def write_report(out_dir: str, sweep_info: dict, results: list[FigureResult], ge
     for k, v in sweep_info.items():
         parts.append(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>")
     parts.append(f"<tr><th>generated</th><td>{datetime.now(timezone.utc).isoformat(timespec='seconds')}</td></tr>")
-    cfg = f"<a href='{rel(config_path)}'>sweep/config.yaml</a>" if config_path else \
-        "<span class='missing'>parent run has no sweep/config.yaml artifact</span>"
+    cfg = f"<a href='{rel(config_path)}'>{SWEEP_CONFIG}</a>" if config_path else \
+        f"<span class='missing'>parent run has no {SWEEP_CONFIG} artifact</span>"
     parts.append(f"<tr><th>sweep config</th><td>{cfg}</td></tr></table>")
     made = [r for r in results if r.made]
     absent = [r for r in results if not r.made]

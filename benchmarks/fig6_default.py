@@ -2,8 +2,9 @@
 
 For each chain seed, one chain per pruning-data kind is run to the last measured round (the IMP and
 synthetic chains of a seed share their initialization); at rounds 4 and 9 (59% / 87% at 20% per
-round) the subnetwork is evaluated exactly as a sweep does (`prunelab.evaluation.evaluate_round`:
-an LMC pair measured with BN statistics interpolated and recomputed, and the controls asked for).
+round) the subnetwork is evaluated exactly as a sweep's trial does (`prunelab.runner.run_chain` on a
+temporary store: an LMC pair measured with BN statistics interpolated and recomputed, and the
+controls asked for).
 Prints, per round and source, the mean and 95% paired-bootstrap interval over seeds of the test
 accuracy and of the midpoint barriers (test error in percentage points, train loss), and whether
 IMP's test-error barrier is clear: a mean of at least `--threshold` percentage points with its 95%
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,13 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.stats import mean_interval  # noqa: E402
-from prunelab.chain import Chain  # noqa: E402
 from prunelab.cli import parse_overrides  # noqa: E402
 from prunelab.data import load_dataset  # noqa: E402
-from prunelab.evaluation import EvalHparams, evaluate_round  # noqa: E402
+from prunelab.evaluation import EvalHparams  # noqa: E402
 from prunelab.hparams import ChainHparams, set_path  # noqa: E402
 from prunelab.metrics import BN_MODES, CONTROLS, accuracy_name, barrier_name  # noqa: E402
+from prunelab.runner import run_chain  # noqa: E402
 from prunelab.stability import LMCHparams  # noqa: E402
+from prunelab.store import ChainStore  # noqa: E402
 
 # the recipe the demo preset uses (sweeps/configs/fig6.yaml); --set changes it
 BASE = {"dataset": {"name": "digits"}, "model": {"name": "resnet10_bn", "width": 8}, "pruning": {"rounds": 9},
@@ -86,21 +89,19 @@ def main(argv=None):
         for source in a.sources:
             hp = chain_hp(a, source, seed)
             data = data or load_dataset(hp.dataset)
-            chain = Chain(hp, "cpu", data=data)
-            while True:
-                if chain.round in a.rounds:
-                    res = evaluate_round(hp, ev, data, chain.state.rewind_point, chain.mask, chain.round)
-                    rows.append({"seed": seed, "source": source, "round": chain.round, "metrics": res["metrics"],
-                                 "wall_s": res["wall_s"]})
-                    m = res["metrics"]
-                    print(f"seed {seed} {source:9s} round {chain.round} acc {m['test_accuracy']:.4f} "
-                          + " ".join(f"{mode[:5]}: err {100 * m[barrier_name('mid', 'test', 'error', mode)]:+.2f}pp "
-                                     f"loss {m[barrier_name('mid', 'train', 'loss', mode)]:+.3f}"
-                                     for mode in BN_MODES)
-                          + f"  ({res['wall_s']:.0f} s)", flush=True)
-                if chain.round >= max(a.rounds):
-                    break
-                chain.step()
+
+            def evaluated(chain, r, res, seed=seed, source=source):
+                rows.append({"seed": seed, "source": source, "round": r, "metrics": res["metrics"],
+                             "wall_s": res["wall_s"]})
+                m = res["metrics"]
+                print(f"seed {seed} {source:9s} round {r} acc {m['test_accuracy']:.4f} "
+                      + " ".join(f"{mode[:5]}: err {100 * m[barrier_name('mid', 'test', 'error', mode)]:+.2f}pp "
+                                 f"loss {m[barrier_name('mid', 'train', 'loss', mode)]:+.3f}"
+                                 for mode in BN_MODES)
+                      + f"  ({res['wall_s']:.0f} s)", flush=True)
+
+            with tempfile.TemporaryDirectory() as store:  # measured afresh: nothing reused between runs
+                run_chain(hp, ev, a.rounds, ChainStore(store, hp), data=data, on_eval=evaluated)
     print(f"\n{hp.model.name} width {hp.model.width} on {hp.dataset.name}; real training lr {hp.training.lr}, "
           f"{hp.training.epochs} epochs; seeds {a.seeds}; total {time.perf_counter() - t0:.0f} s (1 thread each)")
     summary = []

@@ -3,14 +3,14 @@
 With the real training set as pruning data this is IMP; with a distilled set it is distilled pruning
 (the paper's Figure 1). The chain's state is plain data (tensors, ints, lists) serialized with a
 checksum, so a sweep can checkpoint it after every round and resume to the same final mask.
-Every random choice of round r is seeded from (seed, r, purpose), so resuming needs no RNG state.
-The initialization, the rewind point and the pruning rounds draw from `mask_seed(hp)`, the trainings
-after pruning from `hp.seed` (the two differ only with `seed_scope: training`).
+Every random choice of round r is seeded from (seed, r, purpose) (`prunelab.seeds`), so resuming
+needs no RNG state. The initialization, the rewind point and the pruning rounds draw from
+`mask_seed(hp)`, the trainings after pruning from `hp.seed` (the two differ only with
+`seed_scope: training`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -24,29 +24,12 @@ from .files import frame, unframe
 from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask, density_after, magnitude_prune, masked_state
 from .models import build_model
+from .seeds import derive_seed, mask_seed
 from .stacked import train_copies
+from .synthetic import load_pruning_data
 from .train import evaluate, examples_drawn, resolve_device, steps_per_epoch, train
 
 STATE_MAGIC = b"PRUNELAB-CHAIN-1\n"
-
-
-def derive_seed(seed: int, *labels) -> int:
-    """A 63-bit seed determined by `seed` and labels (e.g. ("order", 3)): independent streams."""
-    h = hashlib.sha256(repr((int(seed),) + tuple(labels)).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
-def mask_seed(hp: ChainHparams) -> int:
-    """The seed of everything that finds the mask: the initialization, the rewind training, the
-    pruning rounds' data order and augmentation (and the controls of `prunelab.evaluation`).
-
-    `hp.seed` with `seed_scope: all`; 0 with `seed_scope: training` (the paper authors fixed
-    torch.manual_seed(0) for pruning), so chains that differ only in `seed` then find the same mask
-    from the same initialization and differ only in the trainings after pruning (LMC and landscape
-    copies, evaluation runs), which keep drawing from `hp.seed`. Such chains still have different
-    content hashes (`seed` is hashed) and each stores its own copy of that mask.
-    """
-    return 0 if hp.seed_scope == "training" else hp.seed
 
 
 class CorruptStateError(CorruptFileError):
@@ -170,11 +153,7 @@ class Chain:
         self.hp = hp
         self.device = resolve_device(device)
         self.data = data if data is not None else load_dataset(hp.dataset)
-        if pruning_data is None:
-            from .synthetic import load_pruning_data
-
-            pruning_data = load_pruning_data(hp, self.data, self.device)
-        self.pruning_data = pruning_data
+        self.pruning_data = pruning_data if pruning_data is not None else load_pruning_data(hp, self.data, self.device)
         if state is not None and state.config_hash and state.config_hash != hp.hash():
             raise ConfigError("state", f"checkpoint belongs to chain {state.config_hash}, not {hp.hash()}",
                               "resume with the configuration that produced the checkpoint")

@@ -9,15 +9,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError
+from .evaluation import EvalHparams, result_key
 from .hparams import ChainHparams, set_path
+from .runner import run_chain
+from .store import ChainStore
+from .train import resolve_device
 
 # A chain on the embedded digits set that runs in about a minute on a laptop CPU.
 DEMO_CHAIN = {
@@ -54,8 +60,6 @@ def load_chain_config(path: str | None, overrides: list[str]) -> ChainHparams:
 
 
 def cmd_run(args) -> int:
-    from .chain import Chain
-
     hp = load_chain_config(args.config, args.set)
     eval_rounds = sorted({int(r) for r in args.eval_rounds.split(",")}) if args.eval_rounds else []
     bad = [r for r in eval_rounds if r > hp.pruning.rounds]
@@ -63,31 +67,41 @@ def cmd_run(args) -> int:
         raise ConfigError("--eval-rounds", f"rounds {bad} exceed pruning.rounds={hp.pruning.rounds}",
                           "evaluate at rounds up to pruning.rounds")
     out = Path(args.out).resolve() if args.out else None
+    # the subnetwork of each evaluation round trained once on real data (no LMC pair)
+    ev = EvalHparams(rounds=tuple(eval_rounds), lmc=False)
     t0 = time.time()
-    chain = Chain(hp, device=args.device)
-    print(f"chain {hp.hash()}: {hp.model.name} on {hp.dataset.name}, pruning data {hp.pruning_data.kind} "
-          f"({len(chain.pruning_data)} images), {hp.pruning.rounds} rounds", flush=True)
-    rows = []
-    while True:
-        if chain.round in eval_rounds:
-            m = chain.evaluate()
-            rows.append({"round": chain.round, "sparsity": chain.sparsity, "test_accuracy": m["test_accuracy"],
-                         "test_loss": m["test_loss"]})
-            print(f"  round {chain.round:2d}  sparsity {chain.sparsity:6.1%}  test accuracy "
-                  f"{m['test_accuracy']:.3f}  (subnetwork trained on real data)", flush=True)
-        if chain.done:
-            break
-        rec = chain.step()
+
+    def opened(chain) -> None:
+        print(f"chain {hp.hash()}: {hp.model.name} on {hp.dataset.name}, pruning data {hp.pruning_data.kind} "
+              f"({len(chain.pruning_data)} images), {hp.pruning.rounds} rounds", flush=True)
+
+    def stepped(chain, rec: dict) -> None:
         print(f"  round {rec['round']:2d}  trained on pruning data: accuracy {rec['pruning_accuracy']:.3f}"
               f" -> pruned to {rec['sparsity']:.1%}", flush=True)
+
+    def evaluated(chain, r: int, res: dict) -> None:
+        m = res["metrics"]
+        print(f"  round {r:2d}  sparsity {m['eval_sparsity']:6.1%}  test accuracy "
+              f"{m['test_accuracy']:.3f}  (subnetwork trained on real data)", flush=True)
+
+    with contextlib.ExitStack() as stack:
+        # with --out the store lives there (a second run resumes it); else it is temporary
+        root = out / "store" if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        store = ChainStore(root, hp)
+        chain = run_chain(hp, ev, eval_rounds, store, device=resolve_device(args.device),
+                          on_open=opened, on_round=stepped, on_eval=evaluated)
+        # every evaluation, those reused from an earlier run with the same --out included
+        rows = [{"round": r, "sparsity": m["eval_sparsity"], "test_accuracy": m["test_accuracy"],
+                 "test_loss": m["test_loss"]}
+                for r in eval_rounds for m in [store.load_eval(result_key(ev), r)["metrics"]]]
     print(f"done in {time.time() - t0:.1f} s; final mask {chain.mask.hash()}")
     if out:
-        out.mkdir(parents=True, exist_ok=True)
         chain.mask.save(out / "mask.pt")
         (out / "results.json").write_text(json.dumps(
             {"config": hp.to_dict(), "hash": hp.hash(), "evaluations": rows, "history": chain.state.history},
             indent=2))
-        print(f"wrote {out / 'mask.pt'} (read it with prunelab.masks.Mask.load) and {out / 'results.json'}")
+        print(f"wrote {out / 'mask.pt'} (read it with prunelab.masks.Mask.load) and {out / 'results.json'}; "
+              f"the chain's store is {out / 'store'}")
     return 0
 
 
@@ -100,7 +114,8 @@ def main(argv=None) -> int:
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
     r.add_argument("--eval-rounds", default="0,4,9", help="rounds whose subnetwork is trained on real data")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    r.add_argument("--out", help="directory for the final mask and results.json")
+    r.add_argument("--out", help="directory for the final mask, results.json and the chain's store "
+                   "(run again with the same --out to resume or reuse it)")
     sub.add_parser("describe", help="list every chain hyperparameter with its default and help")
     args = p.parse_args(argv)
     try:

@@ -19,11 +19,17 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from .chain import rewind_start_step
 from .data import dataset_shape, dataset_sizes
 from .hparams import ChainHparams, ModelHparams, TrainingHparams
-from .masks import density_after
+from .masks import density_after, prunable_names
 from .metrics import other_bn_mode
+from .models import build_model
+from .stability import lmc_alphas
+from .synthetic import DEFAULT_BUDGETS, distiller_settings, effective_settings, formation_factor
 from .train import total_steps
 
 # (seconds per optimizer step, sustained FLOP/s): one CPU thread (scaled by the threads a chain
@@ -74,12 +80,6 @@ class Cost:
 @lru_cache(maxsize=64)
 def _model_facts(name: str, width, depth, shape: tuple, num_classes: int) -> tuple[float, int, int, bool]:
     """(forward FLOPs per image, prunable weights, of which in the classifier, has batch norm)."""
-    from torch import nn
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .masks import prunable_names
-    from .models import build_model
-
     with torch.device("meta"):
         model = build_model(ModelHparams(name=name, width=width, depth=depth), shape, num_classes, seed=0)
         x = torch.empty((2,) + tuple(shape))
@@ -129,8 +129,6 @@ def _source(hp: ChainHparams) -> str:
 
 def pruning_set_size(hp: ChainHparams) -> int:
     """Images a chain trains on to find its mask (a synthetic set as its decoded images)."""
-    from .synthetic.idc import formation_factor
-
     pd, source = hp.pruning_data, _source(hp)
     n_train, _ = dataset_sizes(hp.dataset)
     if source == "real":
@@ -144,9 +142,6 @@ def synthetic_cost(hp: ChainHparams) -> Cost:
     """Building the chain's synthetic set with prunelab's own distiller (0 when it reads a file or
     trains on real data; a set several chains share is counted for each). The distiller's settings
     are pruning_data's where set (net_width, inner_loop, batch_real, lr_img), else its defaults."""
-    from .synthetic import distiller_settings
-    from .synthetic.distill import DEFAULT_BUDGETS, distill_dm, distill_idc, distiller_kwargs
-
     pd, source = hp.pruning_data, _source(hp)
     if source not in ("dm", "idc", "herding"):
         return Cost()
@@ -155,8 +150,7 @@ def synthetic_cost(hp: ChainHparams) -> Cost:
     if source == "herding":
         return forward_cost(n_train, forward_flops(ModelHparams(name="convnet3"), hp.dataset), 1024)
     # ConfigError here, at planning, for a setting the method lacks (dm + inner_loop)
-    kw = {**(distill_dm if source == "dm" else distill_idc).__kwdefaults__,
-          **distiller_kwargs(source, **distiller_settings(pd))}
+    kw = effective_settings(source, **distiller_settings(pd))
     f = forward_flops(ModelHparams(name="convnet3", width=kw["net_width"]), hp.dataset)
     budget = pd.budget or DEFAULT_BUDGETS[source]
     if source == "dm":
@@ -171,9 +165,6 @@ def synthetic_cost(hp: ChainHparams) -> Cost:
 def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
     """Evaluating round `at_round` as `ev` (EvalHparams) asks: the subnetworks trained on real data and
     what is measured on them."""
-    from .chain import rewind_start_step
-    from .stability import lmc_alphas
-
     n_train, n_test = dataset_sizes(hp.dataset)
     f, _, _, has_bn = _facts(hp.model, hp.dataset)
     one = training_cost(hp.training, n_train, f, rewind_start_step(hp, n_train, hp.training.batch_size))
@@ -215,8 +206,6 @@ def chain_cost(hp: ChainHparams, ev, rounds, reached: Optional[int] = None, eval
     (EvalHparams): {"synthetic", "pruning", "evaluation", "total"}. From scratch by default; with
     `reached` (the round of a stored state) and `evaluated` (rounds already evaluated), only the rest
     (a stored state means the synthetic set and the rewind point exist already)."""
-    from .chain import rewind_start_step
-
     n_train, _ = dataset_sizes(hp.dataset)
     n_prune = pruning_set_size(hp)
     f = forward_flops(hp.model, hp.dataset)

@@ -16,7 +16,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
-from .chain import derive_seed, mask_seed, train_subnetwork
+from .chain import train_subnetwork
 from .data import DataSplit
 from .hessian import HessianHparams, hessian_analysis
 from .hparams import ChainHparams, Hparams, hp, require
@@ -24,6 +24,7 @@ from .landscape import LandscapeHparams, landscape
 from .masks import Mask, rounds_for_sparsity, shuffle_layerwise
 from .metrics import CONTROLS, KINDS, accuracy_name, barrier_name, with_control
 from .models import build_model
+from .seeds import derive_seed, mask_seed
 from .stability import LMCHparams, instability
 
 

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from . import catalog
 from .errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -249,10 +250,8 @@ class DatasetHparams(Hparams):
     image_size: Optional[int] = hp(None, "resize images to this size (imagenet10: 224)")
 
     def _validate(self, p):
-        from .data import DATASETS
-
-        require(self.name in DATASETS, p + "name", f"unknown data set {self.name!r}",
-                "use one of " + ", ".join(sorted(DATASETS)))
+        require(self.name in catalog.DATASETS, p + "name", f"unknown data set {self.name!r}",
+                "use one of " + ", ".join(sorted(catalog.DATASETS)))
         for k in ("train_size", "test_size", "image_size"):
             v = getattr(self, k)
             require(v is None or v > 0, p + k, f"must be positive, got {v}")
@@ -265,10 +264,8 @@ class ModelHparams(Hparams):
     depth: Optional[int] = hp(None, "convnet blocks (default: 3 at 32 px, 2 at 8 px, up to 5 at 224 px)")
 
     def _validate(self, p):
-        from .models import MODELS
-
-        require(self.name in MODELS, p + "name", f"unknown model {self.name!r}",
-                "use one of " + ", ".join(sorted(MODELS)))
+        require(self.name in catalog.MODELS, p + "name", f"unknown model {self.name!r}",
+                "use one of " + ", ".join(sorted(catalog.MODELS)))
         require(self.width is None or self.width > 0, p + "width", f"must be positive, got {self.width}")
         require(self.depth is None or self.depth > 0, p + "depth", f"must be positive, got {self.depth}")
 
@@ -362,11 +359,9 @@ class PruningDataHparams(Hparams):
             require(bool(self.path), p + "path", "required for kind='idc_file'",
                     "point it at IDC's data.pt or the folder that holds it")
         if self.kind == "distilled":
-            from .synthetic import METHODS
-
-            require(self.method in METHODS, p + "method",
+            require(self.method in catalog.DISTILLERS, p + "method",
                     f"unknown distillation method {self.method!r}" if self.method else "required for kind='distilled'",
-                    "use one of " + ", ".join(METHODS))
+                    "use one of " + ", ".join(catalog.DISTILLERS))
             require(self.method != "dm" or self.inner_loop is None, p + "inner_loop",
                     "is a setting of method idc; dm has no inner loop", "remove pruning_data.inner_loop")
         require(self.factor is None or self.factor >= 1, p + "factor", f"must be >= 1, got {self.factor}")
@@ -402,11 +397,9 @@ class ChainHparams(Hparams):
         sets are cached."""
         core = self.replace(pruning=self.pruning.replace(rounds=0),
                             pruning_data=self.pruning_data.replace(store=None))
-        if self.pruning_data.kind in ("distilled", "random_subset", "herding"):
+        if self.pruning_data.kind in ("distilled",) + catalog.CORESETS:
             # a built-in synthetic set changes with its code version: so do the masks found on it
-            from .synthetic.store import CODE_VERSION
-
-            blob = core.canonical_json() + f"|synthetic-code-{CODE_VERSION}"
+            blob = core.canonical_json() + f"|synthetic-code-{catalog.SYNTHETIC_CODE_VERSION}"
             return hashlib.sha256(blob.encode()).hexdigest()[:length]
         return Hparams.hash(core, length)
 

@@ -29,13 +29,14 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 
-from .chain import derive_seed, train_subnetworks
+from .chain import train_subnetworks
 from .data import DataSplit
 from .errors import ConfigError
 from .hparams import ChainHparams, Hparams, hp, require
 from .masks import Mask
 from .stability import (EvalSet, batchnorm_modules, bn_batches, check_compatible, check_mask, device_mask,
                         recompute_bn_stats)
+from .seeds import derive_seed
 from .train import resolve_device
 
 

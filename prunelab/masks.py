@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Union
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, CorruptFileError, first_line
+from .files import atomic_write, frame, unframe
 
 MASK_MAGIC = b"PRUNELAB-MASK-1\n"
 
@@ -94,8 +96,6 @@ class Mask(OrderedDict):
     # ---- persistence -------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """A checksummed torch file: a damaged copy fails to load instead of giving another mask."""
-        from .files import frame
-
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in self.items()}, buf)
         return frame(MASK_MAGIC, buf.getvalue())
@@ -104,8 +104,6 @@ class Mask(OrderedDict):
     def from_bytes(cls, data: bytes, source: str = "mask") -> "Mask":
         """Read `to_bytes` output (or a plain torch file of name -> bool tensor); CorruptFileError
         naming `source` if it is damaged."""
-        from .files import unframe
-
         payload = unframe(MASK_MAGIC, data, source) if data.startswith(MASK_MAGIC) else data
         try:
             d = torch.load(io.BytesIO(payload), weights_only=True)
@@ -116,8 +114,6 @@ class Mask(OrderedDict):
         return cls((k, v.bool()) for k, v in d.items())
 
     def save(self, path: Union[str, Path]) -> None:
-        from .files import atomic_write
-
         atomic_write(path, self.to_bytes())
 
     @classmethod
@@ -208,8 +204,6 @@ def density_after(rounds: int, fraction: float) -> float:
 
 def rounds_for_sparsity(sparsity: float, fraction: float) -> int:
     """The round whose sparsity is nearest `sparsity` (0.6 -> 4, 0.87 -> 9 at 20% per round)."""
-    import math
-
     if not 0.0 <= sparsity < 1.0:
         raise ConfigError("sparsity", f"must be in [0, 1), got {sparsity}", "e.g. 0.6 or 0.87")
     # nearest round: the paper's "87%" is round 9 (86.6%), its "60%" round 4 (59.0%)

@@ -13,7 +13,7 @@ mask and draws a fresh initialization (does the mask only work with the weights 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 BN_MODES = ("interpolate", "recompute")
 PRIMARY_BN_PARAM = "eval.bn_mode"  # the run param naming the BN mode of the plain barrier names
@@ -54,3 +54,15 @@ def parse_barrier(spec: str) -> tuple[str, str, str]:
     if len(parts) != 3 or parts[0] not in KINDS or parts[1] not in SPLITS or parts[2] not in MEASURES:
         raise ValueError(f"unknown barrier {spec!r}: use [mid_|max_]<train|test>_<loss|error>, e.g. train_loss")
     return parts[0], parts[1], parts[2]
+
+
+def barriers(alphas: Sequence[float], values: Sequence[float]) -> dict:
+    """Both barrier definitions for one curve of `values` at `alphas` (which include 0.5):
+    `mid` (the paper, Fig. 6) is the value at α = 0.5 minus the mean of the endpoint values; `max`
+    (Frankle et al. 2020) is the largest value above the straight line between the endpoints."""
+    alphas = [float(a) for a in alphas]
+    values = [float(v) for v in values]
+    v0, v1 = values[0], values[-1]
+    mid = values[alphas.index(0.5)] - 0.5 * (v0 + v1)
+    mx = max(v - ((1 - a) * v0 + a * v1) for a, v in zip(alphas, values))
+    return {"mid": float(mid), "max": float(mx)}

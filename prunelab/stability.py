@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chain import derive_seed, train_subnetworks
+from .chain import train_subnetworks
 from .data import DataSplit, ImageData
 from .errors import ConfigError
 from .hparams import ChainHparams, Hparams, hp, require
 from .masks import Mask
-from .metrics import SPLITS, other_bn_mode
+from .metrics import SPLITS, barriers, other_bn_mode
+from .seeds import derive_seed
 from .train import resolve_device
 
 
@@ -226,14 +227,6 @@ def lmc_alphas(num_points: int) -> list[float]:
     if 0.5 not in alphas:
         alphas = sorted(alphas + [0.5])
     return alphas
-
-
-def barriers(alphas: Sequence[float], values: Sequence[float]) -> dict:
-    """Both barrier definitions for one curve (see the module docstring)."""
-    v0, v1 = values[0], values[-1]
-    mid = values[alphas.index(0.5)] - 0.5 * (v0 + v1)
-    mx = max(v - ((1 - a) * v0 + a * v1) for a, v in zip(alphas, values))
-    return {"mid": float(mid), "max": float(mx)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.augment import random_crop_flip
-from .data.dsa import CUTMIX_PROB
+from .data.dsa import CUTMIX_PROB, apply_cutmix, make_dsa_augment
 from .data.base import ImageData
 from .errors import ConfigError, DivergenceError
 from .hparams import TrainingHparams
@@ -46,8 +46,6 @@ def make_augment(kind: str, data: ImageData, cutmix_prob: float = CUTMIX_PROB) -
     if kind in ("standard", "standard_cutmix"):
         pad, flip, k = data.crop_pad, data.flip, data.num_classes
         if kind == "standard_cutmix":
-            from .data.dsa import apply_cutmix
-
             def standard_cutmix(x, y, gen):
                 return apply_cutmix(random_crop_flip(x, pad, flip, gen), y, k, gen, prob=cutmix_prob)
 
@@ -58,8 +56,6 @@ def make_augment(kind: str, data: ImageData, cutmix_prob: float = CUTMIX_PROB) -
 
         return standard
     if kind in ("dsa", "dsa_cutmix"):
-        from .data.dsa import make_dsa_augment
-
         return make_dsa_augment(cutmix=kind == "dsa_cutmix", num_classes=data.num_classes, prob=cutmix_prob,
                                 mean=data.mean, std=data.std)
     raise ConfigError("training.augment", f"unknown augmentation {kind!r}",

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from prunelab.errors import ConfigError
 
 CLUSTER_CONFIG_ENV = "PRUNELAB_CLUSTER_CONFIG"
@@ -139,8 +141,6 @@ def _kuberay_types(manifest: dict) -> dict[str, NodeType]:
 def node_types_from_yaml(path) -> dict[str, NodeType]:
     """The node types of a Ray cluster-launcher YAML or of a KubeRay RayCluster/RayJob manifest
     (the first document that holds one, in a multi-document file)."""
-    import yaml
-
     p = Path(path).expanduser()
     try:
         docs = [d for d in yaml.safe_load_all(p.read_text()) if isinstance(d, dict)]
@@ -159,8 +159,8 @@ def node_types_from_yaml(path) -> dict[str, NodeType]:
 def node_types_from_gcs() -> Optional[dict[str, NodeType]]:
     """The node groups the autoscaler reported to the GCS, or None (not reported, or no Ray)."""
     try:
-        import ray
-        import ray._private.state
+        import ray  # inside the try, with the private module below: no Ray is also "not reported"
+        import ray._private.state  # private: absent or changed in other Ray versions
 
         if not ray.is_initialized():
             return None
@@ -227,10 +227,9 @@ def check_cluster(res, address, storage: str) -> None:
     a request is judged against them (GPU nodes may not exist yet), and a cluster that can add
     worker nodes counts as multi-node for the shared-storage rule. Without node types it is exactly
     `preflight.check_cluster`."""
-    import ray
+    import ray  # ~0.5 s to import: --dry-run and --help, which also load this module, go without it
 
-    from .preflight import check_cluster as check_alive_nodes
-    from .preflight import is_uri
+    from .preflight import check_cluster as check_alive_nodes, is_uri  # preflight imports this module
 
     types = check_node_types(res, address)
     if types is None:
@@ -277,7 +276,7 @@ def _refresh_ray_config() -> None:
     `ray start` does (ray._private.authentication.authentication_token_setup._enable_token_auth).
     Measured: without this, setting the variable after `import ray` has no effect."""
     try:
-        from ray._raylet import Config
+        from ray._raylet import Config  # inside the try: private, absent or changed in other Ray versions
 
         Config.initialize("")
     except Exception:  # another Ray version without this call: the variable alone must do

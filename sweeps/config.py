@@ -16,9 +16,11 @@ from typing import Any, Optional
 
 import yaml
 
+from prunelab.cost import chain_cost
 from prunelab.errors import ConfigError
 from prunelab.evaluation import EvalHparams, result_key
 from prunelab.hparams import ChainHparams, Hparams, hp, require, set_path
+from prunelab.store import ChainStore
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -134,9 +136,6 @@ class Trial:
     def estimated_s(self, store: Optional[str] = None) -> float:
         """A rough time for this chain on its own resources (`prunelab.cost`): what orders a sweep's
         chains, longest first. With the result `store`, only what is left of it."""
-        from prunelab.cost import chain_cost
-        from prunelab.store import ChainStore
-
         reached, evaluated = None, []
         if store is not None:
             reached, evaluated = ChainStore(store, self.chain).progress(result_key(self.evaluation), self.rounds)
@@ -153,6 +152,15 @@ class Trial:
 
         parts = [self.variant] + [f"{name(k)}={v}" for k, v in self.axes.items()]
         return ",".join(parts)
+
+
+def resource_kinds(trials: list[Trial]) -> list[ResourcesHparams]:
+    """The distinct resource requests among the trials, in order (each is checked against the cluster)."""
+    kinds = []
+    for t in trials:
+        if t.resources not in kinds:
+            kinds.append(t.resources)
+    return kinds
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

@@ -1,17 +1,24 @@
-"""Checks that stop a sweep with one clear message before it costs compute: data on disk, storage
-that every node can reach, and resource requests the cluster can satisfy (Ray would otherwise leave
-such trials pending forever)."""
+"""Checks that stop a sweep with one clear message before it costs compute: data on disk, storage and
+a tracking store that every node can reach, a Ray cluster that answers, and resource requests the
+machine or cluster can satisfy (Ray would otherwise leave such trials pending forever)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import string
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+import torch
 
 from prunelab.data import check_root
-from prunelab.errors import ConfigError, DataNotFoundError
+from prunelab.errors import ConfigError, DataNotFoundError, first_line
 from prunelab.hparams import ChainHparams
+from prunelab.synthetic.idc import check_idc_file
+
+from . import autoscaler
+from .config import Trial, resource_kinds
 
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 
@@ -19,6 +26,8 @@ URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
 def is_uri(path: str) -> bool:
     return path.startswith(URI_SCHEMES)
 
+
+# -- before Ray: config, data, storage, tracking store -----------------------------------------------
 
 def check_data(hp: ChainHparams, problems: Optional[list] = None) -> None:
     """The data a chain reads exists (without loading it). The first problem raises; with a
@@ -50,9 +59,18 @@ def _check_idc_file(pd, dataset) -> None:
     if not (p.is_file() or (p / "data.pt").is_file()):
         raise DataNotFoundError("pruning_data.path", f"no IDC data.pt at {p}",
                                 "point it at IDC's data.pt or the folder holding it")
-    from prunelab.synthetic.idc import check_idc_file
-
     check_idc_file(pd, dataset)  # shape, classes and ipc, read from the (small) file itself
+
+
+def storage_path(path: str) -> str:
+    """--storage-path as every node reads it: a URI, or an absolute path."""
+    if is_uri(path):
+        return path
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        raise ConfigError("--storage-path", f"{path} is relative; trials run in their own directories and "
+                          "other nodes cannot resolve it", f"use an absolute path, e.g. {p.resolve()}")
+    return str(p.resolve())
 
 
 def check_storage(storage: str, address) -> None:
@@ -62,9 +80,99 @@ def check_storage(storage: str, address) -> None:
         raise ConfigError("--storage-path", f"{storage} is not absolute", "give an absolute path or an s3:// / gs:// URI")
 
 
+def local_storage(storage: str) -> Path:
+    """Where the result store, the MLflow SQLite file and the synthetic-set cache live. For a URI
+    storage path, Ray's bookkeeping goes to the URI and the store to PRUNELAB_STORE (shared FS)."""
+    if not is_uri(storage):
+        return Path(storage)
+    shared = os.environ.get("PRUNELAB_STORE")
+    if not shared:
+        raise ConfigError("--storage-path", f"{storage} is a URI; the chain store needs a shared file system",
+                          "also set PRUNELAB_STORE to a directory every node mounts (e.g. NFS)")
+    return Path(shared).resolve()
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A SQLite tracking URI names its file by an absolute path (trials run in other directories)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        raise ConfigError("--tracking-uri", f"{uri} is a relative SQLite path; trials run in their own "
+                          "directories", "use an absolute path: sqlite:////abs/path/mlflow.db (four slashes)")
+
+
+# -- resources and the Ray cluster -------------------------------------------------------------------
+
+def check_each_kind(trials: list[Trial], check: Callable) -> None:
+    """`check(resources)` for each distinct request; an error names the variants asking for it when
+    variants differ (their own `resources` are what to change)."""
+    kinds = resource_kinds(trials)
+    for kind in kinds:
+        try:
+            check(kind)
+        except ConfigError as e:
+            if len(kinds) == 1:
+                raise
+            names = sorted({t.variant for t in trials if t.resources == kind})
+            raise ConfigError(e.field, f"{e.problem} (variants {', '.join(names)})",
+                              f"{e.fix}, or change variants.<name>.resources") from None
+
+
+def check_local_resources(res, num_cpus=None) -> None:
+    """Before starting a local Ray: the chains' requests fit this machine (its GPUs, its CPUs or
+    --num-cpus), so an impossible request stops here instead of leaving trials pending."""
+    if res.gpus_per_trial > 0:
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if res.gpus_per_trial > have:
+            raise ConfigError("resources.gpus_per_trial",
+                              f"each chain asks for {res.gpus_per_trial:g} GPU but this machine has {have}",
+                              "lower --gpus-per-trial (0 runs on the CPU), or join a GPU cluster with --address")
+    cpus = num_cpus if num_cpus else (os.cpu_count() or 1)
+    if res.cpus_per_trial > cpus:
+        raise ConfigError("resources.cpus_per_trial",
+                          f"each chain asks for {res.cpus_per_trial:g} CPUs but the local Ray has {cpus}",
+                          "lower --cpus-per-trial" + (" or raise --num-cpus" if num_cpus else ""))
+
+
+def resolve_ray_address(address: str, timeout: float = 3.0) -> str:
+    """`address` ('auto' or host:port) as the host:port of a Ray cluster that accepts connections.
+
+    Raises ConfigError('--address', ...) at once when none is running there; `ray.init` itself would
+    retry for minutes before giving up."""
+    fix = "start one with `ray start --head`, or drop --address to start a local Ray"
+    try:
+        # Ray's private module, imported here so that a Ray without it fails this check only
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError/ValueError here
+        raise ConfigError("--address", f"no Ray cluster found for {address!r} ({first_line(e)})", fix) from None
+    if resolved is None:
+        raise ConfigError("--address", f"no Ray cluster found for {address!r}", fix)
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError("--address", f"no Ray cluster answers at {resolved} ({e})", fix) from None
+    return resolved
+
+
+def check_before_ray(trials: list[Trial], address: Optional[str], num_cpus=None) -> Optional[str]:
+    """Before Ray starts (a caller's own Ray session is taken as it is): the chains fit the local Ray
+    the driver would start, or a cluster answers at `address`. Returns `address`, resolved to the
+    cluster's host:port."""
+    import ray  # ~0.5 s to import: --dry-run and --help, which also load this module, go without it
+
+    if ray.is_initialized():
+        return address
+    if not address:
+        check_each_kind(trials, lambda kind: check_local_resources(kind, num_cpus))
+        return address
+    # no cluster there: say so at once (ray.init retries for minutes), before anything is written
+    return resolve_ray_address(address)
+
+
 def check_cluster(res, address, storage: str) -> None:
     """After ray.init: resource requests fit a node, and multi-node clusters get shared storage."""
-    import ray
+    import ray  # ~0.5 s to import: --dry-run and --help, which also load this module, go without it
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
@@ -85,19 +193,7 @@ def check_cluster(res, address, storage: str) -> None:
                           "use an s3:// / gs:// URI, or a shared file system and set PRUNELAB_SHARED_STORAGE=1")
 
 
-def check_local_resources(res, num_cpus=None) -> None:
-    """Before starting a local Ray: the chains' requests fit this machine (its GPUs, its CPUs or
-    --num-cpus), so an impossible request stops here instead of leaving trials pending."""
-    if res.gpus_per_trial > 0:
-        import torch
-
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if res.gpus_per_trial > have:
-            raise ConfigError("resources.gpus_per_trial",
-                              f"each chain asks for {res.gpus_per_trial:g} GPU but this machine has {have}",
-                              "lower --gpus-per-trial (0 runs on the CPU), or join a GPU cluster with --address")
-    cpus = num_cpus if num_cpus else (os.cpu_count() or 1)
-    if res.cpus_per_trial > cpus:
-        raise ConfigError("resources.cpus_per_trial",
-                          f"each chain asks for {res.cpus_per_trial:g} CPUs but the local Ray has {cpus}",
-                          "lower --cpus-per-trial" + (" or raise --num-cpus" if num_cpus else ""))
+def check_cluster_resources(trials: list[Trial], address, storage: str) -> None:
+    """After ray.init: each resource request the trials make fits the cluster, judged by the node
+    types it can start when they are known (`autoscaler.check_cluster`), else by its alive nodes."""
+    check_each_kind(trials, lambda kind: autoscaler.check_cluster(kind, address, storage))

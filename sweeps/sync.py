@@ -22,22 +22,17 @@ import numpy as np
 from prunelab.evaluation import EvalHparams, result_key
 from prunelab.hparams import ChainHparams
 from prunelab.files import atomic_write
+from prunelab import schema
+from prunelab.schema import round_metrics  # also this module's: `from sweeps.sync import round_metrics`
 from prunelab.store import ChainStore
 
-from .tracking import ChainRun, describe, is_outage
+from .tracking import ChainRun, describe, is_outage, probe
 
 # attempts of one MLflow call inside a trial before it counts the server as away (each call also
 # retries inside MLflow's HTTP client, see tracking.HTTP_DEFAULTS)
 TRIAL_ATTEMPTS = 3
 BACKOFF_FIRST_S = 5.0
 BACKOFF_MAX_S = 300.0
-
-
-def round_metrics(rec: dict) -> dict:
-    """The history record of a round in the names of docs/results.md."""
-    return {"sparsity": rec["trained_sparsity"], "pruned_sparsity": rec["sparsity"],
-            "pruning_accuracy": rec["pruning_accuracy"], "pruning_train_loss": rec["pruning_train_loss"],
-            "pruning_set_size": rec["pruning_set_size"], "pruning_images_seen": rec["pruning_images_seen"]}
 
 
 def sync_run(run: ChainRun, store: ChainStore, history: list[dict], rkey: str, rounds: list[int],
@@ -47,19 +42,19 @@ def sync_run(run: ChainRun, store: ChainStore, history: list[dict], rkey: str, r
     `logged` (kept by the caller across syncs) holds the rounds whose evaluation is logged, which
     are not read again; a round joins it once its artifacts and metrics are in (artifacts go to fixed
     paths, so a sync cut short logs them again harmlessly)."""
-    run.log_steps(((h["round"], round_metrics(h)) for h in history), sentinel="pruning_accuracy")
+    run.log_steps(((h["round"], round_metrics(h)) for h in history), sentinel=schema.ROUND_SENTINEL)
     new = [(r, res) for r in rounds if r not in logged and (res := store.load_eval(rkey, r)) is not None]
     for r, res in new:
         log_eval_artifacts(run, store, res, r)
-    run.log_steps(((r, res["metrics"]) for r, res in new), sentinel="eval_sparsity")
+    run.log_steps(((r, res["metrics"]) for r, res in new), sentinel=schema.EVAL_SENTINEL)
     logged.update(r for r, _ in new)
 
 
 def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> None:
     if res.get("lmc"):
-        run.log_text(json.dumps(res["lmc"]), f"lmc/round_{r:02d}.json")
+        run.log_text(json.dumps(res["lmc"]), schema.lmc_artifact(r))
     if res.get("hessian"):
-        run.log_text(json.dumps(res["hessian"]), f"hessian/round_{r:02d}.json")
+        run.log_text(json.dumps(res["hessian"]), schema.hessian_artifact(r))
     with tempfile.TemporaryDirectory() as d:
         if res.get("landscape"):
             land = res["landscape"]
@@ -68,14 +63,14 @@ def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> N
                      xs=np.asarray(land["xs"]), ys=np.asarray(land["ys"]),
                      coords=np.asarray([c["coords"] for c in land["copies"]]),
                      distances=np.asarray(land["distances"]))
-            p = Path(d) / f"round_{r:02d}.npz"
+            p = Path(d) / schema.round_file(r, "npz")
             p.write_bytes(buf.getvalue())
-            run.log_file(str(p), "landscape")
+            run.log_file(str(p), schema.LANDSCAPE_DIR)
         mask_file = store.mask_path(r)
-        if mask_file.exists():  # logged as masks/round_XX.pt (docs/results.md)
-            p = Path(d) / f"round_{r:02d}.pt"
+        if mask_file.exists():  # logged as schema.mask_artifact(r)
+            p = Path(d) / schema.round_file(r, "pt")
             p.write_bytes(mask_file.read_bytes())
-            run.log_file(str(p), "masks")
+            run.log_file(str(p), schema.MASKS_DIR)
 
 
 class TrialLog:
@@ -160,7 +155,7 @@ class TrialLog:
         return self._attempt("log the chain's results", lambda: self._sync(history), force)
 
     def note(self, text: str, artifact: str) -> None:
-        """A text artifact (e.g. warnings/last_error.txt), logged with the next successful sync."""
+        """A text artifact (e.g. `schema.LAST_ERROR_NOTE`), logged with the next successful sync."""
         atomic_write(self.notes_dir / artifact.replace("/", "__"), text.encode())
         self.behind = True
 
@@ -182,6 +177,45 @@ def catch_up(spec: dict, status: str, reason: str = "", run_id: Optional[str] = 
     """In the driver after a sweep: bring the trial's run up to date from the store and close it.
     Returns the TrialLog: `behind` False when done, else `last_error` and `outage` say why not."""
     log = TrialLog(spec, run_id=run_id or spec.get("run_id"), quiet=True)
-    state = log.store.load_state(on_corrupt=lambda msg: log.note(msg, "warnings/corrupt_state.txt"))
+    state = log.store.load_state(on_corrupt=lambda msg: log.note(msg, schema.CORRUPT_STATE_NOTE))
     log.finish(state.history if state is not None else [], status, reason)
     return log
+
+
+def catch_up_all(pending: list, tracking_uri: str, wait_s: float) -> list[str]:
+    """Log from the store what the trials could not, waiting up to `wait_s` for an unreachable
+    tracking server (a request it refuses is not waited for); returns a line per trial still not
+    logged, naming the store folder that holds its results.
+
+    `pending` holds a `(spec, status, reason, run_id)` per trial, as `catch_up` takes them."""
+    deadline = time.time() + wait_s
+    everyone = [spec for spec, *_ in pending]
+    why: dict[str, str] = {}
+    refused: set = set()
+    said = False
+    while pending:
+        down = probe(tracking_uri)  # one cheap call, so that a pass over many chains is not many timeouts
+        if down is None:
+            for spec, status, reason, run_id in pending:
+                log = catch_up(spec, status, reason, run_id)
+                if not log.behind:
+                    why.pop(spec["key"], None)
+                    continue
+                why[spec["key"]] = log.last_error
+                if not log.outage:
+                    refused.add(spec["key"])
+                if log.outage or time.time() >= deadline:
+                    break  # the server went away again: wait (or give up) before the next chain
+            pending = [p for p in pending if p[0]["key"] in why and p[0]["key"] not in refused]
+        else:
+            for spec, *_ in pending:
+                why[spec["key"]] = down
+        if not pending or time.time() >= deadline:
+            break
+        if not said:
+            print(f"MLflow at {tracking_uri} does not answer ({next(iter(why.values()))}): waiting up to "
+                  f"{wait_s:.0f} s to log {len(pending)} chain(s) from the store", flush=True)
+            said = True
+        time.sleep(min(10.0, max(0.0, deadline - time.time())))
+    return [f"{spec['label']} [{spec['key']}]: {why[spec['key']]}; results in "
+            f"{Path(spec['store']) / 'chains' / spec['chain_hash']}" for spec in everyone if spec["key"] in why]

@@ -12,15 +12,20 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+import yaml
+
+from prunelab import schema
 from prunelab.errors import first_line
-from prunelab.metrics import PRIMARY_BN_PARAM
 
 RETRIES = 5
 # MLflow's HTTP client retries a refused connection for minutes by default (7 retries, back-off
 # factor 2), and retries POSTs too, which can log a batch twice when only the reply was lost. The
 # sweep retries itself (idempotent calls only) and backs off between syncs, so each HTTP call is
 # one short attempt.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+# MLflow reads these when it makes each request, so setting them before the first one is enough.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+                 # a progress bar per artifact download would flood the sweep's and the trials' logs
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 # what an unreachable or overloaded tracking store looks like, in the message of any exception in
 # the chain (MLflow wraps requests' and SQLAlchemy's errors in its own)
 OUTAGE_SIGNS = ("connection refused", "max retries exceeded", "failed to establish", "timed out", "timeout",
@@ -61,10 +66,6 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 
 
-for _k, _v in HTTP_DEFAULTS.items():
-    os.environ.setdefault(_k, _v)
-
-
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     """Nested config -> {"a.b": "value"} with JSON for lists and None."""
     out = {}
@@ -97,14 +98,24 @@ def default_tracking_uri(storage: Path) -> str:
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or schema.UNKNOWN_COMMIT
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return schema.UNKNOWN_COMMIT
+
+
+def http_defaults() -> None:
+    """Set `HTTP_DEFAULTS` in the environment where the user has not set them (their value wins).
+    Processes started later (Ray's workers) inherit them."""
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
 
 
 def client(tracking_uri: str):
+    """An MlflowClient for `tracking_uri`, with `HTTP_DEFAULTS` in place before its first request."""
+    # imported here: mlflow takes 1.5-2 s to import; the driver (--help, --dry-run) imports this module
     from mlflow.tracking import MlflowClient
 
+    http_defaults()
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -127,25 +138,21 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 def start_parent_run(tracking_uri: str, experiment_id: str, figure: str, preset: str, config: dict,
                      trials: list[dict]) -> str:
     c = client(tracking_uri)
-    run = c.create_run(experiment_id, run_name=f"{figure}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}",
-                       tags={"prunelab.role": "sweep", "prunelab.figure": figure, "prunelab.preset": preset,
-                             "prunelab.git_commit": git_commit()})
-    c.log_param(run.info.run_id, "preset", preset)
-    c.log_param(run.info.run_id, "trials", str(len(trials)))
-    c.log_text(run.info.run_id, _yaml(config), "sweep/config.yaml")
-    c.log_text(run.info.run_id, json.dumps(trials, indent=2), "sweep/trials.json")
+    name = schema.parent_run_name(figure, preset, time.strftime("%Y%m%d-%H%M%S"))
+    run = c.create_run(experiment_id, run_name=name,
+                       tags={schema.ROLE_TAG: schema.ROLE_SWEEP, schema.FIGURE_TAG: figure,
+                             schema.PRESET_TAG: preset, schema.GIT_COMMIT_TAG: git_commit()})
+    c.log_param(run.info.run_id, schema.PRESET_PARAM, preset)
+    c.log_param(run.info.run_id, schema.TRIALS_PARAM, str(len(trials)))
+    c.log_text(run.info.run_id, yaml.safe_dump(config, sort_keys=False), schema.SWEEP_CONFIG)
+    c.log_text(run.info.run_id, json.dumps(trials, indent=2), schema.SWEEP_TRIALS)
     return run.info.run_id
-
-
-def _yaml(d: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False)
 
 
 def finished_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
     """trial key -> run id of the latest chain run of each trial that finished in this experiment."""
-    return _trial_runs(tracking_uri, experiment_id, "and tags.`prunelab.status` = 'finished'")
+    finished = schema.tag_filter(schema.STATUS_TAG, schema.STATUS_FINISHED)
+    return _trial_runs(tracking_uri, experiment_id, f"and {finished}")
 
 
 def latest_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
@@ -156,18 +163,18 @@ def latest_trial_runs(tracking_uri: str, experiment_id: str) -> dict[str, str]:
 
 
 def _trial_runs(tracking_uri: str, experiment_id: str, extra: str = "") -> dict[str, str]:
-    runs = retry(client(tracking_uri).search_runs, [experiment_id],
-                 filter_string="tags.`prunelab.role` = 'chain' " + extra, max_results=50000,
-                 order_by=["attributes.start_time ASC"])
-    return {r.data.tags["prunelab.trial_key"]: r.info.run_id for r in runs}  # the latest one wins
+    chains = schema.tag_filter(schema.ROLE_TAG, schema.ROLE_CHAIN)
+    runs = retry(client(tracking_uri).search_runs, [experiment_id], filter_string=f"{chains} {extra}",
+                 max_results=50000, order_by=["attributes.start_time ASC"])
+    return {r.data.tags[schema.TRIAL_KEY_TAG]: r.info.run_id for r in runs}  # the latest one wins
 
 
 def find_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, key: str,
                    attempts: int = RETRIES) -> Optional[str]:
     """The run id of trial `key` under the sweep run `parent_run_id`, or None."""
+    under = schema.tag_filter(schema.PARENT_TAG, parent_run_id)
     runs = retry(client(tracking_uri).search_runs, [experiment_id],
-                 filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-                               f"tags.`prunelab.trial_key` = '{key}'", max_results=10,
+                 filter_string=f"{under} and {schema.tag_filter(schema.TRIAL_KEY_TAG, key)}", max_results=10,
                  order_by=["attributes.start_time ASC"], attempts=attempts)
     return runs[0].info.run_id if runs else None
 
@@ -193,20 +200,21 @@ class ChainRun:
         if run_id:
             self = cls(tracking_uri, run_id, attempts)
             self._call(self.c.update_run, run_id, status="RUNNING")
-            self.set_tag("prunelab.status", "running")
+            self.set_tag(schema.STATUS_TAG, schema.STATUS_RUNNING)
             return self
-        tags = {"mlflow.parentRunId": parent_run_id, "prunelab.role": "chain", "prunelab.figure": spec["figure"],
-                "prunelab.chain_hash": spec["chain_hash"], "prunelab.trial_key": spec["key"],
-                "prunelab.variant": spec["variant"], "prunelab.status": "running",
-                "prunelab.git_commit": spec.get("git_commit", "unknown")}
+        tags = {schema.PARENT_TAG: parent_run_id, schema.ROLE_TAG: schema.ROLE_CHAIN,
+                schema.FIGURE_TAG: spec["figure"], schema.CHAIN_HASH_TAG: spec["chain_hash"],
+                schema.TRIAL_KEY_TAG: spec["key"], schema.VARIANT_TAG: spec["variant"],
+                schema.STATUS_TAG: schema.STATUS_RUNNING,
+                schema.GIT_COMMIT_TAG: spec.get("git_commit", schema.UNKNOWN_COMMIT)}
         c = client(tracking_uri)
         run = retry(c.create_run, experiment_id, run_name=spec["label"], tags=tags, attempts=attempts)
         self = cls(tracking_uri, run.info.run_id, attempts)
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow is loaded by client() above; see there why not at the top
 
         params = flatten(spec["chain"])
-        params["eval.rounds"] = ",".join(map(str, spec["rounds"]))
-        params[PRIMARY_BN_PARAM] = str(spec.get("eval", {}).get("lmc_hparams", {}).get("bn_mode", "interpolate"))
+        params[schema.EVAL_ROUNDS_PARAM] = ",".join(map(str, spec["rounds"]))
+        params[schema.PRIMARY_BN_PARAM] = str(spec.get("eval", {}).get("lmc_hparams", {}).get("bn_mode", "interpolate"))
         params = {k: (v if len(v) <= 6000 else v[:5990] + "...") for k, v in params.items()}
         items = [Param(k, v) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
@@ -219,7 +227,7 @@ class ChainRun:
     def log_steps(self, records: Iterable[tuple[int, dict]], sentinel: str) -> int:
         """Log each (step, metrics) whose `sentinel` metric is not yet logged at that step; the
         sentinel goes in the same batch, so a step is either fully logged or not at all."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow is loaded by client(); see there why not at the top
 
         done = self.logged_steps(sentinel)
         n = 0
@@ -244,14 +252,10 @@ class ChainRun:
         self._call(self.c.log_artifact, self.run_id, path, artifact_path)
 
     def finish(self, status: str = "FINISHED", reason: str = "") -> None:
-        tag = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}[status]
-        self.set_tag("prunelab.status", tag)
+        self.set_tag(schema.STATUS_TAG, schema.RUN_STATUS[status])
         if reason:
-            self.set_tag("prunelab.failure", reason[:5000])
-        elif status == "FINISHED" and "prunelab.failure" in self._call(self.c.get_run, self.run_id).data.tags:
+            self.set_tag(schema.FAILURE_TAG, reason[:schema.FAILURE_MAX_CHARS])
+        elif status == "FINISHED" and schema.FAILURE_TAG in self._call(self.c.get_run, self.run_id).data.tags:
             # an attempt failed, a retry finished: the reason no longer applies (warnings/ keeps it)
-            self._call(self.c.delete_tag, self.run_id, "prunelab.failure")
+            self._call(self.c.delete_tag, self.run_id, schema.FAILURE_TAG)
         self._call(self.c.set_terminated, self.run_id, status)
-
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -193,7 +193,7 @@ def build_store(tmp: Path, sweep: dict, figure: str = "fig6", experiment: str = 
                 skip=(MISSING,), fail=(FAILED,), extras: bool = True) -> dict:
     from sweeps import sync
     from sweeps.config import SweepHparams, expand
-    from sweeps.driver import trial_spec
+    from sweeps.launch import trial_spec
     from sweeps.tracking import ChainRun, ensure_experiment, start_parent_run
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"  # tmp is absolute: sqlite:////abs/path (four slashes)

@@ -1,5 +1,5 @@
 """A chain being computed is marked in the store; a trial that starts from its mask waits for it
-instead of training the same chain a second time (sweeps.trainable._start_mask)."""
+instead of training the same chain a second time (prunelab.runner.start_mask)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import prunelab.runner as runner
 from prunelab.chain import Chain
 from prunelab.data import load_dataset
 from prunelab.hparams import ChainHparams
@@ -57,8 +58,6 @@ def data():
 
 
 def test_a_dependent_waits_for_the_start_chain(tmp_path, data, monkeypatch):
-    import sweeps.trainable as trainable
-
     hp = combined()
     start_hp = hp.start_chain()
     reference = Chain(start_hp, "cpu", data=data)
@@ -70,24 +69,22 @@ def test_a_dependent_waits_for_the_start_chain(tmp_path, data, monkeypatch):
         time.sleep(0.3)
         store.save_state(reference.state)
 
-    monkeypatch.setattr(trainable, "WAIT_POLL_S", 0.05)
-    monkeypatch.setattr(trainable, "Chain", lambda *a, **k: pytest.fail("the start chain was computed twice"))
+    monkeypatch.setattr(runner, "WAIT_POLL_S", 0.05)
+    monkeypatch.setattr(runner, "Chain", lambda *a, **k: pytest.fail("the start chain was computed twice"))
     t = threading.Thread(target=finish_elsewhere)
     t.start()
-    mask = trainable._start_mask(hp, str(tmp_path), data, "cpu")
+    mask = runner.start_mask(hp, str(tmp_path), data, "cpu")
     t.join()
     assert mask.equal(reference.mask)
 
 
 def test_a_dependent_computes_the_start_chain_when_nobody_does(tmp_path, data, monkeypatch):
-    import sweeps.trainable as trainable
-
     hp = combined()
     store = ChainStore(tmp_path, hp.start_chain())
     mark_as(store, str(os.getppid()), age_s=1000)  # a mark nobody has refreshed for long
-    monkeypatch.setattr(trainable, "WAIT_POLL_S", 30)  # a wait would show as a slow test
+    monkeypatch.setattr(runner, "WAIT_POLL_S", 30)  # a wait would show as a slow test
     t0 = time.time()
-    mask = trainable._start_mask(hp, str(tmp_path), data, "cpu")
+    mask = runner.start_mask(hp, str(tmp_path), data, "cpu")
     assert time.time() - t0 < 25
     reference = Chain(hp.start_chain(), "cpu", data=data)
     reference.run()
@@ -96,8 +93,6 @@ def test_a_dependent_computes_the_start_chain_when_nobody_does(tmp_path, data, m
 
 
 def test_a_damaged_start_mask_is_rewritten_from_the_start_chains_state(tmp_path, data, monkeypatch):
-    import sweeps.trainable as trainable
-
     hp = combined()
     reference = Chain(hp.start_chain(), "cpu", data=data)
     reference.run()
@@ -105,6 +100,6 @@ def test_a_damaged_start_mask_is_rewritten_from_the_start_chains_state(tmp_path,
     store.save_state(reference.state)
     path = store.mask_path(2)
     path.write_bytes(path.read_bytes()[:-7])  # truncated
-    monkeypatch.setattr(trainable, "Chain", lambda *a, **k: pytest.fail("the start chain was computed again"))
-    mask = trainable._start_mask(hp, str(tmp_path), data, "cpu")
+    monkeypatch.setattr(runner, "Chain", lambda *a, **k: pytest.fail("the start chain was computed again"))
+    mask = runner.start_mask(hp, str(tmp_path), data, "cpu")
     assert mask.equal(reference.mask) and store.mask_at(2).equal(reference.mask)

@@ -120,7 +120,7 @@ TWO_MODELS = [("model", ["convnet3", "resnet10_bn"]), ("seeds", [0])]
 
 def test_sweep_order_longest_first():
     from sweeps.config import expand, load_sweep
-    from sweeps.driver import longest_first
+    from sweeps.plan import longest_first
 
     trials = expand(load_sweep("fig6", "demo", TWO_MODELS)[0], "fig6")
     ordered = longest_first(trials)
@@ -135,7 +135,7 @@ def test_sweep_order_longest_first():
 
 def test_a_trial_without_estimate_goes_last(monkeypatch, capsys):
     from sweeps.config import Trial, expand, load_sweep
-    from sweeps.driver import longest_first
+    from sweeps.plan import longest_first
 
     trials = expand(load_sweep("fig6", "demo", TWO_MODELS)[0], "fig6")
     real = Trial.estimated_s
@@ -154,7 +154,7 @@ def test_a_trial_without_estimate_goes_last(monkeypatch, capsys):
 
 def test_start_chains_go_before_the_chains_that_start_from_them():
     from sweeps.config import expand, load_sweep
-    from sweeps.driver import estimates, longest_first
+    from sweeps.plan import estimates, longest_first
 
     # the IMP chains from the distilled mask train longer than that chain itself
     longer = [("variants.distilled_then_imp.set.training.epochs", 40)]

@@ -1,8 +1,8 @@
-"""`python -m prunelab.doctor` names what is wrong and how to fix it, and fails for it."""
+"""`python -m sweeps.doctor` names what is wrong and how to fix it, and fails for it."""
 
 import sqlite3
 
-from prunelab import doctor
+from sweeps import doctor
 
 
 def by_name(checks):

@@ -13,7 +13,8 @@ from prunelab.errors import ConfigError
 from prunelab.evaluation import EvalHparams
 from prunelab.hparams import ChainHparams
 from sweeps.config import ResourcesHparams, Trial, expand, load_sweep
-from sweeps.driver import estimates, main
+from sweeps.driver import main
+from sweeps.plan import estimates
 from sweeps.preflight import check_data
 from sweeptools import FIGURE, no_ray, sweep_doc, write_config  # noqa: F401
 

@@ -56,12 +56,12 @@ def test_describe_lists_help():
 
 
 def test_chain_hash_follows_the_synthetic_code_version(monkeypatch):
-    import prunelab.synthetic.store as store
+    import prunelab.catalog as catalog
 
     real = ChainHparams()
     distilled = ChainHparams.from_dict({"pruning_data": {"kind": "distilled", "method": "dm", "ipc": 10}})
     before = (real.hash(), distilled.hash())
-    monkeypatch.setattr(store, "CODE_VERSION", store.CODE_VERSION + 1)
+    monkeypatch.setattr(catalog, "SYNTHETIC_CODE_VERSION", catalog.SYNTHETIC_CODE_VERSION + 1)
     assert real.hash() == before[0] and distilled.hash() != before[1]
 
 

@@ -2,8 +2,8 @@
 
 from .augment import random_crop_flip
 from .base import DataSplit, ImageData
-from .sets import (DATASETS, IMAGENET10_WNIDS, REAL_IMAGES_PER_CLASS, ROOT_LAYOUTS, cache_dir, check_root,
+from .sets import (DATASETS, IMAGENET10_WNIDS, ROOT_LAYOUTS, cache_dir, check_root,
                    dataset_shape, dataset_sizes, load_dataset, make_shapes)
 
-__all__ = ["DATASETS", "DataSplit", "IMAGENET10_WNIDS", "ImageData", "REAL_IMAGES_PER_CLASS",
+__all__ = ["DATASETS", "DataSplit", "IMAGENET10_WNIDS", "ImageData",
            "ROOT_LAYOUTS", "cache_dir", "check_root", "dataset_shape", "dataset_sizes", "load_dataset", "make_shapes", "random_crop_flip"]

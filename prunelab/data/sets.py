@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..catalog import DATASETS as FACTS
+from ..catalog import IMAGENET10_WNIDS
 from ..errors import ConfigError, DataNotFoundError
 from .base import DataSplit, ImageData
 
@@ -22,19 +24,6 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# The first 10 WordNet ids of IDC's ImageNet-100 list; class index = position here.
-IMAGENET10_WNIDS = ("n02869837", "n01749939", "n02488291", "n02107142", "n13037406",
-                    "n02091831", "n04517823", "n04589890", "n03062245", "n01773797")
-
-# Each data set as shipped, known without loading it: channels, image size, classes, train and test
-# images (shapes is generated: these are its default sizes; shapes and imagenet10 take image_size).
-FACTS = {"digits": (1, 8, 10, 1438, 359), "cifar10": (3, 32, 10, 50_000, 10_000),
-         "cifar100": (3, 32, 100, 50_000, 10_000), "shapes": (3, 32, 10, 10_000, 2_000),
-         "imagenet10": (3, 224, 10, 13_000, 500)}
-RESIZABLE = ("shapes", "imagenet10")
-
-# How many real training images per class each data set has (for compression ratios).
-REAL_IMAGES_PER_CLASS = {name: FACTS[name][3] // FACTS[name][2] for name in ("cifar10", "cifar100", "imagenet10")}
 
 
 def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +49,7 @@ def _limit(data: ImageData, n, field: str, seed: int) -> ImageData:
 
 def load_digits(hp) -> DataSplit:
     """scikit-learn's 1,797 8x8 handwritten digits, a fixed stratified 80/20 split by `split_seed`."""
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # ~2 s to import: only digits needs scikit-learn
 
     d = sk_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
@@ -93,8 +82,8 @@ def make_shapes(n: int, num_classes: int, seed: int, size: int = 32, template_se
 
 def load_shapes(hp) -> DataSplit:
     """Generated CIFAR-shaped data of any size (default 10,000 / 2,000), for tests and benchmarks."""
-    size = hp.image_size or FACTS["shapes"][1]
-    n_tr, n_te = hp.train_size or FACTS["shapes"][3], hp.test_size or FACTS["shapes"][4]
+    size = hp.image_size or FACTS["shapes"].size
+    n_tr, n_te = hp.train_size or FACTS["shapes"].train, hp.test_size or FACTS["shapes"].test
     xtr, ytr = make_shapes(n_tr, 10, seed=2 * hp.split_seed, size=size)
     xte, yte = make_shapes(n_te, 10, seed=2 * hp.split_seed + 1, size=size)
     common = dict(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), name="shapes")
@@ -115,7 +104,7 @@ def _require_root(hp, what: str, layout: str) -> Path:
 
 
 def _load_cifar(hp, cls_name: str, folder: str, classes: int, mean, std) -> DataSplit:
-    import torchvision
+    import torchvision  # ~1.8 s to import: only the CIFAR loaders need it
 
     root = _require_root(hp, cls_name, f"{folder}/ as extracted from the official python archive")
     if not (root / folder).is_dir():
@@ -154,7 +143,7 @@ def cache_dir() -> Path:
 
 def _decode_folder(folder: Path, size: int) -> torch.Tensor:
     """Every image of one class folder, resized (shorter side size*8/7) and center-cropped to size."""
-    from PIL import Image
+    from PIL import Image  # only decoding ImageNet needs it
 
     resize = int(round(size * 8 / 7))
     out = []
@@ -182,7 +171,7 @@ def load_imagenet10(hp) -> DataSplit:
     uint8 and cached under the prunelab cache directory.
     """
     root = _require_root(hp, "ImageNet", "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
-    size = hp.image_size or FACTS["imagenet10"][1]
+    size = hp.image_size or FACTS["imagenet10"].size
     splits = {}
     for split in ("train", "val"):
         missing = [w for w in IMAGENET10_WNIDS if not (root / split / w).is_dir()]
@@ -211,7 +200,7 @@ def load_imagenet10(hp) -> DataSplit:
                      _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))
 
 
-def _facts(hp) -> tuple[int, int, int, int, int]:
+def _facts(hp):
     if hp.name not in FACTS:
         raise ConfigError("dataset.name", f"unknown data set {hp.name!r}", "use one of " + ", ".join(sorted(FACTS)))
     return FACTS[hp.name]
@@ -219,22 +208,23 @@ def _facts(hp) -> tuple[int, int, int, int, int]:
 
 def dataset_shape(hp) -> tuple[tuple[int, int, int], int]:
     """(C, H, W) and the class count of the data set `hp` (DatasetHparams) names, without loading it."""
-    c, s, k, _, _ = _facts(hp)
-    s = (hp.image_size or s) if hp.name in RESIZABLE else s
-    return (c, s, s), k
+    f = _facts(hp)
+    s = (hp.image_size or f.size) if f.resizable else f.size
+    return (f.channels, s, s), f.classes
 
 
 def dataset_sizes(hp) -> tuple[int, int]:
     """(train, test) example counts of the data set `hp` (DatasetHparams) names, without loading it:
     the data set's own sizes, or `train_size` / `test_size` where smaller (shapes: where given)."""
-    _, _, _, n_train, n_test = _facts(hp)
+    f = _facts(hp)
+    n_train, n_test = f.train, f.test
     if hp.name == "shapes":
         return hp.train_size or n_train, hp.test_size or n_test
     return min(n_train, hp.train_size or n_train), min(n_test, hp.test_size or n_test)
 
 
-ROOT_LAYOUTS = {"cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
-                "imagenet10": [f"{s}/{w}" for s in ("train", "val") for w in IMAGENET10_WNIDS]}
+# the folders each data set's root holds (those without a root are generated or shipped)
+ROOT_LAYOUTS = {name: list(f.layout) for name, f in FACTS.items() if f.layout}
 
 
 def check_root(hp) -> None:
@@ -257,6 +247,7 @@ def check_root(hp) -> None:
                                 f"put the {hp.name} data there or point dataset.root at it")
 
 
+# the loaders; each name is a data set of prunelab.catalog.DATASETS (its facts)
 DATASETS = {
     "digits": load_digits,
     "shapes": load_shapes,

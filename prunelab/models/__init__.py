@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,8 +16,6 @@ def default_convnet_depth(image_size: int) -> int:
     """IDC's 3 blocks at 32 px, one more per doubling above (capped at 5 for 224 px ImageNet), and
     never fewer than 2; so 8 px digits get 2 blocks and a 2x2 last map rather than instance-norming
     a 2x2 map down to 1x1."""
-    import math
-
     return max(2, min(5, int(math.log2(image_size)) - 2))
 
 

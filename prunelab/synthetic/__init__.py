@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from ..data import DataSplit, ImageData
 from ..errors import ConfigError
 from .distill import (CORESETS, DEFAULT_BUDGETS, DISTILLER_SETTINGS, DISTILLERS, check_ipc, distill_dm, distill_idc,
-                      distiller_kwargs, herding, random_subset)
+                      distiller_kwargs, effective_settings, herding, random_subset)
 from .idc import decode, decode_set, decode_zoom, default_factor, formation_factor, load_idc_file
 from .recipes import idc_net_steps, idc_settings
 from .store import CorruptSyntheticSetError, SyntheticStore, make_key

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import load_dataset
 from ..errors import ConfigError
 from ..hparams import DatasetHparams
 from . import DISTILLER_SETTINGS, SOURCES, get_synthetic, synthetic_spec
@@ -27,8 +28,6 @@ def _log(msg: str) -> None:
 
 
 def cmd_make(a) -> int:
-    from ..data import load_dataset
-
     ds = DatasetHparams.from_dict({"name": a.dataset, **({"root": a.root} if a.root else {})}, "dataset")
     real = load_dataset(ds).train
     settings = {k: getattr(a, k) for k in DISTILLER_SETTINGS}
@@ -67,10 +66,10 @@ def cmd_show(a) -> int:
 
 
 def cmd_grid(a) -> int:
-    import matplotlib
+    import matplotlib  # only this command draws: the others start without it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     store = SyntheticStore(a.store)
     if store.has(a.target):

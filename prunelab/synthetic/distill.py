@@ -18,12 +18,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..chain import derive_seed
 from ..data import ImageData
 from ..data.dsa import dsa, dsa_siamese
 from ..errors import ConfigError
 from ..models import default_convnet_depth
 from ..models.convnet import ConvNet
+from ..seeds import derive_seed
 from .idc import decode_zoom, formation_factor
 
 Log = Optional[Callable[[str], None]]
@@ -267,7 +267,8 @@ CORESETS = {"random_subset": random_subset, "herding": herding}
 # PruningDataHparams fields passed to a distiller as keyword arguments when set (None: its default)
 DISTILLER_SETTINGS = ("net_width", "inner_loop", "batch_real", "lr_img")
 # taken from the functions themselves, not DISTILLERS, which tests and callers may wrap
-_ACCEPTS = {m: frozenset(fn.__kwdefaults__) for m, fn in DISTILLERS.items()}
+_DEFAULTS = {m: dict(fn.__kwdefaults__) for m, fn in DISTILLERS.items()}
+_ACCEPTS = {m: frozenset(d) for m, d in _DEFAULTS.items()}
 
 
 def distiller_kwargs(method: str, **settings) -> dict:
@@ -285,3 +286,9 @@ def distiller_kwargs(method: str, **settings) -> dict:
             fix = f"remove pruning_data.{k}" + (f" (it is for method: {', '.join(others)})" if others else "")
             raise ConfigError(f"pruning_data.{k}", f"method {method!r} has no {k} setting{why}", fix)
     return kw
+
+
+def effective_settings(method: str, **settings) -> dict:
+    """Every keyword setting `method`'s distiller runs with: its defaults, overridden by the
+    `settings` that are set (checked as `distiller_kwargs` checks them)."""
+    return {**_DEFAULTS[method], **distiller_kwargs(method, **settings)}

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import ImageData
+from ..data import ImageData, dataset_shape
 from ..errors import ConfigError, DataNotFoundError, first_line
 
 FIELD = "pruning_data.path"
@@ -170,8 +170,6 @@ def _check_ipc(p: Path, ipc: int, expected_ipc: Optional[int]) -> None:
 def check_idc_file(pruning_data, dataset) -> int:
     """Before any compute, without the real data: the IDC file `pruning_data.path` is readable and
     fits the data set `dataset` names (image shape, classes, balance, ipc). Returns its ipc."""
-    from ..data import dataset_shape
-
     shape, k = dataset_shape(dataset)
     stand_in = ImageData(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.long), num_classes=k,
                          mean=(0.0,) * shape[0], std=(1.0,) * shape[0], name=dataset.name)

@@ -20,12 +20,10 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..errors import CorruptFileError
+from .. import catalog
 from ..data import ImageData, cache_dir
+from ..errors import CorruptFileError
 from ..files import atomic_write
-
-# bump when a distiller's output changes for the same inputs, so old entries are not reused
-CODE_VERSION = 3  # 3: DSA on normalized images (IDC's order)
 
 
 class CorruptSyntheticSetError(CorruptFileError):
@@ -38,7 +36,7 @@ def default_root() -> Path:
 
 def make_key(spec: dict) -> str:
     """Content hash of a synthetic set's defining inputs (`spec` must be JSON-ready)."""
-    blob = json.dumps({"code_version": CODE_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps({"code_version": catalog.SYNTHETIC_CODE_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -68,7 +66,7 @@ class SyntheticStore:
         buf = io.BytesIO()
         torch.save([data.x.detach().cpu().float().contiguous(), data.y.detach().cpu().long()], buf)
         payload = buf.getvalue()
-        full = {**meta, "key": key, "code_version": CODE_VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
+        full = {**meta, "key": key, "code_version": catalog.SYNTHETIC_CODE_VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
                 "bytes": len(payload), "shape": list(data.x.shape), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write(d / "data.pt", payload)
         atomic_write(d / "meta.json", json.dumps(full, indent=2, sort_keys=True).encode())

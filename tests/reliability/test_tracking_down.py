@@ -144,7 +144,7 @@ def test_outage_is_told_from_a_refusal():
 def test_driver_waits_no_longer_than_asked(tmp_path, monkeypatch):
     """Many chains pending and a server that does not answer: one probe per pass, the deadline kept,
     every chain listed with its store folder."""
-    from sweeps import driver, sync, tracking
+    from sweeps import sync
 
     calls = {"probe": 0, "catch_up": 0}
 
@@ -152,12 +152,12 @@ def test_driver_waits_no_longer_than_asked(tmp_path, monkeypatch):
         calls["probe"] += 1
         return "ConnectionError: Connection refused"
 
-    monkeypatch.setattr(tracking, "probe", probe)
+    monkeypatch.setattr(sync, "probe", probe)
     monkeypatch.setattr(sync, "catch_up", lambda *a, **k: calls.__setitem__("catch_up", calls["catch_up"] + 1))
     pending = [({"key": f"k{i}", "label": f"imp,seed={i}", "store": str(tmp_path / "store"), "chain_hash": f"h{i}"},
                 "FINISHED", "", None) for i in range(50)]
     t0 = time.time()
-    lines = driver._catch_up(pending, "http://127.0.0.1:1", wait_s=1.0)
+    lines = sync.catch_up_all(pending, "http://127.0.0.1:1", wait_s=1.0)
     assert time.time() - t0 < 15
     assert calls["catch_up"] == 0 and calls["probe"] >= 1
     assert len(lines) == 50 and lines[7] == (f"imp,seed=7 [k7]: ConnectionError: Connection refused; "

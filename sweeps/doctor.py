@@ -1,12 +1,12 @@
-"""`python -m prunelab.doctor`: check this machine before a sweep wastes compute on it.
+"""`python -m sweeps.doctor`: check this machine before a sweep wastes compute on it.
 
-    python -m prunelab.doctor
-    python -m prunelab.doctor --address auto --tracking-uri sqlite:////abs/runs/mlflow.db \
+    python -m sweeps.doctor
+    python -m sweeps.doctor --address auto --tracking-uri sqlite:////abs/runs/mlflow.db \
         --data-root cifar10=/data/cifar --data-root imagenet10=/data/imagenet
 
 Each check prints `ok`, `warn` or `FAIL` with what is wrong and how to fix it; the exit code is 1
-when any check fails. Ray and MLflow are imported only inside their checks (the science core does not
-depend on them).
+when any check fails. torch, Ray, MLflow and what needs them are imported inside their checks: an
+import that fails is a finding to report, not a crash of the doctor.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import first_line
+from prunelab.errors import ConfigError, first_line
+from prunelab.hparams import DatasetHparams
 
 
 @dataclass
@@ -54,7 +55,7 @@ def check_imports() -> list[Check]:
 
 
 def check_cuda() -> Check:
-    import torch
+    import torch  # after the import checks, which report a torch that fails to import
 
     if not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -72,8 +73,7 @@ def check_cuda() -> Check:
 
 def check_digits() -> Check:
     try:
-        from .data import load_dataset
-        from .hparams import DatasetHparams
+        from prunelab.data import load_dataset  # in the check: needs torch and scikit-learn (the finding)
 
         split = load_dataset(DatasetHparams(name="digits"))
         return Check("embedded data set", "ok", f"digits: {len(split.train)} train / {len(split.test)} test images")
@@ -81,35 +81,8 @@ def check_digits() -> Check:
         return Check("embedded data set", "fail", f"digits cannot be loaded: {e}", "pip install scikit-learn")
 
 
-def resolve_ray_address(address: str, timeout: float = 3.0) -> str:
-    """`address` ('auto' or host:port) as the host:port of a Ray cluster that accepts connections.
-
-    Raises ConfigError('--address', ...) at once when none is running there; `ray.init` itself would
-    retry for minutes before giving up."""
-    import socket
-
-    from .errors import ConfigError
-
-    fix = "start one with `ray start --head`, or drop --address to start a local Ray"
-    try:
-        from ray._private.services import canonicalize_bootstrap_address
-
-        resolved = canonicalize_bootstrap_address(address)
-    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError/ValueError here
-        first = first_line(e)
-        raise ConfigError("--address", f"no Ray cluster found for {address!r} ({first})", fix) from None
-    if resolved is None:
-        raise ConfigError("--address", f"no Ray cluster found for {address!r}", fix)
-    host, _, port = resolved.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as e:
-        raise ConfigError("--address", f"no Ray cluster answers at {resolved} ({e})", fix) from None
-    return resolved
-
-
 def check_ray(address: Optional[str]) -> Check:
-    from .errors import ConfigError
+    from .preflight import resolve_ray_address  # needs torch: after the import checks
 
     if not address:
         return Check("Ray cluster", "ok", "no --address given: sweeps start a local Ray")
@@ -118,7 +91,7 @@ def check_ray(address: Optional[str]) -> Check:
     except ConfigError as e:
         return Check("Ray cluster", "fail", e.problem, e.fix)
     try:
-        import ray
+        import ray  # inside the check: a broken Ray install is a finding
 
         ray.init(address=resolved, include_dashboard=False, log_to_driver=False)
         try:
@@ -135,19 +108,22 @@ def check_ray(address: Optional[str]) -> Check:
 
 
 def check_tracking(uri: Optional[str]) -> Check:
+    from .preflight import check_tracking_uri  # needs torch: after the import checks
+
     if not uri:
         return Check("MLflow tracking", "ok", "no --tracking-uri given: sweeps use a SQLite file next to the results")
     if uri.startswith("sqlite:"):
-        if not uri.startswith("sqlite:////"):
-            return Check("MLflow tracking", "fail", f"{uri} is a relative SQLite path",
-                         "use sqlite:////absolute/path/mlflow.db (four slashes): trials run in their own directories")
+        try:
+            check_tracking_uri(uri)
+        except ConfigError as e:
+            return Check("MLflow tracking", "fail", e.problem, e.fix)
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             return Check("MLflow tracking", "fail", f"{folder} does not exist", f"mkdir -p {folder}")
         if not os.access(folder, os.W_OK):
             return Check("MLflow tracking", "fail", f"{folder} is not writable", "choose a writable directory")
     try:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # inside the check: a broken MLflow install is a finding
 
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
@@ -169,9 +145,7 @@ def check_writable(name: str, folder: Path) -> Check:
 
 
 def check_data_root(spec: str) -> Check:
-    from .data import ROOT_LAYOUTS, check_root
-    from .errors import ConfigError
-    from .hparams import DatasetHparams
+    from prunelab.data import ROOT_LAYOUTS, check_root  # needs torch: after the import checks
 
     if "=" not in spec:
         return Check("data root", "fail", f"{spec!r} is not NAME=PATH", "write e.g. --data-root cifar10=/data/cifar")
@@ -193,7 +167,7 @@ def run_checks(address: Optional[str] = None, tracking_uri: Optional[str] = None
     checks = check_imports()
     if any(c.status == "fail" and c.name == "import torch" for c in checks):
         return checks
-    from .data import cache_dir
+    from prunelab.data import cache_dir  # needs torch, checked just above
 
     steps: list[Callable[[], Check]] = [check_cuda, check_digits,
                                         lambda: check_writable("cache directory", cache_dir())]
@@ -207,7 +181,7 @@ def run_checks(address: Optional[str] = None, tracking_uri: Optional[str] = None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prunelab.doctor", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m sweeps.doctor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="Ray cluster to check (e.g. auto)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI to check")

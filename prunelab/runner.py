@@ -1,0 +1,118 @@
+"""Running a chain to its end against the result store: the one loop the CLI and the sweep's
+trainable share.
+
+`run_chain` opens the chain of `hp` (its stored state, else a new chain from its start chain's mask
+when it has `start_from`, else dense), evaluates the pending rounds, then steps, saves and evaluates
+until the last round. The store is the source of truth: after every round the state is saved,
+evaluations already stored are not recomputed, and a chain another process is computing right now
+(its `computing` mark is fresh) is waited for rather than computed twice. Callers watch through
+callbacks (`on_open`, `on_round`, `on_eval`); nothing here knows about Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+from .chain import Chain, ChainState
+from .data import DataSplit, load_dataset
+from .errors import CorruptFileError
+from .evaluation import EvalHparams, evaluate_round, result_key
+from .hparams import ChainHparams
+from .masks import Mask
+from .store import ChainStore
+
+WAIT_POLL_S = 10.0  # how often a chain waiting for another process's chain looks again
+
+
+def _stored_mask(store: ChainStore, round: int) -> Optional[Mask]:
+    """The stored mask of `round`, or None (also when damaged: the caller repairs it from the state)."""
+    try:
+        return store.mask_at(round)
+    except CorruptFileError:
+        return None
+
+
+def start_mask(hp: ChainHparams, store_root: str, data: DataSplit, device) -> Mask:
+    """The mask a combined chain (`start_from`) starts from, computing its start chain (via the
+    store) if needed.
+
+    When another process is computing that chain right now (its mark in the store is fresh), this
+    waits for the mask instead of training the same chain a second time; if that process goes away
+    first, this one continues the chain from the store."""
+    start_hp = hp.start_chain()
+    start_store = ChainStore(store_root, start_hp)
+    mask = _stored_mask(start_store, hp.start_round)
+    while mask is None and start_store.computing_elsewhere():
+        time.sleep(WAIT_POLL_S)
+        mask = _stored_mask(start_store, hp.start_round)
+    if mask is not None:
+        return mask
+    state = start_store.load_state(on_corrupt=print)
+    mask = start_store.mask_at(hp.start_round, fallback=state)  # a damaged mask is rewritten from the state
+    if mask is None:
+        with start_store.computing():
+            chain = open_chain(start_hp, state, store_root, data, device)
+            while chain.round < hp.start_round:
+                chain.step()
+                start_store.save_state(chain.state)
+        mask = start_store.mask_at(hp.start_round, fallback=chain.state)
+    return mask
+
+
+def open_chain(hp: ChainHparams, state: Optional[ChainState], store_root: str, data: DataSplit, device) -> Chain:
+    """The chain of `hp` continued from its stored `state`, or new: from its start chain's mask
+    when it has one (`start_from`), else dense."""
+    start = {}
+    if state is None and hp.start_from is not None:
+        start = {"start_mask": start_mask(hp, store_root, data, device), "start_round": hp.start_round}
+    return Chain(hp, device, data=data, state=state, **start)
+
+
+def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: ChainStore, *, device="cpu",
+              data: Optional[DataSplit] = None,
+              on_open: Optional[Callable[[Chain], None]] = None,
+              on_round: Optional[Callable[[Chain, dict], None]] = None,
+              on_eval: Optional[Callable[[Chain, int, dict], None]] = None,
+              round_callback: Optional[Callable[[int], Optional[Callable]]] = None,
+              on_corrupt: Optional[Callable[[str], None]] = None) -> Chain:
+    """Bring the chain of `hp` to `hp.pruning.rounds` rounds with `ev` evaluated at `rounds`,
+    through `store`; returns the finished chain.
+
+    `on_open(chain)` once the chain is opened (and its first state stored), `on_round(chain, record)`
+    after each round is saved, `on_eval(chain, round, result)` after each new evaluation is saved.
+    `round_callback(round)` may give the training callback of that round (e.g. a progress hook).
+    `on_corrupt(message)` hears of a damaged stored state (the chain then restarts from the last
+    good one, see `ChainStore.load_state`).
+    """
+    rkey = result_key(ev)
+    rounds = sorted(rounds)
+    while store.computing_elsewhere():  # the same chain in another process (another sweep): wait, then reuse
+        time.sleep(WAIT_POLL_S)
+    with store.computing():  # chains that start from this one wait for its masks
+        data = data if data is not None else load_dataset(hp.dataset)
+        state = store.load_state(on_corrupt=on_corrupt)
+        chain = open_chain(hp, state, str(store.root), data, device)
+        if state is None:
+            store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it
+        if on_open:
+            on_open(chain)
+
+        def evaluate_pending(upto: int) -> None:
+            for r in rounds:
+                if r > upto or store.load_eval(rkey, r) is not None:
+                    continue
+                mask = store.mask_at(r, fallback=chain.state)
+                res = evaluate_round(hp, ev, data, chain.state.rewind_point, mask, r, device)
+                store.save_eval(rkey, r, res)
+                if on_eval:
+                    on_eval(chain, r, res)
+
+        evaluate_pending(chain.round)
+        while chain.round < hp.pruning.rounds:
+            record = chain.step(callback=round_callback(chain.round) if round_callback else None)
+            store.save_state(chain.state)
+            if on_round:
+                on_round(chain, record)
+            evaluate_pending(chain.round)
+    return chain

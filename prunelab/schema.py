@@ -1,0 +1,139 @@
+"""Every MLflow name prunelab writes or reads: experiment and run names, tags, params, per-round
+metric names and artifact paths. The sweeps write with these names and `analysis/` reads with them,
+so the two cannot drift apart; docs/results.md says what each one holds. Torch-free (stdlib and
+`prunelab.metrics` only), so the analysis side imports it freely.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prunelab.metrics import PRIMARY_BN_PARAM, accuracy_name  # noqa: F401 - PRIMARY_BN_PARAM re-exported
+
+# -- experiment and runs ---------------------------------------------------------------------------
+EXPERIMENT_FORMAT = "prunelab-{figure}"  # the default experiment of a figure's sweep
+RUN_NAME_FORMAT = "{figure}-{preset}"  # the Tune run; the parent MLflow run adds a time stamp
+# MLflow 3's experiment type (its UI asks for one when unset); prunelab's are classic training runs
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def experiment_name(figure: str) -> str:
+    """`prunelab-<figure>`, the experiment a figure's sweep logs to unless told another."""
+    return EXPERIMENT_FORMAT.format(figure=figure)
+
+
+def parent_run_name(figure: str, preset: str, stamp: str) -> str:
+    """`<figure>-<preset>-<stamp>`, the name of a sweep's parent run."""
+    return f"{RUN_NAME_FORMAT.format(figure=figure, preset=preset)}-{stamp}"
+
+
+# -- tags ------------------------------------------------------------------------------------------
+PARENT_TAG = "mlflow.parentRunId"  # on a chain run: its sweep run
+ROLE_TAG = "prunelab.role"
+ROLE_SWEEP, ROLE_CHAIN = "sweep", "chain"
+FIGURE_TAG = "prunelab.figure"
+PRESET_TAG = "prunelab.preset"
+GIT_COMMIT_TAG = "prunelab.git_commit"
+CHAIN_HASH_TAG = "prunelab.chain_hash"
+TRIAL_KEY_TAG = "prunelab.trial_key"
+VARIANT_TAG = "prunelab.variant"
+STATUS_TAG = "prunelab.status"
+STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED = "running", "finished", "failed", "killed"
+# MLflow's terminal run status -> the value of STATUS_TAG
+RUN_STATUS = {"FINISHED": STATUS_FINISHED, "FAILED": STATUS_FAILED, "KILLED": STATUS_KILLED}
+FAILURE_TAG = "prunelab.failure"  # the reason a chain failed
+FAILURE_MAX_CHARS = 5000
+NODE_ID_TAG = "prunelab.node_id"  # the Ray node of the latest attempt
+RESOURCES_TAG = "prunelab.resources"  # JSON: the Ray resources it was given
+UNKNOWN_COMMIT = "unknown"
+
+
+def tag_filter(key: str, value: str) -> str:
+    """The `search_runs` filter for runs whose tag `key` is `value`."""
+    return f"tags.`{key}` = '{value}'"
+
+
+# -- params ----------------------------------------------------------------------------------------
+# parent run
+PRESET_PARAM = "preset"
+TRIALS_PARAM = "trials"
+# chain run: the flattened chain config (dotted keys), plus these two
+EVAL_ROUNDS_PARAM = "eval.rounds"  # comma-separated
+# PRIMARY_BN_PARAM (from prunelab.metrics): the BN mode of the plain barrier names
+# chain config keys that analysis/ reads
+DATASET_PARAM = "dataset.name"
+DATASET_TRAIN_SIZE_PARAM = "dataset.train_size"
+MODEL_PARAM = "model.name"
+SEED_PARAM = "seed"
+SEED_SCOPE_PARAM = "seed_scope"
+VARIANT_PARAM = "variant"
+START_ROUND_PARAM = "start_round"
+START_IPC_PARAM = "start_from.pruning_data.ipc"
+PRUNING_KIND_PARAM = "pruning_data.kind"
+PRUNING_IPC_PARAM = "pruning_data.ipc"
+REWIND_EPOCH_PARAM = "pruning.rewind_epoch"
+FRACTION_PARAM = "pruning.fraction"
+ROUNDS_PARAM = "pruning.rounds"
+MODEL_WIDTH_PARAM = "model.width"
+TRAINING_LR_PARAM, TRAINING_EPOCHS_PARAM = "training.lr", "training.epochs"
+PRUNING_LR_PARAM, PRUNING_EPOCHS_PARAM = "pruning_training.lr", "pruning_training.epochs"
+
+# -- metrics (step = pruning round) ----------------------------------------------------------------
+SPARSITY = "sparsity"
+PRUNED_SPARSITY = "pruned_sparsity"
+PRUNING_ACCURACY = "pruning_accuracy"
+PRUNING_TRAIN_LOSS = "pruning_train_loss"
+PRUNING_SET_SIZE = "pruning_set_size"
+PRUNING_IMAGES_SEEN = "pruning_images_seen"
+EVAL_SPARSITY = "eval_sparsity"
+TEST_ACCURACY = accuracy_name()
+TEST_LOSS, TRAIN_LOSS = "test_loss", "train_loss"
+HESSIAN_STATS = ("min", "max", "mean", "std", "abs_mean", "top_eigenvalue")
+# a step's metrics go in one batch with its sentinel, so a logged sentinel means a logged step
+ROUND_SENTINEL = PRUNING_ACCURACY
+EVAL_SENTINEL = EVAL_SPARSITY
+
+
+def hessian_metric(stat: str) -> str:
+    """`hessian_<stat>`, one of HESSIAN_STATS."""
+    return f"hessian_{stat}"
+
+
+def round_metrics(rec: dict) -> dict:
+    """The history record of a round in the names of docs/results.md."""
+    return {SPARSITY: rec["trained_sparsity"], PRUNED_SPARSITY: rec["sparsity"],
+            PRUNING_ACCURACY: rec["pruning_accuracy"], PRUNING_TRAIN_LOSS: rec["pruning_train_loss"],
+            PRUNING_SET_SIZE: rec["pruning_set_size"], PRUNING_IMAGES_SEEN: rec["pruning_images_seen"]}
+
+
+# -- artifacts -------------------------------------------------------------------------------------
+SWEEP_CONFIG = "sweep/config.yaml"  # parent run: the resolved sweep config
+SWEEP_TRIALS = "sweep/trials.json"  # parent run: every trial the sweep asked for, with run ids
+FIGURES_DIR = "figures"  # parent run: figures, tables and the report
+LMC_DIR, HESSIAN_DIR, LANDSCAPE_DIR, MASKS_DIR = "lmc", "hessian", "landscape", "masks"
+CORRUPT_STATE_NOTE = "warnings/corrupt_state.txt"
+LAST_ERROR_NOTE = "warnings/last_error.txt"
+ROUND_FILE_RE = re.compile(r"round_(\d+)\.(json|npz)$")  # the rounds analysis/ lists in a folder
+
+
+def round_file(r: int, ext: str) -> str:
+    """`round_XX.<ext>`: a round's file name in every per-round artifact folder."""
+    return f"round_{r:02d}.{ext}"
+
+
+def lmc_artifact(r: int) -> str:
+    return f"{LMC_DIR}/{round_file(r, 'json')}"
+
+
+def hessian_artifact(r: int) -> str:
+    return f"{HESSIAN_DIR}/{round_file(r, 'json')}"
+
+
+def landscape_artifact(r: int) -> str:
+    return f"{LANDSCAPE_DIR}/{round_file(r, 'npz')}"
+
+
+def mask_artifact(r: int) -> str:
+    return f"{MASKS_DIR}/{round_file(r, 'pt')}"
+

@@ -1,0 +1,124 @@
+"""Running the chains: Ray started or joined, one Ray Tune trial per chain (in the plan's order), and
+afterwards, from the store, what the trials could not log to MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import ray
+from ray import tune
+
+from prunelab.errors import ConfigError
+from prunelab.schema import RUN_NAME_FORMAT
+
+from . import sync
+from .autoscaler import auth_hint, enable_token_auth_if_available
+from .config import Trial
+from .preflight import is_uri
+from .tracking import git_commit, latest_trial_runs
+from .trainable import chain_trial
+
+
+def init_ray(args, started: list) -> None:
+    """Join the cluster at args.address (resolved by the preflight checks), or start a local Ray of
+    our own; appends to `started` when this call started a Ray session."""
+    if ray.is_initialized():  # the caller's session (e.g. tests) is used as it is
+        return
+    started.append(True)
+    if args.address:
+        enable_token_auth_if_available()  # a client does not switch token mode on by itself
+        try:
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError("--address", f"no Ray cluster at {args.address!r} ({str(e).splitlines()[0]})",
+                              auth_hint(e) or "start one with `ray start --head` or drop --address to run "
+                              "locally") from None
+    else:
+        # "local": a new Ray of our own, even when a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def trial_spec(t: Trial, figure: str, local: Path, extra: dict) -> dict:
+    """One trial's config as the trainable reads it (`sweeps.trainable.chain_trial`)."""
+    res = t.resources
+    return {"key": t.key, "variant": t.variant, "label": t.label(), "figure": figure, "chain": t.chain.to_dict(),
+            "chain_hash": t.chain.hash(), "eval": t.evaluation.to_dict(), "rounds": t.rounds,
+            "store": str(local / "store"), "cache_dir": str(local / "cache"),
+            "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
+            "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None), **extra}
+
+
+def trial_resources(config: dict) -> dict:
+    """Ray resources of one trial (variants may pack their chains more densely than others)."""
+    spec = config["spec"]
+    return {"cpu": spec["cpus"], "gpu": spec.get("gpus", 0)}
+
+
+def _dirname(trial) -> str:
+    spec = trial.config["spec"]
+    return f"{spec['variant']}_{spec['key'][:10]}"
+
+
+def run_trials(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent, fault
+               ) -> tuple[list[str], list[str]]:
+    """Run `todo` (in that order) as one Tune experiment; returns a line per failed trial and a line
+    per chain whose results MLflow did not take (after waiting up to --tracking-wait for it)."""
+    extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
+             "fault": fault}
+    reopen = latest_trial_runs(tracking_uri, exp_id)
+    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in todo]  # longest first
+    ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
+    results = _tuner(specs, ray_dir, RUN_NAME_FORMAT.format(figure=figure, preset=args.preset), res,
+                     args.resume).fit()
+    errors, pending = [], []
+    for r in results:
+        spec = r.config["spec"] if r.config else {}
+        metrics = r.metrics or {}
+        failure = r.error or metrics.get("failure")
+        if failure:
+            errors.append(f"{spec.get('label', '?')} [{spec.get('key', '?')}]: {str(failure).strip().splitlines()[-1]}")
+        # a trial that gave up leaves its run open; one that finished while MLflow was away left it behind
+        if spec and (r.error or metrics.get("unsynced")):
+            status = "FAILED" if failure else "FINISHED"
+            pending.append((spec, status, str(failure).strip().splitlines()[-1] if failure else "", _run_id(r)))
+    return errors, sync.catch_up_all(pending, tracking_uri, args.tracking_wait)
+
+
+def _tuner(specs: list[dict], ray_dir: str, name: str, res, resume: bool) -> tune.Tuner:
+    """The Tuner of one trial per spec: restored with --resume when Tune has this sweep's
+    bookkeeping, else new (an earlier run's bookkeeping moved aside)."""
+    trainable = tune.with_resources(chain_trial, trial_resources)
+    path = f"{ray_dir}/{name}"
+    run_config = tune.RunConfig(
+        name=name, storage_path=ray_dir,
+        failure_config=tune.FailureConfig(max_failures=res.max_failures),
+        # every checkpoint is kept (each is a few bytes: the round and the MLflow run id; the chain
+        # itself is in the store): keeping only n would make Tune snapshot the whole experiment
+        # state every n rounds of every trial
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
+    if resume and tune.Tuner.can_restore(path):
+        print(f"resuming {path}")
+        return tune.Tuner.restore(path, trainable, resume_errored=True, param_space={"spec": tune.grid_search(specs)})
+    if (not is_uri(path)) and Path(path).exists():
+        # a fresh run of the same sweep: Tune's own bookkeeping starts over; the store dedups
+        old, n = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}", 1
+        while Path(old).exists():
+            old, n = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+        os.replace(path, old)
+    return tune.Tuner(trainable, param_space={"spec": tune.grid_search(specs)},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent or None,
+                                                  trial_dirname_creator=_dirname),
+                      run_config=run_config)
+
+
+def _run_id(result) -> Optional[str]:
+    """The MLflow run id a trial kept in its last checkpoint, if it made one."""
+    try:
+        with result.checkpoint.as_directory() as d:
+            return json.loads(Path(d, "meta.json").read_text())["run_id"]
+    except Exception:  # noqa: BLE001 - no checkpoint (or none readable): the run is found by its key
+        return None
