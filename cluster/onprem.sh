@@ -13,7 +13,8 @@
 # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH.
 #
 # Settings (environment): PRUNELAB_SHARED, RAY_PORT (6379), MLFLOW_PORT (5000), NUM_CPUS / NUM_GPUS
-# (default: what Ray detects), PRUNELAB_PYTHON_BIN (default: <checkout>/.venv/bin).
+# (default: what Ray detects), PRUNELAB_PYTHON_BIN (default: <checkout>/.venv/bin),
+# PRUNELAB_MLFLOW_ALLOWED_HOSTS (more Host headers the MLflow server answers, e.g. "mlflow.lab:*").
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,11 +48,21 @@ case "$cmd" in
     if [[ -f "$mlflow_dir/server.pid" ]] && kill -0 "$(cat "$mlflow_dir/server.pid")" 2> /dev/null; then
       echo "MLflow server already running (pid $(cat "$mlflow_dir/server.pid"))"
     else
+      # Artifacts go through the server (--artifacts-destination): clients need no access to the
+      # directory. The Host headers it answers (others get 403): the head's names and IPv4 addresses
+      # (what `sweep HEAD_IP` and the workers use; a private IP alone would pass MLflow's default
+      # list, but an explicit list replaces that default), localhost for ssh tunnels, and
+      # PRUNELAB_MLFLOW_ALLOWED_HOSTS.
+      hosts="$(hostname):*,$(hostname -f 2> /dev/null || hostname):*,localhost:*,127.0.0.1:*"
+      for ip in $(hostname -I 2> /dev/null || true); do
+        if [[ "$ip" == *.* ]]; then hosts+=",$ip:*"; fi
+      done
+      if [[ -n "${PRUNELAB_MLFLOW_ALLOWED_HOSTS:-}" ]]; then hosts+=",$PRUNELAB_MLFLOW_ALLOWED_HOSTS"; fi
       nohup "$bin/mlflow" server --backend-store-uri "sqlite:///$mlflow_dir/mlflow.db" \
-        --default-artifact-root "$shared/mlflow-artifacts" \
+        --artifacts-destination "$shared/mlflow-artifacts" --allowed-hosts "$hosts" \
         --host 0.0.0.0 --port "$mlflow_port" > "$mlflow_dir/server.log" 2>&1 &
       echo $! > "$mlflow_dir/server.pid"
-      echo "MLflow server on port $mlflow_port (pid $!, log $mlflow_dir/server.log)"
+      echo "MLflow server on port $mlflow_port (pid $!, log $mlflow_dir/server.log), answering $hosts"
     fi
     ;;
   worker)
@@ -75,5 +86,5 @@ case "$cmd" in
     fi
     ;;
   *)
-    sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 2 ;;
+    sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 2 ;;
 esac

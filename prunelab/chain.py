@@ -210,8 +210,12 @@ class Chain:
         # only real-data training continues from the rewind point; a synthetic set starts afresh
         return rewind_start_step(self.hp, len(data), training.batch_size) if data is self.data.train else 0
 
-    def step(self, callback=None) -> dict:
-        """One round: train the subnetwork on the pruning data, prune, rewind. Returns the round's record."""
+    def step(self, callback=None, resume: Optional[dict] = None, checkpoint=None, checkpoint_every_s: float = 0.0
+             ) -> dict:
+        """One round: train the subnetwork on the pruning data, prune, rewind. Returns the round's record.
+
+        `checkpoint(payload)` receives the round's training state every `checkpoint_every_s` seconds (at
+        epoch ends); `resume=payload` continues this round's training from it (see `train.train`)."""
         if self.done:
             raise RuntimeError(f"chain already finished its {self.hp.pruning.rounds} rounds")
         r = self.state.round
@@ -221,7 +225,8 @@ class Chain:
         res = train(model, self.pruning_data, hp, device=self.device, mask=self.state.mask,
                     order_seed=derive_seed(seed, "prune", r, "order"),
                     aug_seed=derive_seed(seed, "prune", r, "augment"),
-                    start_step=self._rewind_start_step(self.pruning_data, hp), callback=callback)
+                    start_step=self._rewind_start_step(self.pruning_data, hp), callback=callback,
+                    resume=resume, checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s)
         fit = evaluate(model, self.pruning_data, device=self.device, batch_size=hp.eval_batch_size)
         target = int(round(self.state.mask.total * density_after(r + 1, self.hp.pruning.fraction)))
         weights = {k: v.detach() for k, v in model.state_dict().items()}

@@ -35,6 +35,10 @@ DEMO_CHAIN = {
 }
 
 
+# with --out, a round's training is stored this often, so an interrupted run resumes mid-round
+CHECKPOINT_S = 600.0
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
     """`key.sub=value` strings -> (key, YAML-parsed value); `seeds=[0,1]` gives a list."""
     out = []
@@ -89,7 +93,8 @@ def cmd_run(args) -> int:
         root = out / "store" if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         store = ChainStore(root, hp)
         chain = run_chain(hp, ev, eval_rounds, store, device=resolve_device(args.device),
-                          on_open=opened, on_round=stepped, on_eval=evaluated)
+                          on_open=opened, on_round=stepped, on_eval=evaluated,
+                          checkpoint_every_s=CHECKPOINT_S if out else None)
         # every evaluation, those reused from an earlier run with the same --out included
         rows = [{"round": r, "sparsity": m["eval_sparsity"], "test_accuracy": m["test_accuracy"],
                  "test_loss": m["test_loss"]}

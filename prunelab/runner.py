@@ -75,7 +75,8 @@ def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: C
               on_round: Optional[Callable[[Chain, dict], None]] = None,
               on_eval: Optional[Callable[[Chain, int, dict], None]] = None,
               round_callback: Optional[Callable[[int], Optional[Callable]]] = None,
-              on_corrupt: Optional[Callable[[str], None]] = None) -> Chain:
+              on_corrupt: Optional[Callable[[str], None]] = None,
+              checkpoint_every_s: Optional[float] = None) -> Chain:
     """Bring the chain of `hp` to `hp.pruning.rounds` rounds with `ev` evaluated at `rounds`,
     through `store`; returns the finished chain.
 
@@ -83,7 +84,9 @@ def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: C
     after each round is saved, `on_eval(chain, round, result)` after each new evaluation is saved.
     `round_callback(round)` may give the training callback of that round (e.g. a progress hook).
     `on_corrupt(message)` hears of a damaged stored state (the chain then restarts from the last
-    good one, see `ChainStore.load_state`).
+    good one, see `ChainStore.load_state`). With `checkpoint_every_s`, a round's training on the
+    pruning data is also stored part-way that often (at epoch ends), and a chain opened again resumes
+    its round from there, to the same mask: a killed process loses at most that much of a round.
     """
     rkey = result_key(ev)
     rounds = sorted(rounds)
@@ -110,8 +113,15 @@ def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: C
 
         evaluate_pending(chain.round)
         while chain.round < hp.pruning.rounds:
-            record = chain.step(callback=round_callback(chain.round) if round_callback else None)
+            r = chain.round
+            mid_round = {}
+            if checkpoint_every_s is not None:
+                mid_round = {"resume": store.load_partial(r, on_corrupt=on_corrupt),
+                             "checkpoint": lambda payload, r=r: store.save_partial(r, payload),
+                             "checkpoint_every_s": checkpoint_every_s}
+            record = chain.step(callback=round_callback(r) if round_callback else None, **mid_round)
             store.save_state(chain.state)
+            store.clear_partial()
             if on_round:
                 on_round(chain, record)
             evaluate_pending(chain.round)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import socket
@@ -19,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
+
 from .chain import ChainState, CorruptStateError
 from .errors import CorruptFileError
-from .files import atomic_write
+from .files import atomic_write, frame, unframe
 from .hparams import ChainHparams
 from .masks import Mask
 
@@ -30,6 +33,7 @@ from .masks import Mask
 # older than STALE_S belongs to a process that is gone.
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
+PARTIAL_MAGIC = b"PRUNELAB-PARTIAL-1\n"  # a round's training state, part-way (`save_partial`)
 
 
 class ChainStore:
@@ -88,6 +92,37 @@ class ChainStore:
             print(f"prunelab: {e}; rewritten from the chain's state", file=sys.stderr)
             atomic_write(path, fallback.mask.to_bytes())
             return fallback.mask
+
+    # ---- mid-round training state ------------------------------------------------------------
+    def _partial_path(self) -> Path:
+        return self.dir / "round_partial.pt"
+
+    def save_partial(self, round: int, payload: dict) -> None:
+        """The training state part-way through `round` (see `prunelab.train.train`), checksummed; one
+        per chain, replaced by the next and cleared when the round's state is saved."""
+        buf = io.BytesIO()
+        torch.save({"round": round, "config_hash": self.hash, "payload": payload}, buf)
+        atomic_write(self._partial_path(), frame(PARTIAL_MAGIC, buf.getvalue()))
+
+    def load_partial(self, round: int, on_corrupt=None) -> Optional[dict]:
+        """The stored training state part-way through `round`, or None (none stored, one of another
+        round, or a damaged one, which is reported through `on_corrupt(message)`: the round restarts)."""
+        path = self._partial_path()
+        if not path.exists():
+            return None
+        try:
+            doc = torch.load(io.BytesIO(unframe(PARTIAL_MAGIC, path.read_bytes(), str(path))), map_location="cpu",
+                             weights_only=True)
+        except CorruptFileError as e:
+            if on_corrupt is not None:
+                on_corrupt(f"{e}; the round restarts from its beginning")
+            return None
+        if doc.get("round") != round or doc.get("config_hash") != self.hash:
+            return None
+        return doc["payload"]
+
+    def clear_partial(self) -> None:
+        self._partial_path().unlink(missing_ok=True)
 
     # ---- evaluations -------------------------------------------------------------------------
     def _eval_path(self, eval_hash: str, round: int) -> Path:

@@ -8,6 +8,7 @@ built), so two copies that differ only in data order are one argument apart. The
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -260,10 +261,22 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, re
     remask()
 
 
+def to_cpu(obj):
+    """`obj` (a state dict, nested) with every tensor copied to the CPU (for checkpoints)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu", order_seed: int = 0,
           aug_seed: int = 0, mask: Optional[Mask] = None, start_step: int = 0, stop_step: Optional[int] = None,
           eval_data: Optional[ImageData] = None, eval_every: int = 0,
-          callback: Optional[EpochCallback] = None) -> TrainResult:
+          callback: Optional[EpochCallback] = None, resume: Optional[dict] = None,
+          checkpoint: Optional[Callable[[dict], None]] = None, checkpoint_every_s: float = 0.0) -> TrainResult:
     """Train `model` in place on `data`.
 
     Pruned weights (mask False) are zero before the first step and after every step. `start_step`
@@ -271,20 +284,33 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
     `stop_step` ends early (reaching a rewind point). `callback(epoch, metrics)` is called after every
     epoch with the mean training loss; with `eval_data` and `eval_every=k`, every k-th epoch also
     reports test loss and accuracy. A non-finite loss raises DivergenceError.
+
+    Mid-run checkpoints: with `checkpoint`, at the end of an epoch at least `checkpoint_every_s`
+    seconds after the last one (or the start), `checkpoint(payload)` gets the training state (weights,
+    optimizer, step, augmentation generator, history: CPU tensors and plain data); the same call with
+    `resume=payload` continues from it, and on the same device ends with the same weights as a run
+    that was never interrupted (the data order of an epoch is a function of the step).
     """
     loop = Loop.make(data, hp, device, stop_step)
     device = loop.device
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        start_step = int(resume["step"])
     net = prepare(model, hp, device)
     remask = masker(mask, model)
     remask()
     opt = make_optimizer(model, hp, device)
     order, aug_gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        aug_gen.set_state(resume["aug_rng"])
     meter = LossMeter(1, device)
 
-    history: list[dict] = []
+    history: list[dict] = list(resume["history"]) if resume is not None else []
     model.train()
     step = start_step
-    last_loss = float("nan")
+    last_loss = float(resume["last_loss"]) if resume is not None else float("nan")
+    saved_at = time.monotonic()
     while step < loop.stop:
         xb, yb = loop.batch(order.indices(step), aug_gen)
         xb = loop.memory_format(xb)
@@ -305,6 +331,10 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
                 metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
                 model.train()
             history.append(metrics)
+            if checkpoint is not None and step < loop.stop and time.monotonic() - saved_at >= checkpoint_every_s:
+                checkpoint({"step": step, "model": to_cpu(model.state_dict()), "optimizer": to_cpu(opt.state_dict()),
+                            "aug_rng": aug_gen.get_state(), "history": list(history), "last_loss": last_loss})
+                saved_at = time.monotonic()
             if callback is not None:
                 callback(int(math.ceil(epoch)), metrics)
     return TrainResult(steps=step, epochs=step / loop.spe, train_loss=last_loss, history=history)

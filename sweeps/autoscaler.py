@@ -190,6 +190,35 @@ def cluster_node_types(address=None) -> tuple[Optional[dict[str, NodeType]], str
     return None, ""
 
 
+# Ray's simulated clusters: every node they add is a process on this machine
+SINGLE_HOST_PROVIDERS = ("fake_multinode", "fake_multinode_docker")
+
+
+def _provider(path: str) -> str:
+    """The provider type of a cluster-launcher YAML ('' for a KubeRay manifest or an unreadable file)."""
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).expanduser().read_text()) if isinstance(d, dict)]
+    except (OSError, yaml.YAMLError):
+        return ""
+    return next((str((d.get("provider") or {}).get("type", "")) for d in docs if "available_node_types" in d), "")
+
+
+def multi_host(address=None) -> str:
+    """After ray.init: why the cluster's nodes are, or may come to be, on more than one machine (its
+    alive nodes have several addresses, or the autoscaler can add worker nodes), or '' when they are all
+    on this one."""
+    import ray  # ~0.5 s to import: --dry-run and --help, which also load this module, go without it
+
+    hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) > 1:
+        return f"its nodes run on {len(hosts)} hosts"
+    types, source = cluster_node_types(address)
+    can_grow = bool(types) and any(not t.head and t.max_workers != 0 for t in types.values())
+    if can_grow and not (Path(source).expanduser().is_file() and _provider(source) in SINGLE_HOST_PROVIDERS):
+        return "it can add worker nodes"
+    return ""
+
+
 # -- checks ----------------------------------------------------------------------------------------
 
 def check_node_types(res, address=None, types: Optional[dict] = None, source: str = "") -> Optional[dict]:

@@ -11,7 +11,7 @@ import itertools
 import json
 import string
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional
 
 import yaml
@@ -65,6 +65,9 @@ class ResourcesHparams(Hparams):
     memory_fraction: Optional[float] = hp(None, "cap of GPU memory per chain (default: gpus_per_trial)")
     max_concurrent: int = hp(0, "most chains at once (0: as many as resources allow)")
     max_failures: int = hp(2, "retries of a failed chain, each from its last checkpoint")
+    checkpoint_minutes: float = hp(10.0, "store a round's training state part-way this often (0: every epoch), "
+                                         "so a retried chain loses at most this much of a round",
+                                   hashed_at_default=False)
 
     def _validate(self, p):
         require(self.cpus_per_trial > 0, p + "cpus_per_trial", f"must be positive, got {self.cpus_per_trial}")
@@ -79,6 +82,8 @@ class ResourcesHparams(Hparams):
         require(m is None or 0 < m <= 1, p + "memory_fraction", f"must be in (0, 1], got {m}")
         require(self.max_concurrent >= 0, p + "max_concurrent", "must be >= 0")
         require(self.max_failures >= 0, p + "max_failures", "must be >= 0")
+        require(self.checkpoint_minutes >= 0, p + "checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}",
+                "e.g. 10 (minutes), or 0 for every epoch")
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,15 @@ class Trial:
                 return "start_" + name(k[len("start."):])
             return short.get(k, k.split(".")[-1])
 
-        parts = [self.variant] + [f"{name(k)}={v}" for k, v in self.axes.items()]
+        parts = [self.variant] + [f"{name(k)}={_no_path(v)}" for k, v in self.axes.items()]
         return ",".join(parts)
+
+
+def _no_path(value):
+    """A label's value without the machine's folders: a path (a data root, a file) by its last name."""
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return PurePath(value.rstrip("/\\")).name or value
+    return value
 
 
 def resource_kinds(trials: list[Trial]) -> list[ResourcesHparams]:

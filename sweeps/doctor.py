@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sweeps.doctor", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="Ray cluster to check (e.g. auto)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI to check")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                   help="MLflow tracking URI to check (default: $MLFLOW_TRACKING_URI, as the sweeps use it)")
     p.add_argument("--storage-path", help="local result directory to check for write access")
     p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
                    help="a data set root to check, e.g. cifar10=/data/cifar (repeatable)")

@@ -42,7 +42,8 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
                         "none: start a local Ray")
     p.add_argument("--storage-path", help="results: absolute path or s3:// / gs:// URI (default: "
                    "<current directory>/runs, shared by every figure so common chains run once)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite file next to the results)")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite file next to the results)")
     p.add_argument("--experiment", help=f"MLflow experiment name (default: {experiment_name(figure)})")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per chain; fractions (0.25) pack chains on a GPU")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per chain")
@@ -62,6 +63,13 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     if args.storage_path is None:
         args.storage_path = str(Path.cwd() / "runs")
     return args
+
+
+def browse_hint(tracking_uri: str) -> str:
+    """How to look at the runs: a tracking server's own address, or the UI to start over a local store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser (the tracking server's UI)"
+    return f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
 
 
 def _overrides(args) -> list:
@@ -130,6 +138,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     if todo:  # the cluster can run these chains: checked before the sweep leaves any record
         launch.init_ray(args, started_ray if started_ray is not None else [])
         preflight.check_cluster_resources(todo, args.address, storage)
+        preflight.check_tracking_reach(tracking_uri, args.address)
     # reused trials point at their runs (children of an earlier sweep run); the others get child runs
     summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "chain_hash": t.chain.hash(),
                 "rounds": t.rounds, "run_id": done_runs[t.key] if t.key in skipped else None} for t in trials]
@@ -223,7 +232,7 @@ def _finish(c, parent: str, out: Outcome, tracking_uri: str, t0: float, counts: 
     n, run, reused = counts
     print(f"sweep finished in {time.time() - t0:.0f} s: {n} trials, {run} run, {reused} reused, {len(out.errors)} "
           "failed" + (f", {len(out.unlogged)} not logged to MLflow" if out.unlogged else ""))
-    print(f"browse: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    print(f"browse: {browse_hint(tracking_uri)}")
     if out.unlogged:
         print(f"not logged: the tracking store at {tracking_uri} did not take these chains' results; every "
               "result is in the chain store (one folder per chain, below). Run the same command again once it "

@@ -48,7 +48,7 @@ def trial_spec(t: Trial, figure: str, local: Path, extra: dict) -> dict:
     return {"key": t.key, "variant": t.variant, "label": t.label(), "figure": figure, "chain": t.chain.to_dict(),
             "chain_hash": t.chain.hash(), "eval": t.evaluation.to_dict(), "rounds": t.rounds,
             "store": str(local / "store"), "cache_dir": str(local / "cache"),
-            "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
+            "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial, "checkpoint_minutes": res.checkpoint_minutes,
             "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None), **extra}
 
 

@@ -193,6 +193,19 @@ def check_cluster(res, address, storage: str) -> None:
                           "use an s3:// / gs:// URI, or a shared file system and set PRUNELAB_SHARED_STORAGE=1")
 
 
+def check_tracking_reach(tracking_uri: str, address) -> None:
+    """After ray.init: a SQLite tracking store is a file on one machine, which trials on other machines
+    cannot reach (and SQLite on a network file system loses writes of concurrent writers): a cluster
+    that spans, or can come to span, several machines needs a tracking server."""
+    if not tracking_uri.startswith("sqlite:"):
+        return
+    why = autoscaler.multi_host(address)
+    if why:
+        raise ConfigError("--tracking-uri", f"{tracking_uri} is a SQLite file on this machine, but the cluster {why}",
+                          "start `mlflow server` on the head (the recipes in cluster/ do) and pass "
+                          "--tracking-uri http://<head>:5000, or set MLFLOW_TRACKING_URI")
+
+
 def check_cluster_resources(trials: list[Trial], address, storage: str) -> None:
     """After ray.init: each resource request the trials make fits the cluster, judged by the node
     types it can start when they are known (`autoscaler.check_cluster`), else by its alive nodes."""

@@ -91,6 +91,7 @@ def chain_trial(config: dict) -> None:
         chain = run_chain(hp, ev, spec["rounds"], ChainStore(spec["store"], hp), device=device,
                           on_open=opened, on_round=stepped, on_eval=evaluated,
                           round_callback=lambda r: fault_hook(spec, r),
+                          checkpoint_every_s=60.0 * float(spec.get("checkpoint_minutes", 10.0)),
                           on_corrupt=lambda msg: log.note(msg, schema.CORRUPT_STATE_NOTE))
         log.finish(chain.state.history, "FINISHED")
         # unsynced: the tracking server was away at the end; the driver logs the rest from the store

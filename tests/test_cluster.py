@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -87,7 +89,7 @@ def test_launcher_yaml_has_gpu_autoscaling_mlflow_and_pinned_install(name):
     head_cmds = " ".join(cfg["head_start_ray_commands"] + cfg["head_setup_commands"])
     scheme = {"aws.yaml": "s3://", "gcp.yaml": "gs://"}[name]
     assert "mlflow server --backend-store-uri sqlite:////home/ray/mlflow/mlflow.db" in head_cmds
-    assert f"--default-artifact-root {scheme}" in head_cmds and "--host 0.0.0.0 --port 5000" in head_cmds
+    assert f"--artifacts-destination {scheme}" in head_cmds and "--host 0.0.0.0 --port 5000" in head_cmds
     # token authentication: the same token on every node, token mode for every `ray start`
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -150,6 +152,94 @@ def test_k8s_common_manifest_matches_the_clusters():
     assert claims == {"prunelab-shared", "prunelab-mlflow"}
 
 
+# -- the MLflow tracking server of every recipe ----------------------------------------------------
+
+def mlflow_server_command(name: str) -> list[str]:
+    """The argv of the `mlflow server` a recipe starts (shell variables and $(...) left as written)."""
+    if name in KUBE_MANIFESTS:
+        spec = kube_doc(name, "RayCluster")["spec"] if name == "kuberay.yaml" else \
+            kube_doc(name, "RayJob")["spec"]["rayClusterSpec"]
+        cmds = [c["command"] for c in spec["headGroupSpec"]["template"]["spec"]["containers"]
+                if c.get("command", [])[:2] == ["mlflow", "server"]]
+        assert len(cmds) == 1, f"{name}: expected one mlflow server container"
+        return list(cmds[0])
+    if name in LAUNCHER_YAMLS:
+        cfg = yaml.safe_load((CLUSTER / name).read_text())
+        cmds = [c for c in cfg["head_start_ray_commands"] if "mlflow server" in c]
+        assert len(cmds) == 1, f"{name}: expected one mlflow server command"
+        text = cmds[0][cmds[0].index("mlflow server"):]
+    else:  # a shell recipe: from `"$bin/mlflow" server` to the end of its (continued) line
+        text = (CLUSTER / name).read_text()
+        assert text.count('"$bin/mlflow" server') == 1, name
+        text = text[text.index('"$bin/mlflow" server'):].replace("\\\n", " ").split("\n")[0]
+    return shlex.split(text.split(" > ")[0])
+
+
+def _options(argv: list[str]) -> dict[str, str]:
+    return {a: argv[i + 1] for i, a in enumerate(argv) if a.startswith("--") and i + 1 < len(argv)}
+
+
+def _shell_value(name: str, value: str) -> str:
+    """`$hosts` of a shell recipe: its assignment plus every `hosts+=` appended to it."""
+    if value != "$hosts":
+        return value
+    text = (CLUSTER / name).read_text()
+    parts = re.findall(r'^\s*hosts="([^"]*)"', text, re.M) + re.findall(r'hosts\+=",([^"]*)"', text)
+    assert parts, f"{name}: no hosts= assignment"
+    return ",".join(parts)
+
+
+# recipe -> (where its artifacts go, Host patterns its clients send besides localhost/127.0.0.1)
+MLFLOW_RECIPES = {
+    "aws.yaml": ("s3://__BUCKET__/", ["$head_ip:*", "$(hostname):*"]),
+    "gcp.yaml": ("gs://__BUCKET__/", ["$head_ip:*", "$(hostname):*"]),
+    "kuberay.yaml": ("gs://__BUCKET__/", ["prunelab-mlflow:*"]),
+    "rayjob.yaml": ("gs://__BUCKET__/", ["prunelab-mlflow:*"]),
+    "onprem.sh": ("$shared/", ["$ip:*", "$(hostname):*"]),
+    "slurm.sbatch": ("$shared/", ["$head_ip:*", "$head_node:*"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MLFLOW_RECIPES))
+def test_every_mlflow_server_proxies_artifacts_and_names_its_hosts(name):
+    """MLflow 3.17 answers 403 to a Host header outside --allowed-hosts (default: localhost and private
+    addresses; an explicit list replaces it), and --artifacts-destination with the default
+    --serve-artifacts proxies artifacts, so clients need no bucket credentials."""
+    argv = mlflow_server_command(name)
+    assert argv[1] == "server" and argv[0].endswith("mlflow"), argv
+    opts = _options(argv)
+    assert "--default-artifact-root" not in argv and "--no-serve-artifacts" not in argv, argv
+    destination, hosts = MLFLOW_RECIPES[name]
+    assert opts.get("--artifacts-destination", "").startswith(destination), argv
+    assert "--allowed-hosts" in opts, argv
+    allowed = _shell_value(name, opts["--allowed-hosts"]).split(",")
+    assert "*" not in allowed and {"localhost:*", "127.0.0.1:*", *hosts} <= set(allowed), allowed
+    assert opts["--host"] == "0.0.0.0" and opts["--backend-store-uri"].startswith("sqlite:///"), argv
+
+
+def test_the_kubernetes_tracking_uri_is_an_allowed_host():
+    from mlflow.server.security_utils import is_allowed_host_header  # the server's own check
+
+    job = kube_doc("rayjob.yaml", "RayJob")
+    host = re.search(r"--tracking-uri http://([^/\s]+)", job["spec"]["entrypoint"]).group(1)
+    assert host == "prunelab-mlflow:5000"
+    for name in KUBE_MANIFESTS:
+        allowed = _options(mlflow_server_command(name))["--allowed-hosts"].split(",")
+        for h in (host, "localhost:5000", "127.0.0.1:5000", "localhost:15000"):  # trials; port-forward
+            assert is_allowed_host_header(allowed, h), (name, h)
+        for h in ("evil.example:5000", "prunelab-mlflow.evil.example:5000", "10.0.0.7:5000"):
+            assert not is_allowed_host_header(allowed, h), (name, h)
+
+
+@pytest.mark.parametrize("name", LAUNCHER_YAMLS)
+def test_launcher_mlflow_hosts_are_the_head_address_the_tracking_uri_uses(name):
+    cfg = yaml.safe_load((CLUSTER / name).read_text())
+    cmd = [c for c in cfg["head_start_ray_commands"] if "mlflow server" in c][0]
+    # the same private IP as `--tracking-uri http://$(hostname -I | cut -d" " -f1):5000` (cluster/README.md)
+    assert cmd.startswith('head_ip=$(hostname -I | cut -d" " -f1);')
+    assert "--tracking-uri http://$(hostname -I | cut -d\" \" -f1):5000" in (CLUSTER / "README.md").read_text()
+
+
 # -- shell recipes and docs ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["onprem.sh", "slurm.sbatch"])
@@ -158,13 +248,25 @@ def test_shell_recipes_parse(name):
     assert r.returncode == 0, r.stderr
 
 
-def test_slurm_script_starts_head_then_workers_then_the_sweep():
+def test_slurm_script_brings_up_ray_with_symmetric_run():
     text = (CLUSTER / "slurm.sbatch").read_text()
     assert "#SBATCH --nodes=" in text and "scontrol show hostnames" in text
-    i_head, i_worker, i_sweep = (text.index(s) for s in ('ray" start --head', 'ray" start --address',
-                                                        "sweeps/fig6.py --address"))
-    assert i_head < i_worker < i_sweep
     assert "export RAY_AUTH_MODE=token" in text
+    # one srun over every node runs `ray symmetric-run`; no hand-made head/worker starts, no fixed sleeps
+    assert 'ray" start' not in text and "sleep 20" not in text and not re.search(r"sleep [0-9]{2,}", text)
+    step = text[text.index("\nsrun --nodes="):]
+    step = step[:step.index("\nif ")].replace("\\\n", " ")
+    assert 'srun --nodes="$num_nodes" --ntasks="$num_nodes" --ntasks-per-node=1' in step
+    assert 'num_nodes="${SLURM_JOB_NUM_NODES' in text
+    ray_part, entry = step.split(" -- ", 1)
+    assert '"$bin/ray" symmetric-run --address "$head_ip:$port" --min-nodes "$num_nodes"' in ray_part
+    assert not any(f in ray_part for f in ("--head", "--node-ip-address", "--block"))  # symmetric-run refuses them
+    assert '"$bin/python" sweeps/fig6.py --address auto' in entry and '"${args[@]}"' in entry
+    assert '--tracking-uri "http://$head_ip:$mlflow_port"' in entry
+    # the MLflow server is up on the head before Ray and the sweep start
+    assert text.index('"$bin/mlflow" server') < text.index("/health") < text.index("symmetric-run --address")
+    # symmetric-run exits 0 when `ray start` fails: the driver's own exit status decides
+    assert 'echo "$rc" > "$PRUNELAB_DRIVER_RC"' in entry and '[[ ! -s "$PRUNELAB_DRIVER_RC" ]]' in text
 
 
 def test_onprem_script_usage_runs_without_ray():

@@ -26,7 +26,7 @@ def captured(monkeypatch):
 
     def fake(method):
         def run(real, ipc, seed, budget=None, device="cpu", log=None, **kw):
-            calls.append((method, kw))
+            calls.append((method, {k: v for k, v in kw.items() if k not in distill_mod.RUN_CONTROLS}))
             return distill_mod.random_subset(real, ipc, seed)
         return run
 

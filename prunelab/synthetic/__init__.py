@@ -21,6 +21,7 @@ from .recipes import idc_net_steps, idc_settings
 from .store import CorruptSyntheticSetError, SyntheticStore, make_key
 
 METHODS = tuple(DISTILLERS)  # kind=distilled
+DISTILL_CHECKPOINT_S = 600.0  # how often a distillation stores its state part-way
 SOURCES = METHODS + tuple(CORESETS)
 
 
@@ -45,16 +46,20 @@ def _settings(source: str, settings: dict) -> dict:
 def build_synthetic(source: str, real: ImageData, *, ipc: int, seed: int = 0, budget: Optional[int] = None,
                     factor: Optional[int] = None, device="cpu", log: Optional[Callable[[str], None]] = None,
                     net_width: Optional[int] = None, inner_loop: Optional[int] = None,
-                    batch_real: Optional[int] = None, lr_img: Optional[float] = None) -> ImageData:
+                    batch_real: Optional[int] = None, lr_img: Optional[float] = None,
+                    resume: Optional[dict] = None, checkpoint: Optional[Callable[[dict], None]] = None,
+                    checkpoint_every_s: float = DISTILL_CHECKPOINT_S) -> ImageData:
     """Build (not store) the set of `source` (idc, dm, random_subset, herding); IDC's stays encoded.
 
     net_width, inner_loop, batch_real, lr_img: the distiller's settings where not None (coresets
-    ignore them; dm has no inner_loop: ConfigError)."""
+    ignore them; dm has no inner_loop: ConfigError). A distiller stores its state part-way through
+    `checkpoint` every `checkpoint_every_s` seconds and continues from `resume` (`distill.Progress`)."""
     if source in DISTILLERS:
         kw = _settings(source, dict(net_width=net_width, inner_loop=inner_loop, batch_real=batch_real, lr_img=lr_img))
         if source == "idc":
             kw["factor"] = _factor(source, real, factor)
-        return DISTILLERS[source](real, ipc, seed, budget, device, log, **kw)
+        return DISTILLERS[source](real, ipc, seed, budget, device, log, resume=resume, checkpoint=checkpoint,
+                                  checkpoint_every_s=checkpoint_every_s, **kw)
     if source in CORESETS:
         return CORESETS[source](real, ipc, seed, budget, device, log)
     raise ConfigError("pruning_data.method", f"unknown synthetic source {source!r}",
@@ -79,8 +84,11 @@ def get_synthetic(dataset_hp, real: ImageData, source: str, *, ipc: int, seed: i
                   budget: Optional[int] = None, factor: Optional[int] = None, device="cpu",
                   store: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
                   decoded: bool = True, net_width: Optional[int] = None, inner_loop: Optional[int] = None,
-                  batch_real: Optional[int] = None, lr_img: Optional[float] = None) -> ImageData:
-    """The stored set for these inputs, built and stored first if absent (decoded unless told not)."""
+                  batch_real: Optional[int] = None, lr_img: Optional[float] = None,
+                  checkpoint_every_s: float = DISTILL_CHECKPOINT_S) -> ImageData:
+    """The stored set for these inputs, built and stored first if absent (decoded unless told not).
+    A distillation stores its state every `checkpoint_every_s` seconds; one killed part-way continues
+    from there the next time the set is asked for."""
     if source not in SOURCES:
         raise ConfigError("pruning_data.method", f"unknown synthetic source {source!r}",
                           "use one of " + ", ".join(SOURCES))
@@ -89,8 +97,9 @@ def get_synthetic(dataset_hp, real: ImageData, source: str, *, ipc: int, seed: i
     check_ipc(real, ipc, f)
     spec = synthetic_spec(dataset_hp, source, real, ipc=ipc, seed=seed, budget=budget, factor=factor, **settings)
     data = SyntheticStore(store).get_or_create(
-        spec, real, lambda: build_synthetic(source, real, ipc=ipc, seed=seed, budget=budget, factor=f,
-                                            device=device, log=log, **settings), log=log)
+        spec, real, lambda **run: build_synthetic(source, real, ipc=ipc, seed=seed, budget=budget, factor=f,
+                                                  device=device, log=log, checkpoint_every_s=checkpoint_every_s,
+                                                  **settings, **run), log=log, resumable=True)
     return decode_set(data) if decoded else data
 
 

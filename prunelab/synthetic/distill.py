@@ -13,6 +13,7 @@ generators.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +25,7 @@ from ..errors import ConfigError
 from ..models import default_convnet_depth
 from ..models.convnet import ConvNet
 from ..seeds import derive_seed
+from ..train import to_cpu
 from .idc import decode_zoom, formation_factor
 
 Log = Optional[Callable[[str], None]]
@@ -144,6 +146,40 @@ def herding(real: ImageData, ipc: int, seed: int, budget: Optional[int] = None, 
     return _out(real, torch.cat(xs), torch.cat(ys), "herding", ipc, factor=1, feature_space="random convnet3")
 
 
+Checkpoint = Callable[[dict], None]
+
+
+class Progress:
+    """A distillation's state between outer iterations, for checkpoints: the images, their
+    optimizer, both random generators and the next iteration. `checkpoint(payload)` is called at the
+    end of an iteration at least `every_s` seconds after the last call (not after the last
+    iteration); `resume(payload)` restores such a payload and returns the iteration to continue at,
+    so a resumed distillation ends with the same images as one never interrupted (same device)."""
+
+    def __init__(self, syn: torch.Tensor, opt: torch.optim.Optimizer, gen: torch.Generator,
+                 aug_gen: torch.Generator, checkpoint: Optional[Checkpoint], every_s: float):
+        self.syn, self.opt, self.gen, self.aug_gen = syn, opt, gen, aug_gen
+        self.checkpoint, self.every_s = checkpoint, every_s
+        self.saved_at = time.monotonic()
+
+    def resume(self, payload: Optional[dict]) -> int:
+        if payload is None:
+            return 0
+        with torch.no_grad():
+            self.syn.copy_(payload["syn"])
+        self.opt.load_state_dict(payload["opt"])
+        self.gen.set_state(payload["gen"])
+        self.aug_gen.set_state(payload["aug_gen"])
+        return int(payload["next"])
+
+    def done(self, it: int, budget: int) -> None:
+        if self.checkpoint is None or it + 1 >= budget or time.monotonic() - self.saved_at < self.every_s:
+            return
+        self.checkpoint({"next": it + 1, "syn": to_cpu(self.syn), "opt": to_cpu(self.opt.state_dict()),
+                         "gen": self.gen.get_state(), "aug_gen": self.aug_gen.get_state()})
+        self.saved_at = time.monotonic()
+
+
 # ---------------------------------------------------------------------------------------------
 # IDC: gradient matching with multi-formation
 
@@ -159,7 +195,8 @@ def _grad_match_loss(net: ConvNet, xr, yr, xs, ys) -> torch.Tensor:
 def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = None, device="cpu",
                 log: Log = None, *, factor: Optional[int] = None, inner_loop: int = 5, batch_real: int = 32,
                 lr_img: float = 0.001, mom_img: float = 0.5, net_width: int = 32, net_steps: int = 4,
-                net_lr: float = 0.01) -> ImageData:
+                net_lr: float = 0.01, resume: Optional[dict] = None, checkpoint: Optional[Checkpoint] = None,
+                checkpoint_every_s: float = 0.0) -> ImageData:
     """IDC (Kim et al. 2022) at small scale; `budget` = outer iterations (default 30).
 
     Every outer iteration re-initializes the network and clamps the images to [0, 1]; then
@@ -170,7 +207,7 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
     Returns the *encoded* set (meta['factor'] = f). Defaults are tuned for 8x8 digits on a CPU
     (ConvNet-3 width 32; IDC's CIFAR run: width 128, lr_img 0.005, 100 inner steps, 2,000 iterations,
     as `recipes.idc_settings` gives them); lr_img is small because the squared-gradient loss of tiny
-    images has large pixel gradients.
+    images has large pixel gradients. `checkpoint`/`resume`: as `Progress`.
     """
     f = formation_factor(real.name, factor)
     if f < 1:
@@ -187,7 +224,8 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
     x_real, y_real = _pixels(real).to(device), real.y.to(device)
     by_class = [i.to(device) for i in _class_index(real)]
     k = real.num_classes
-    for it in range(budget):
+    progress = Progress(syn, opt_img, gen, aug_gen, checkpoint, checkpoint_every_s)
+    for it in range(progress.resume(resume), budget):
         net = _net(real, net_width, derive_seed(seed, "idc", "net", it), device).train()
         opt_net = torch.optim.SGD(net.parameters(), lr=net_lr, momentum=0.9, weight_decay=5e-4)
         with torch.no_grad():
@@ -214,6 +252,7 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
                     opt_net.step()
         if log and (it % max(1, budget // 10) == 0 or it == budget - 1):
             log(f"idc iteration {it + 1}/{budget}: matching loss {loss_sum / (inner_loop * k):.4f}")
+        progress.done(it, budget)
     with torch.no_grad():
         syn.clamp_(0, 1)
     return _out(real, syn, y_syn, "idc", ipc, factor=f, budget=budget)
@@ -225,12 +264,13 @@ def distill_idc(real: ImageData, ipc: int, seed: int, budget: Optional[int] = No
 
 def distill_dm(real: ImageData, ipc: int, seed: int, budget: Optional[int] = None, device="cpu",
                log: Log = None, *, batch_real: int = 64, lr_img: float = 0.5, mom_img: float = 0.5,
-               net_width: int = 32) -> ImageData:
+               net_width: int = 32, resume: Optional[dict] = None, checkpoint: Optional[Checkpoint] = None,
+               checkpoint_every_s: float = 0.0) -> ImageData:
     """Distribution matching (Zhao & Bilen 2023); `budget` = iterations (default 200).
 
     Each iteration draws a fresh randomly initialized ConvNet-3 and, for every class, moves the
     synthetic images so the mean embedding (features before the classifier) of their DSA views
-    matches that of a real batch under the same DSA transformation.
+    matches that of a real batch under the same DSA transformation. `checkpoint`/`resume`: as `Progress`.
     """
     check_ipc(real, ipc)
     budget = budget or DEFAULT_BUDGETS["dm"]
@@ -242,7 +282,8 @@ def distill_dm(real: ImageData, ipc: int, seed: int, budget: Optional[int] = Non
     opt_img = torch.optim.SGD([syn], lr=lr_img, momentum=mom_img)
     x_real = _pixels(real).to(device)
     by_class = [i.to(device) for i in _class_index(real)]
-    for it in range(budget):
+    progress = Progress(syn, opt_img, gen, aug_gen, checkpoint, checkpoint_every_s)
+    for it in range(progress.resume(resume), budget):
         net = _net(real, net_width, derive_seed(seed, "dm", "net", it), device).train()
         for p in net.parameters():
             p.requires_grad_(False)
@@ -258,6 +299,7 @@ def distill_dm(real: ImageData, ipc: int, seed: int, budget: Optional[int] = Non
         opt_img.step()
         if log and (it % max(1, budget // 10) == 0 or it == budget - 1):
             log(f"dm iteration {it + 1}/{budget}: matching loss {float(loss.detach()) / len(by_class):.4f}")
+        progress.done(it, budget)
     return _out(real, syn, y0, "dm", ipc, factor=1, budget=budget)
 
 
@@ -267,7 +309,9 @@ CORESETS = {"random_subset": random_subset, "herding": herding}
 # PruningDataHparams fields passed to a distiller as keyword arguments when set (None: its default)
 DISTILLER_SETTINGS = ("net_width", "inner_loop", "batch_real", "lr_img")
 # taken from the functions themselves, not DISTILLERS, which tests and callers may wrap
-_DEFAULTS = {m: dict(fn.__kwdefaults__) for m, fn in DISTILLERS.items()}
+# (the run controls resume/checkpoint are not settings)
+RUN_CONTROLS = ("resume", "checkpoint", "checkpoint_every_s")
+_DEFAULTS = {m: {k: v for k, v in fn.__kwdefaults__.items() if k not in RUN_CONTROLS} for m, fn in DISTILLERS.items()}
 _ACCEPTS = {m: frozenset(d) for m, d in _DEFAULTS.items()}
 
 

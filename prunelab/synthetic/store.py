@@ -23,7 +23,10 @@ import torch
 from .. import catalog
 from ..data import ImageData, cache_dir
 from ..errors import CorruptFileError
-from ..files import atomic_write
+from ..files import atomic_write, frame, unframe
+
+
+PARTIAL_MAGIC = b"PRUNELAB-DISTILL-PARTIAL-1\n"  # a distillation's state part-way (`save_partial`)
 
 
 class CorruptSyntheticSetError(CorruptFileError):
@@ -102,18 +105,49 @@ class SyntheticStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def get_or_create(self, spec: dict, like: ImageData, make: Callable[[], ImageData],
-                      log: Optional[Callable[[str], None]] = None) -> ImageData:
-        """The set for `spec`: loaded if stored, else made by `make()` once, stored, and returned."""
+    # ---- a distillation part-way (under the key's lock) ------------------------------------------
+    def _partial_path(self, key: str) -> Path:
+        return self.root / f".{key}.partial.pt"
+
+    def save_partial(self, key: str, payload: dict) -> None:
+        """A distillation's state part-way (see `distill.Progress`), checksummed; replaced by the next."""
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write(self._partial_path(key), frame(PARTIAL_MAGIC, buf.getvalue()))
+
+    def load_partial(self, key: str, log: Optional[Callable[[str], None]] = None) -> Optional[dict]:
+        """The stored state part-way, or None (none, or a damaged one, reported through `log`: the
+        distillation starts over)."""
+        path = self._partial_path(key)
+        if not path.exists():
+            return None
+        try:
+            return torch.load(io.BytesIO(unframe(PARTIAL_MAGIC, path.read_bytes(), str(path))), map_location="cpu",
+                              weights_only=True)
+        except CorruptFileError as e:
+            if log:
+                log(f"{e}; the distillation starts over")
+            return None
+
+    def get_or_create(self, spec: dict, like: ImageData, make: Callable[..., ImageData],
+                      log: Optional[Callable[[str], None]] = None, resumable: bool = False) -> ImageData:
+        """The set for `spec`: loaded if stored, else made by `make()` once, stored, and returned.
+        With `resumable`, `make(resume=..., checkpoint=...)` gets the state a killed earlier attempt
+        stored part-way (or None) and a function storing such states."""
         key = make_key(spec)
         with self._lock(key):
             if not self.has(key):
                 t0 = time.perf_counter()
-                data = make()
+                if resumable:
+                    data = make(resume=self.load_partial(key, log),
+                                checkpoint=lambda payload: self.save_partial(key, payload))
+                else:
+                    data = make()
                 seconds = time.perf_counter() - t0
                 meta = {**data.meta, "spec": spec, "seconds": round(seconds, 3), "name": data.name,
                         "num_classes": data.num_classes}
                 self.put(key, data, meta)
+                self._partial_path(key).unlink(missing_ok=True)
                 if log:
                     log(f"stored synthetic set {key} in {self.dir(key)} ({seconds:.1f} s)")
         return self.load(key, like)

@@ -81,13 +81,16 @@ def test_fault_resumes_same_mask(reference_sweep, tmp_path, capsys, ray_session,
         assert same_masks(got, want), f"chain {chash}: resumed masks differ from the uninterrupted run"
 
 
-def test_worker_killed_mid_round_resumes_same_mask(reference_sweep, tmp_path, capsys, ray_session):
+@pytest.mark.parametrize("mid_round", [False, True], ids=["round-checkpoints", "mid-round-checkpoints"])
+def test_worker_killed_mid_round_resumes_same_mask(reference_sweep, tmp_path, capsys, ray_session, mid_round):
     """Each chain's worker process dies by SIGKILL in the middle of round 2 (after an epoch of its
-    training): the retry resumes from the round-1 checkpoint and ends with the uninterrupted sweep's
-    masks, in one MLflow run per chain with each metric step logged once."""
+    training): the retry resumes from the round-1 checkpoint (or, with `checkpoint_minutes: 0`, from
+    the state stored at that epoch's end, mid-round) and ends with the uninterrupted sweep's masks, in
+    one MLflow run per chain with each metric step logged once."""
     ray_session()
     storage = tmp_path / "storage"
-    rc, out, err = drive(capsys, reference_sweep["config"], storage, "--inject-fault", "2:1::kill")
+    extra = ["--set", "resources.checkpoint_minutes=0"] if mid_round else []
+    rc, out, err = drive(capsys, reference_sweep["config"], storage, "--inject-fault", "2:1::kill", *extra)
     assert rc == 0, out[-3000:] + err[-3000:]
     assert "2 trials, 2 run, 0 reused, 0 failed" in out
     parent = runs(storage, "sweep")[0].info.run_id
@@ -102,6 +105,7 @@ def test_worker_killed_mid_round_resumes_same_mask(reference_sweep, tmp_path, ca
         assert c.data.tags["prunelab.status"] == "finished" and c.info.status == "FINISHED"
         check_metric_steps(storage, c)
         assert same_masks(masks(storage, chash), masks(reference_sweep["storage"], chash))
+        assert not (storage / "store" / "chains" / chash / "round_partial.pt").exists()
 
 
 def test_chain_failing_every_attempt(tmp_path, capsys, ray_session):
