@@ -48,7 +48,7 @@ SYNTHETIC = {"pruning_data": {"kind": "distilled", "method": "dm", "ipc": 10},
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="chain config overrides (all sources)")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="chain config overrides (all sources)")
     p.add_argument("--sources", nargs="+", default=["real"], choices=["real", "distilled"],
                    help="pruning data: real (IMP) and/or distilled (DM, --ipc)")
     p.add_argument("--ipc", type=int, default=10)

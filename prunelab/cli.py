@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run one IMP chain")
     r.add_argument("--config", help="chain YAML (ChainHparams); default: the digits demo chain")
-    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values")
+    r.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
     r.add_argument("--eval-rounds", default="0,4,9", help="rounds whose subnetwork is trained on real data")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     r.add_argument("--out", help="directory for the final mask, results.json and the chain's store "

@@ -351,6 +351,8 @@ class PruningDataHparams(Hparams):
     store: Optional[str] = hp(None, "directory of the synthetic-set store (default: ~/.cache/prunelab)")
 
     def _validate(self, p):
+        require(self.ipc is None or self.ipc > 0, p + "ipc", f"must be a positive integer, got {self.ipc}",
+                "give images per class, e.g. 10 (or leave it out)")
         if self.kind != "real":
             require(self.ipc is not None and self.ipc > 0 or self.kind == "idc_file", p + "ipc",
                     f"must be a positive integer for kind={self.kind!r}, got {self.ipc}",

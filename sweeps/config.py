@@ -226,6 +226,22 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
     the base value and any grid entry for it."""
     for key, value in overrides:
         head = key.split(".", 1)[0]
+        parts = key.split(".")
+        if head == "grid" and len(parts) > 1:  # a grid axis is one dotted chain key: grid.pruning_data.ipc
+            raw.setdefault("grid", {})[AXIS_ALIASES.get(key[5:], key[5:])] = _values(value)
+            continue
+        if head == "variants" and len(parts) > 3 and parts[2] in ("grid", "set"):
+            variant = _variant(raw, parts[1])
+            rest = ".".join(parts[3:])
+            for field in ("grid", "set"):
+                if not isinstance(variant.get(field), dict):
+                    variant[field] = {}
+            if parts[2] == "grid":  # variants.distilled.grid.pruning_data.ipc=[1,5]
+                variant["grid"][AXIS_ALIASES.get(rest, rest)] = _values(value)
+            else:  # variants.distilled.set.pruning_data.ipc=5: this value, not the variant's axis of that key
+                set_path(variant["set"], rest, value)
+                variant["grid"].pop(rest, None)
+            continue
         if head in SWEEP_KEYS:
             set_path(raw, key, value)
             leaf = key.split(".", 1)[1] if "." in key else ""
@@ -236,8 +252,24 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
                         v["resources"].pop(leaf, None)
             continue
         axis = AXIS_ALIASES.get(key, key)
-        raw.setdefault("grid", {})[axis] = list(value) if isinstance(value, (list, tuple)) else [value]
+        raw.setdefault("grid", {})[axis] = _values(value)
     return raw
+
+
+def _values(value) -> list:
+    """An axis' values: a list as given, a single value as a list of one."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _variant(raw: dict, name: str) -> dict:
+    """The preset's mapping of variant `name`; ConfigError naming the variants there if it has none."""
+    variants = raw.get("variants") if isinstance(raw.get("variants"), dict) else {}
+    if name not in variants:
+        raise ConfigError(f"variants.{name}", "no such variant in this preset",
+                          "use one of " + (", ".join(sorted(variants)) or "(none)"))
+    if not isinstance(variants[name], dict):
+        variants[name] = {}
+    return variants[name]
 
 
 class _KeepMissing(dict):

@@ -34,7 +34,7 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
                                 description=f"Run the {figure} sweep: one Ray Tune trial per IMP chain, logged to MLflow.")
     p.add_argument("--preset", default="demo", help="config preset: demo (digits, CPU, minutes) or paper")
     p.add_argument("--config", help="sweep YAML (default: sweeps/configs/%s.yaml)" % figure)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides: chain keys become grid axes (model=resnet18_bn seeds=[0,1] training.epochs=5); "
                         "evaluation.*, resources.*, base.* set sweep fields")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or None,
