@@ -16,6 +16,7 @@ RUN_NAME_FORMAT = "{figure}-{preset}"  # the Tune run; the parent MLflow run add
 # MLflow 3's experiment type (its UI asks for one when unset); prunelab's are classic training runs
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # an experiment's (or run's) description in the UI
 
 
 def experiment_name(figure: str) -> str:

@@ -184,6 +184,18 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 def load_sweep_yaml(figure: str, preset: str, path: Optional[str] = None) -> dict:
     """The raw mapping of one preset of a figure's YAML (sweeps/configs/<figure>.yaml)."""
+    file, doc = _read_config(figure, path)
+    presets = doc["presets"] or {}
+    return _resolve_preset(presets, preset, figure, [])
+
+
+def figure_description(figure: str, path: Optional[str] = None) -> str:
+    """The `description` of a figure's YAML: what the figure shows and how to read it."""
+    return " ".join(str(_read_config(figure, path)[1].get("description") or "").split())
+
+
+def _read_config(figure: str, path: Optional[str]) -> tuple[Path, dict]:
+    """(file, its mapping) of a figure's sweep YAML, checked for its top-level keys."""
     file = Path(path) if path else CONFIG_DIR / f"{figure}.yaml"
     try:
         doc = yaml.safe_load(file.read_text())
@@ -201,8 +213,7 @@ def load_sweep_yaml(figure: str, preset: str, path: Optional[str] = None) -> dic
     unknown = sorted(set(doc) - {"figure", "description", "presets"})
     if unknown:
         raise ConfigError(f"{file.name}: {unknown[0]}", "unknown key", "use figure, description, presets")
-    presets = doc["presets"] or {}
-    return _resolve_preset(presets, preset, figure, [])
+    return file, doc
 
 
 def _resolve_preset(presets: dict, name: str, figure: str, seen: list) -> dict:

@@ -23,7 +23,7 @@ from prunelab.errors import ConfigError, first_line
 from prunelab.schema import SWEEP_TRIALS, experiment_name
 
 from . import plan, preflight
-from .config import expand, load_sweep
+from .config import expand, figure_description, load_sweep
 from .faults import fault_spec
 from .tracking import (client, default_tracking_uri, describe, ensure_experiment, find_trial_run,
                        finished_trial_runs, retry, start_parent_run)
@@ -133,7 +133,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     args.address = preflight.check_before_ray(trials, args.address, args.num_cpus)
 
     # 2. MLflow store, experiment and parent run, before any trial can race to create them
-    exp_id, done_runs = _open_experiment(tracking_uri, experiment, local)
+    exp_id, done_runs = _open_experiment(tracking_uri, experiment, local, figure_description(figure, args.config))
     skipped, todo = plan.plan_run(trials, sweep.resources, done_runs, local)
     if todo:  # the cluster can run these chains: checked before the sweep leaves any record
         launch.init_ray(args, started_ray if started_ray is not None else [])
@@ -170,11 +170,12 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     return _finish(c, parent, out, tracking_uri, t0, (len(trials), len(todo), len(skipped)))
 
 
-def _open_experiment(tracking_uri: str, experiment: str, local: Path) -> tuple[str, dict]:
-    """The experiment's id (store and experiment created if new) and its finished chain runs by trial key."""
+def _open_experiment(tracking_uri: str, experiment: str, local: Path, description: str = "") -> tuple[str, dict]:
+    """The experiment's id (store and experiment created if new, with `description`) and its finished
+    chain runs by trial key."""
     local.mkdir(parents=True, exist_ok=True)
     try:
-        exp_id = ensure_experiment(tracking_uri, experiment)
+        exp_id = ensure_experiment(tracking_uri, experiment, description)
         return exp_id, finished_trial_runs(tracking_uri, exp_id)
     except Exception as e:  # noqa: BLE001 - each backend fails in its own way
         raise ConfigError("--tracking-uri", f"the tracking store at {tracking_uri} does not answer ({first_line(e)})",

@@ -128,11 +128,20 @@ def artifact_root(tracking_uri: str) -> Optional[str]:
     return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Create the store (SQLite tables) and the experiment once, in the driver; return its id."""
+def ensure_experiment(tracking_uri: str, name: str, description: str = "") -> str:
+    """Create the store (SQLite tables) and the experiment once, in the driver; return its id. The
+    experiment is tagged as a model-training one (MLflow's UI otherwise opens it in its GenAI view)
+    and carries `description`; tags a user already set are kept."""
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+    wanted = {schema.EXPERIMENT_KIND_TAG: schema.EXPERIMENT_KIND, **({schema.DESCRIPTION_TAG: description}
+                                                                     if description else {})}
+    if exp is None:
+        return c.create_experiment(name, artifact_location=artifact_root(tracking_uri), tags=wanted)
+    for key, value in wanted.items():
+        if key not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def start_parent_run(tracking_uri: str, experiment_id: str, figure: str, preset: str, config: dict,
