@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import CHECKPOINT_EVERY_S
 from .errors import ConfigError
 from .evaluation import EvalHparams, result_key
 from .hparams import ChainHparams, set_path
@@ -33,10 +34,6 @@ DEMO_CHAIN = {
     "pruning_training": {"epochs": 20, "lr": 0.05},
     "training": {"epochs": 20, "lr": 0.05},
 }
-
-
-# with --out, a round's training is stored this often, so an interrupted run resumes mid-round
-CHECKPOINT_S = 600.0
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
@@ -94,7 +91,7 @@ def cmd_run(args) -> int:
         store = ChainStore(root, hp)
         chain = run_chain(hp, ev, eval_rounds, store, device=resolve_device(args.device),
                           on_open=opened, on_round=stepped, on_eval=evaluated,
-                          checkpoint_every_s=CHECKPOINT_S if out else None)
+                          checkpoint_every_s=CHECKPOINT_EVERY_S if out else None)  # --out: resumable
         # every evaluation, those reused from an earlier run with the same --out included
         rows = [{"round": r, "sparsity": m["eval_sparsity"], "test_accuracy": m["test_accuracy"],
                  "test_loss": m["test_loss"]}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import socket
@@ -20,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-import torch
 
+from . import checkpoint
 from .chain import ChainState, CorruptStateError
 from .errors import CorruptFileError
-from .files import atomic_write, frame, unframe
+from .files import atomic_write
 from .hparams import ChainHparams
 from .masks import Mask
 
@@ -33,7 +32,6 @@ from .masks import Mask
 # older than STALE_S belongs to a process that is gone.
 HEARTBEAT_S = 30.0
 STALE_S = 120.0
-PARTIAL_MAGIC = b"PRUNELAB-PARTIAL-1\n"  # a round's training state, part-way (`save_partial`)
 
 
 class ChainStore:
@@ -100,24 +98,13 @@ class ChainStore:
     def save_partial(self, round: int, payload: dict) -> None:
         """The training state part-way through `round` (see `prunelab.train.train`), checksummed; one
         per chain, replaced by the next and cleared when the round's state is saved."""
-        buf = io.BytesIO()
-        torch.save({"round": round, "config_hash": self.hash, "payload": payload}, buf)
-        atomic_write(self._partial_path(), frame(PARTIAL_MAGIC, buf.getvalue()))
+        checkpoint.save(self._partial_path(), {"round": round, "config_hash": self.hash, "payload": payload})
 
     def load_partial(self, round: int, on_corrupt=None) -> Optional[dict]:
         """The stored training state part-way through `round`, or None (none stored, one of another
         round, or a damaged one, which is reported through `on_corrupt(message)`: the round restarts)."""
-        path = self._partial_path()
-        if not path.exists():
-            return None
-        try:
-            doc = torch.load(io.BytesIO(unframe(PARTIAL_MAGIC, path.read_bytes(), str(path))), map_location="cpu",
-                             weights_only=True)
-        except CorruptFileError as e:
-            if on_corrupt is not None:
-                on_corrupt(f"{e}; the round restarts from its beginning")
-            return None
-        if doc.get("round") != round or doc.get("config_hash") != self.hash:
+        doc = checkpoint.load(self._partial_path(), on_corrupt, "the round restarts from its beginning")
+        if doc is None or doc.get("round") != round or doc.get("config_hash") != self.hash:
             return None
         return doc["payload"]
 

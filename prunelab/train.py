@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import to_cpu
 from .data.augment import random_crop_flip
 from .data.dsa import CUTMIX_PROB, apply_cutmix, make_dsa_augment
 from .data.base import ImageData
@@ -259,17 +260,6 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, re
     loss.backward()
     opt.step()
     remask()
-
-
-def to_cpu(obj):
-    """`obj` (a state dict, nested) with every tensor copied to the CPU (for checkpoints)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu", order_seed: int = 0,

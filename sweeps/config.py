@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from prunelab.checkpoint import CHECKPOINT_EVERY_S
 from prunelab.cost import chain_cost
 from prunelab.errors import ConfigError
 from prunelab.evaluation import EvalHparams, result_key
@@ -65,7 +66,7 @@ class ResourcesHparams(Hparams):
     memory_fraction: Optional[float] = hp(None, "cap of GPU memory per chain (default: gpus_per_trial)")
     max_concurrent: int = hp(0, "most chains at once (0: as many as resources allow)")
     max_failures: int = hp(2, "retries of a failed chain, each from its last checkpoint")
-    checkpoint_minutes: float = hp(10.0, "store a round's training state part-way this often (0: every epoch), "
+    checkpoint_minutes: float = hp(CHECKPOINT_EVERY_S / 60, "store a round's training state part-way this often (0: every epoch), "
                                          "so a retried chain loses at most this much of a round",
                                    hashed_at_default=False)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from ..checkpoint import CHECKPOINT_EVERY_S
 from ..data import DataSplit, ImageData
 from ..errors import ConfigError
 from .distill import (CORESETS, DEFAULT_BUDGETS, DISTILLER_SETTINGS, DISTILLERS, check_ipc, distill_dm, distill_idc,
@@ -21,7 +22,6 @@ from .recipes import idc_net_steps, idc_settings
 from .store import CorruptSyntheticSetError, SyntheticStore, make_key
 
 METHODS = tuple(DISTILLERS)  # kind=distilled
-DISTILL_CHECKPOINT_S = 600.0  # how often a distillation stores its state part-way
 SOURCES = METHODS + tuple(CORESETS)
 
 
@@ -48,7 +48,7 @@ def build_synthetic(source: str, real: ImageData, *, ipc: int, seed: int = 0, bu
                     net_width: Optional[int] = None, inner_loop: Optional[int] = None,
                     batch_real: Optional[int] = None, lr_img: Optional[float] = None,
                     resume: Optional[dict] = None, checkpoint: Optional[Callable[[dict], None]] = None,
-                    checkpoint_every_s: float = DISTILL_CHECKPOINT_S) -> ImageData:
+                    checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> ImageData:
     """Build (not store) the set of `source` (idc, dm, random_subset, herding); IDC's stays encoded.
 
     net_width, inner_loop, batch_real, lr_img: the distiller's settings where not None (coresets
@@ -85,7 +85,7 @@ def get_synthetic(dataset_hp, real: ImageData, source: str, *, ipc: int, seed: i
                   store: Optional[str] = None, log: Optional[Callable[[str], None]] = None,
                   decoded: bool = True, net_width: Optional[int] = None, inner_loop: Optional[int] = None,
                   batch_real: Optional[int] = None, lr_img: Optional[float] = None,
-                  checkpoint_every_s: float = DISTILL_CHECKPOINT_S) -> ImageData:
+                  checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> ImageData:
     """The stored set for these inputs, built and stored first if absent (decoded unless told not).
     A distillation stores its state every `checkpoint_every_s` seconds; one killed part-way continues
     from there the next time the set is asked for."""

@@ -19,13 +19,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import to_cpu
 from ..data import ImageData
 from ..data.dsa import dsa, dsa_siamese
 from ..errors import ConfigError
 from ..models import default_convnet_depth
 from ..models.convnet import ConvNet
 from ..seeds import derive_seed
-from ..train import to_cpu
 from .idc import decode_zoom, formation_factor
 
 Log = Optional[Callable[[str], None]]

@@ -20,13 +20,10 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .. import catalog
+from .. import catalog, checkpoint
 from ..data import ImageData, cache_dir
 from ..errors import CorruptFileError
-from ..files import atomic_write, frame, unframe
-
-
-PARTIAL_MAGIC = b"PRUNELAB-DISTILL-PARTIAL-1\n"  # a distillation's state part-way (`save_partial`)
+from ..files import atomic_write
 
 
 class CorruptSyntheticSetError(CorruptFileError):
@@ -111,23 +108,12 @@ class SyntheticStore:
 
     def save_partial(self, key: str, payload: dict) -> None:
         """A distillation's state part-way (see `distill.Progress`), checksummed; replaced by the next."""
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        atomic_write(self._partial_path(key), frame(PARTIAL_MAGIC, buf.getvalue()))
+        checkpoint.save(self._partial_path(key), payload)
 
     def load_partial(self, key: str, log: Optional[Callable[[str], None]] = None) -> Optional[dict]:
         """The stored state part-way, or None (none, or a damaged one, reported through `log`: the
         distillation starts over)."""
-        path = self._partial_path(key)
-        if not path.exists():
-            return None
-        try:
-            return torch.load(io.BytesIO(unframe(PARTIAL_MAGIC, path.read_bytes(), str(path))), map_location="cpu",
-                              weights_only=True)
-        except CorruptFileError as e:
-            if log:
-                log(f"{e}; the distillation starts over")
-            return None
+        return checkpoint.load(self._partial_path(key), log, "the distillation starts over")
 
     def get_or_create(self, spec: dict, like: ImageData, make: Callable[..., ImageData],
                       log: Optional[Callable[[str], None]] = None, resumable: bool = False) -> ImageData:
