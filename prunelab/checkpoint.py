@@ -4,13 +4,13 @@ stored, and how it is written so that a damaged copy is never read as a good one
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from .blobs import Blobs
 from .errors import CorruptFileError
-from .files import atomic_write, frame, unframe
+from .files import frame, unframe
 
 # how often a round's training or a distillation stores its state part-way (what a kill can lose)
 CHECKPOINT_EVERY_S = 600.0
@@ -28,20 +28,22 @@ def to_cpu(obj):
     return obj
 
 
-def save(path: Path, payload: dict) -> None:
-    """Write `payload` (tensors and plain data) to `path` atomically, with a checksum."""
+def save(blobs: Blobs, key: str, payload: dict) -> None:
+    """Write `payload` (tensors and plain data) to `key` of `blobs` atomically, with a checksum."""
     buf = io.BytesIO()
     torch.save(payload, buf)
-    atomic_write(path, frame(MAGIC, buf.getvalue()))
+    blobs.write(key, frame(MAGIC, buf.getvalue()))
 
 
-def load(path: Path, on_corrupt: Optional[Callable[[str], None]] = None, what: str = "") -> Optional[dict]:
-    """The payload at `path`, or None: none there, or a damaged one, reported through
+def load(blobs: Blobs, key: str, on_corrupt: Optional[Callable[[str], None]] = None,
+         what: str = "") -> Optional[dict]:
+    """The payload at `key` of `blobs`, or None: none there, or a damaged one, reported through
     `on_corrupt(message)` (`what` says what happens instead)."""
-    if not path.exists():
+    data = blobs.read(key)
+    if data is None:
         return None
     try:
-        return torch.load(io.BytesIO(unframe(MAGIC, path.read_bytes(), str(path))), map_location="cpu",
+        return torch.load(io.BytesIO(unframe(MAGIC, data, blobs.describe(key))), map_location="cpu",
                           weights_only=True)
     except CorruptFileError as e:
         if on_corrupt is not None:

@@ -87,11 +87,11 @@ def cmd_run(args) -> int:
 
     with contextlib.ExitStack() as stack:
         # with --out the store lives there (a second run resumes it); else it is temporary
-        root = out / "store" if out else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        root = args.store or (out / "store" if out else Path(stack.enter_context(tempfile.TemporaryDirectory())))
         store = ChainStore(root, hp)
         chain = run_chain(hp, ev, eval_rounds, store, device=resolve_device(args.device),
                           on_open=opened, on_round=stepped, on_eval=evaluated,
-                          checkpoint_every_s=CHECKPOINT_EVERY_S if out else None)  # --out: resumable
+                          checkpoint_every_s=CHECKPOINT_EVERY_S if out or args.store else None)  # resumable
         # every evaluation, those reused from an earlier run with the same --out included
         rows = [{"round": r, "sparsity": m["eval_sparsity"], "test_accuracy": m["test_accuracy"],
                  "test_loss": m["test_loss"]}
@@ -103,7 +103,7 @@ def cmd_run(args) -> int:
             {"config": hp.to_dict(), "hash": hp.hash(), "evaluations": rows, "history": chain.state.history},
             indent=2))
         print(f"wrote {out / 'mask.pt'} (read it with prunelab.masks.Mask.load) and {out / 'results.json'}; "
-              f"the chain's store is {out / 'store'}")
+              f"the chain's store is {args.store or out / 'store'}")
     return 0
 
 
@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     r.add_argument("--out", help="directory for the final mask, results.json and the chain's store "
                    "(run again with the same --out to resume or reuse it)")
+    r.add_argument("--store", help="the result store instead of OUT/store: a folder or a bucket (s3://bucket/prefix, "
+                   "gs://...), shared with sweeps and other runs (a chain stored there is reused, one being "
+                   "computed elsewhere is waited for)")
     sub.add_parser("describe", help="list every chain hyperparameter with its default and help")
     args = p.parse_args(argv)
     try:

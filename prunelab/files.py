@@ -38,3 +38,8 @@ def unframe(magic: bytes, data: bytes, source: str) -> bytes:
     if hashlib.sha256(payload).hexdigest().encode() != digest:
         raise CorruptFileError(f"{source}: checksum mismatch (truncated or corrupted file)")
     return payload
+
+
+def cache_dir() -> Path:
+    """Where prunelab keeps derived files (decoded ImageNet-10, synthetic sets, data fingerprints)."""
+    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab")).expanduser()

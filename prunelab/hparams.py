@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from . import catalog
+from . import catalog, fingerprint
 from .errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -374,6 +374,34 @@ class PruningDataHparams(Hparams):
         require(self.lr_img is None or self.lr_img > 0, p + "lr_img", f"must be positive, got {self.lr_img}")
 
 
+def data_fingerprint(dataset: DatasetHparams) -> Optional[str]:
+    """What stands for `dataset.root` in identities: its files' fingerprint ("absent" when they are
+    not on this machine, e.g. a dry run away from the data), or None without a root."""
+    if dataset.root is None:
+        return None
+    return fingerprint.dataset_fingerprint(dataset.name, dataset.root) or "absent"
+
+
+def _without_paths(hp: "ChainHparams") -> tuple["ChainHparams", list[str]]:
+    """`hp` with its data root, IDC path and those of its start chain cleared, and the fingerprints
+    standing for them, in a fixed order (none at all for a chain without paths: its hash is unchanged)."""
+    marks = []
+    if hp.dataset.root is not None:
+        marks.append(f"root:{data_fingerprint(hp.dataset)}")
+        hp = hp.replace(dataset=hp.dataset.replace(root=None))
+    if hp.pruning_data.path is not None:
+        marks.append(f"idc:{fingerprint.file_fingerprint(hp.pruning_data.path) or 'absent'}")
+        hp = hp.replace(pruning_data=hp.pruning_data.replace(path=None))
+    if hp.start_from is not None:
+        start, start_marks = _without_paths(ChainHparams.from_dict(hp.start_from, "start_from"))
+        if start_marks:
+            hp = hp.replace(start_from={**hp.start_from,
+                                        "dataset": {**hp.start_from.get("dataset", {}), "root": None},
+                                        "pruning_data": {**hp.start_from.get("pruning_data", {}), "path": None}})
+            marks += [f"start-{m}" for m in start_marks]
+    return hp, marks
+
+
 @dataclass(frozen=True)
 class ChainHparams(Hparams):
     """Everything that determines one IMP chain (and so its content hash)."""
@@ -395,15 +423,28 @@ class ChainHparams(Hparams):
 
     def hash(self, length: int = 16) -> str:
         """Content hash without `pruning.rounds` (the mask of round r does not depend on how many
-        rounds follow, so chains of different lengths share results) and without where synthetic
-        sets are cached."""
+        rounds follow, so chains of different lengths share results), without where synthetic sets
+        are cached, and without machine paths: a data root or an IDC file enters by the fingerprint
+        of its content (`prunelab.fingerprint`), so one chain has one hash on every machine."""
         core = self.replace(pruning=self.pruning.replace(rounds=0),
                             pruning_data=self.pruning_data.replace(store=None))
+        core, data = _without_paths(core)
+        return self._digest(core, "".join(f"|data-{d}" for d in data), length)
+
+    def legacy_hash(self, length: int = 16) -> str:
+        """The hash this chain had while its identity held the data root and IDC path (stores
+        written then are found through it, see `ChainStore`); equal to `hash()` without paths."""
+        core = self.replace(pruning=self.pruning.replace(rounds=0),
+                            pruning_data=self.pruning_data.replace(store=None))
+        return self._digest(core, "", length)
+
+    def _digest(self, core: "ChainHparams", suffix: str, length: int) -> str:
         if self.pruning_data.kind in ("distilled",) + catalog.CORESETS:
             # a built-in synthetic set changes with its code version: so do the masks found on it
-            blob = core.canonical_json() + f"|synthetic-code-{catalog.SYNTHETIC_CODE_VERSION}"
-            return hashlib.sha256(blob.encode()).hexdigest()[:length]
-        return Hparams.hash(core, length)
+            suffix = f"|synthetic-code-{catalog.SYNTHETIC_CODE_VERSION}" + suffix
+        if not suffix:
+            return Hparams.hash(core, length)
+        return hashlib.sha256((core.canonical_json() + suffix).encode()).hexdigest()[:length]
 
     def hash_dict(self) -> dict:
         return _strip_chain(self.to_dict())

@@ -5,8 +5,8 @@ trainable share.
 when it has `start_from`, else dense), evaluates the pending rounds, then steps, saves and evaluates
 until the last round. The store is the source of truth: after every round the state is saved,
 evaluations already stored are not recomputed, and a chain another process is computing right now
-(its `computing` mark is fresh) is waited for rather than computed twice. Callers watch through
-callbacks (`on_open`, `on_round`, `on_eval`); nothing here knows about Ray or MLflow.
+(it holds the chain's lease, see `prunelab.lease`) is waited for rather than computed twice. Callers
+watch through callbacks (`on_open`, `on_round`, `on_eval`); nothing here knows about Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def start_mask(hp: ChainHparams, store_root: str, data: DataSplit, device) -> Ma
     """The mask a combined chain (`start_from`) starts from, computing its start chain (via the
     store) if needed.
 
-    When another process is computing that chain right now (its mark in the store is fresh), this
+    When another process is computing that chain right now (it holds the chain's lease), this
     waits for the mask instead of training the same chain a second time; if that process goes away
     first, this one continues the chain from the store."""
     start_hp = hp.start_chain()
@@ -48,15 +48,15 @@ def start_mask(hp: ChainHparams, store_root: str, data: DataSplit, device) -> Ma
         mask = _stored_mask(start_store, hp.start_round)
     if mask is not None:
         return mask
-    state = start_store.load_state(on_corrupt=print)
-    mask = start_store.mask_at(hp.start_round, fallback=state)  # a damaged mask is rewritten from the state
-    if mask is None:
-        with start_store.computing():
+    with start_store.computing(poll_s=WAIT_POLL_S):  # taken over from a process gone, or nobody's
+        state = start_store.load_state(on_corrupt=print)
+        mask = start_store.mask_at(hp.start_round, fallback=state)  # a damaged mask is rewritten from the state
+        if mask is None:
             chain = open_chain(start_hp, state, store_root, data, device)
             while chain.round < hp.start_round:
                 chain.step()
                 start_store.save_state(chain.state)
-        mask = start_store.mask_at(hp.start_round, fallback=chain.state)
+            mask = start_store.mask_at(hp.start_round, fallback=chain.state)
     return mask
 
 
@@ -90,12 +90,13 @@ def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: C
     """
     rkey = result_key(ev)
     rounds = sorted(rounds)
-    while store.computing_elsewhere():  # the same chain in another process (another sweep): wait, then reuse
-        time.sleep(WAIT_POLL_S)
-    with store.computing():  # chains that start from this one wait for its masks
+    # the same chain in another process (another sweep) is waited for, then reused from the store;
+    # chains that start from this one wait for its masks
+    with store.computing(poll_s=WAIT_POLL_S, on_wait=lambda: print(
+            f"prunelab: chain {store.hash} is being computed by another process; waiting for it")):
         data = data if data is not None else load_dataset(hp.dataset)
         state = store.load_state(on_corrupt=on_corrupt)
-        chain = open_chain(hp, state, str(store.root), data, device)
+        chain = open_chain(hp, state, store.root, data, device)
         if state is None:
             store.save_state(chain.state)  # round-0 (or start) mask, so evaluations can find it
         if on_open:

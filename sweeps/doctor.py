@@ -16,10 +16,12 @@ import importlib
 import os
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from prunelab.blobs import is_uri, open_root
 from prunelab.errors import ConfigError, first_line
 from prunelab.hparams import DatasetHparams
 
@@ -134,9 +136,28 @@ def check_tracking(uri: Optional[str]) -> Check:
                      "start the server (mlflow server --backend-store-uri sqlite:////abs/mlflow.db) or fix the URI")
 
 
-def check_writable(name: str, folder: Path) -> Check:
+def check_writable(name: str, folder: str) -> Check:
+    """A local folder, or a bucket: writable, and (for the result store's lease) refusing a second
+    conditional create of one name, which some S3-compatible stores do not implement."""
+    if is_uri(folder):
+        try:
+            store = open_root(folder)
+            probe = f".doctor/{uuid.uuid4().hex}"
+            first, second = store.create(probe, b"1"), store.create(probe, b"2")
+            store.delete(probe)
+        except ConfigError as e:
+            return Check(name, "fail", e.problem, e.fix)
+        except Exception as e:  # noqa: BLE001 - each SDK fails in its own way
+            return Check(name, "fail", f"{folder}: {first_line(e)}",
+                         "check the bucket's name, the credentials (AWS_* / GOOGLE_APPLICATION_CREDENTIALS) and "
+                         "AWS_ENDPOINT_URL for an S3-compatible store")
+        if not (first and not second):
+            return Check(name, "fail", f"{folder} does not honour conditional writes (If-None-Match)",
+                         "use a store that does (AWS S3, GCS, recent MinIO) or a shared file system with "
+                         "PRUNELAB_SHARED_STORAGE=1")
+        return Check(name, "ok", f"{folder} is writable and honours conditional writes")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder):
             pass
         return Check(name, "ok", f"{folder} is writable")
@@ -172,7 +193,7 @@ def run_checks(address: Optional[str] = None, tracking_uri: Optional[str] = None
     steps: list[Callable[[], Check]] = [check_cuda, check_digits,
                                         lambda: check_writable("cache directory", cache_dir())]
     if storage:
-        steps.append(lambda: check_writable("storage path", Path(storage)))
+        steps.append(lambda: check_writable("storage path", storage))
     steps += [lambda: check_ray(address), lambda: check_tracking(tracking_uri)]
     steps += [lambda s=s: check_data_root(s) for s in data_roots]
     for step in steps:
@@ -186,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--address", help="Ray cluster to check (e.g. auto)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
                    help="MLflow tracking URI to check (default: $MLFLOW_TRACKING_URI, as the sweeps use it)")
-    p.add_argument("--storage-path", help="local result directory to check for write access")
+    p.add_argument("--storage-path", help="result directory or bucket (s3://, gs://) to check for write access")
     p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH",
                    help="a data set root to check, e.g. cifar10=/data/cifar (repeatable)")
     args = p.parse_args(argv)

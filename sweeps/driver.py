@@ -121,12 +121,13 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     storage = preflight.storage_path(args.storage_path)
     preflight.check_storage(storage, args.address)
     local = preflight.local_storage(storage)
+    store = preflight.store_root(storage, local)
     fault = fault_spec(args)
     experiment = args.experiment or sweep.experiment or experiment_name(figure)
     tracking_uri = args.tracking_uri or default_tracking_uri(local)
     preflight.check_tracking_uri(tracking_uri)
     if args.dry_run:
-        plan.print_plan(trials, sweep.resources, problems, tracking_uri, experiment, local)
+        plan.print_plan(trials, sweep.resources, problems, tracking_uri, experiment, store)
         return 0
     from . import launch  # imports Ray Tune (~1.5 s): --dry-run and --help go without it
 
@@ -134,7 +135,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
 
     # 2. MLflow store, experiment and parent run, before any trial can race to create them
     exp_id, done_runs = _open_experiment(tracking_uri, experiment, local, figure_description(figure, args.config))
-    skipped, todo = plan.plan_run(trials, sweep.resources, done_runs, local)
+    skipped, todo = plan.plan_run(trials, sweep.resources, done_runs, store)
     if todo:  # the cluster can run these chains: checked before the sweep leaves any record
         launch.init_ray(args, started_ray if started_ray is not None else [])
         preflight.check_cluster_resources(todo, args.address, storage)

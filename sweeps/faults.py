@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 from typing import Optional
 
+from prunelab.blobs import open_root
 from prunelab.errors import ConfigError
 
 # The driver reads this variable and carries the fault in each trial's spec: environment variables
@@ -50,13 +50,13 @@ def fault_hook(spec: dict, round: int):
         return None
 
     def hit(epoch, metrics):
-        marks = Path(spec["store"]) / "faults" / spec["parent_run_id"] / spec["key"]
-        marks.mkdir(parents=True, exist_ok=True)
-        n = len(list(marks.iterdir()))
+        marks = f"faults/{spec['parent_run_id']}/{spec['key']}"
+        store = open_root(spec["store"])
+        n = len(store.list(marks))
         attempts = int(fault.get("attempts", 1))
         if attempts and n >= attempts:
             return
-        (marks / f"{n + 1}").touch()
+        store.write(f"{marks}/{n + 1}", b"")
         if fault.get("kind") == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"fault injected in round {round} (fault {n + 1} of {attempts or 'every attempt'})")

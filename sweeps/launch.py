@@ -12,13 +12,13 @@ from typing import Optional
 import ray
 from ray import tune
 
+from prunelab.blobs import is_uri
 from prunelab.errors import ConfigError
 from prunelab.schema import RUN_NAME_FORMAT
 
-from . import sync
+from . import preflight, sync
 from .autoscaler import auth_hint, enable_token_auth_if_available
 from .config import Trial
-from .preflight import is_uri
 from .tracking import git_commit, latest_trial_runs
 from .trainable import chain_trial
 
@@ -42,12 +42,14 @@ def init_ray(args, started: list) -> None:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
 
 
-def trial_spec(t: Trial, figure: str, local: Path, extra: dict) -> dict:
-    """One trial's config as the trainable reads it (`sweeps.trainable.chain_trial`)."""
+def trial_spec(t: Trial, figure: str, local: Path, extra: dict, store: Optional[str] = None,
+               synthetic: Optional[str] = None) -> dict:
+    """One trial's config as the trainable reads it (`sweeps.trainable.chain_trial`): the result
+    `store` (default: `<local>/store`), the synthetic-set store (default: the node's cache)."""
     res = t.resources
     return {"key": t.key, "variant": t.variant, "label": t.label(), "figure": figure, "chain": t.chain.to_dict(),
             "chain_hash": t.chain.hash(), "eval": t.evaluation.to_dict(), "rounds": t.rounds,
-            "store": str(local / "store"), "cache_dir": str(local / "cache"),
+            "store": store or str(local / "store"), "synthetic_store": synthetic, "cache_dir": str(local / "cache"),
             "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial, "checkpoint_minutes": res.checkpoint_minutes,
             "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None), **extra}
 
@@ -70,7 +72,9 @@ def run_trials(figure, args, todo, res, storage, local, tracking_uri, exp_id, pa
     extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
              "fault": fault}
     reopen = latest_trial_runs(tracking_uri, exp_id)
-    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}) for t in todo]  # longest first
+    store, synthetic = preflight.store_root(storage, local), preflight.synthetic_root(storage)
+    specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}, store, synthetic)
+             for t in todo]  # longest first
     ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
     results = _tuner(specs, ray_dir, RUN_NAME_FORMAT.format(figure=figure, preset=args.preset), res,
                      args.resume).fit()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from prunelab.blobs import open_root
 from prunelab.errors import first_line
 from prunelab.evaluation import result_key
 from prunelab.store import ChainStore
@@ -29,24 +30,24 @@ def data_problems(trials: list[Trial], keep_going: bool = False) -> dict[str, in
 
 # -- which trials are complete ----------------------------------------------------------------------
 
-def complete_trials(trials: list[Trial], done_runs: dict, local: Path) -> set:
+def complete_trials(trials: list[Trial], done_runs: dict, store: str) -> set:
     """Keys of the trials whose chain run finished in MLflow and whose results are all in the store."""
     return {t.key for t in trials if t.key in done_runs
-            and ChainStore(local / "store", t.chain).complete(result_key(t.evaluation), t.rounds)}
+            and ChainStore(store, t.chain).complete(result_key(t.evaluation), t.rounds)}
 
 
-def _complete_without_writing(trials: list[Trial], tracking_uri: str, experiment: str, local: Path) -> set:
+def _complete_without_writing(trials: list[Trial], tracking_uri: str, experiment: str, store: str) -> set:
     """For --dry-run: the complete trials, read from an existing local SQLite store only (creates nothing)."""
     db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
-    if not db or not Path(db).is_file() or not (local / "store").is_dir():
+    if not db or not Path(db).is_file() or not open_root(store).list("chains"):
         return set()
     exp = client(tracking_uri).get_experiment_by_name(experiment)
-    return complete_trials(trials, finished_trial_runs(tracking_uri, exp.experiment_id), local) if exp else set()
+    return complete_trials(trials, finished_trial_runs(tracking_uri, exp.experiment_id), store) if exp else set()
 
 
 # -- estimates and order ----------------------------------------------------------------------------
 
-def estimates(trials: list[Trial], store: Optional[Path] = None) -> dict[str, Optional[float]]:
+def estimates(trials: list[Trial], store: Optional[str] = None) -> dict[str, Optional[float]]:
     """Each trial's rough time (`Trial.estimated_s`; with the result `store`, the time left) by key;
     None where it cannot be estimated (an estimate orders the sweep, it never stops it)."""
     out: dict[str, Optional[float]] = {}
@@ -136,22 +137,22 @@ def plan_totals(trials: list[Trial], skipped: set, est: dict) -> str:
 
 
 def print_plan(trials: list[Trial], res, problems: dict[str, int], tracking_uri: str, experiment: str,
-               local: Path) -> None:
+               store: str) -> None:
     """--dry-run: each data problem (one warning line each), every trial with its estimate, the
     totals. Reads what the store and an existing SQLite tracking file hold; writes nothing."""
     for message, n in problems.items():
         print(f"warning: {message} [{n} trial{'s' if n != 1 else ''}]")
-    skipped = _complete_without_writing(trials, tracking_uri, experiment, local)
-    est = estimates([t for t in trials if t.key not in skipped], local / "store")
+    skipped = _complete_without_writing(trials, tracking_uri, experiment, store)
+    est = estimates([t for t in trials if t.key not in skipped], store)
     print_trials(trials, res, skipped, est)
     print(plan_totals(trials, skipped, est))
 
 
-def plan_run(trials: list[Trial], res, done_runs: dict, local: Path) -> tuple[set, list[Trial]]:
+def plan_run(trials: list[Trial], res, done_runs: dict, store: str) -> tuple[set, list[Trial]]:
     """Before a run: prints the plan; returns the keys of the complete trials and the other trials in
     the order they start."""
-    skipped = complete_trials(trials, done_runs, local)
+    skipped = complete_trials(trials, done_runs, store)
     todo = [t for t in trials if t.key not in skipped]
-    est = estimates(todo, local / "store")  # what is left of each chain: a resumed one counts less
+    est = estimates(todo, store)  # what is left of each chain: a resumed one counts less
     print_trials(trials, res, skipped, est)
     return skipped, longest_first(todo, est)

@@ -12,7 +12,9 @@ from typing import Callable, Optional
 
 import torch
 
+from prunelab.blobs import is_uri, join, open_root
 from prunelab.data import check_root
+from prunelab.files import cache_dir
 from prunelab.errors import ConfigError, DataNotFoundError, first_line
 from prunelab.hparams import ChainHparams
 from prunelab.synthetic.idc import check_idc_file
@@ -20,11 +22,8 @@ from prunelab.synthetic.idc import check_idc_file
 from . import autoscaler
 from .config import Trial, resource_kinds
 
-URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
-
-
-def is_uri(path: str) -> bool:
-    return path.startswith(URI_SCHEMES)
+STORE_ENV = "PRUNELAB_STORE"  # a shared file system for the result store instead of <storage>/store
+LOCAL_ENV = "PRUNELAB_LOCAL"  # the driver's own files when the storage path is a bucket
 
 
 # -- before Ray: config, data, storage, tracking store -----------------------------------------------
@@ -74,22 +73,36 @@ def storage_path(path: str) -> str:
 
 
 def check_storage(storage: str, address) -> None:
+    """The storage path is absolute, or a bucket URI whose result store prunelab can open (its fsspec
+    package installed); checked before anything runs."""
     if is_uri(storage):
+        open_root(store_root(storage, Path("/")))  # ConfigError naming the scheme or the package to install
         return
     if not Path(storage).is_absolute():
         raise ConfigError("--storage-path", f"{storage} is not absolute", "give an absolute path or an s3:// / gs:// URI")
 
 
 def local_storage(storage: str) -> Path:
-    """Where the result store, the MLflow SQLite file and the synthetic-set cache live. For a URI
-    storage path, Ray's bookkeeping goes to the URI and the store to PRUNELAB_STORE (shared FS)."""
+    """The driver's own files (the default SQLite tracking store, figures, the per-node cache): the
+    storage path itself, or for a bucket URI $PRUNELAB_LOCAL, else `<cache>/runs`."""
     if not is_uri(storage):
         return Path(storage)
-    shared = os.environ.get("PRUNELAB_STORE")
-    if not shared:
-        raise ConfigError("--storage-path", f"{storage} is a URI; the chain store needs a shared file system",
-                          "also set PRUNELAB_STORE to a directory every node mounts (e.g. NFS)")
-    return Path(shared).resolve()
+    return Path(os.environ.get(LOCAL_ENV) or cache_dir() / "runs").expanduser().resolve()
+
+
+def store_root(storage: str, local: Path) -> str:
+    """The result store every trial reads and writes: `<storage>/store` (in the bucket for a URI, so
+    a bucket alone runs a multi-node sweep), or $PRUNELAB_STORE where set."""
+    shared = os.environ.get(STORE_ENV)
+    if shared:
+        return shared if is_uri(shared) else str(Path(shared).expanduser().resolve())
+    return join(storage, "store") if is_uri(storage) else str(local / "store")
+
+
+def synthetic_root(storage: str) -> Optional[str]:
+    """Where the trials keep synthetic sets: beside the store in a bucket; None for a local storage
+    path (each machine's cache, as for a chain run outside a sweep)."""
+    return join(storage, "synthetic") if is_uri(storage) else None
 
 
 def check_tracking_uri(uri: str) -> None:

@@ -21,7 +21,6 @@ import numpy as np
 
 from prunelab.evaluation import EvalHparams, result_key
 from prunelab.hparams import ChainHparams
-from prunelab.files import atomic_write
 from prunelab import schema
 from prunelab.schema import round_metrics  # also this module's: `from sweeps.sync import round_metrics`
 from prunelab.store import ChainStore
@@ -66,10 +65,10 @@ def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> N
             p = Path(d) / schema.round_file(r, "npz")
             p.write_bytes(buf.getvalue())
             run.log_file(str(p), schema.LANDSCAPE_DIR)
-        mask_file = store.mask_path(r)
-        if mask_file.exists():  # logged as schema.mask_artifact(r)
+        mask = store.mask_bytes(r)
+        if mask is not None:  # logged as schema.mask_artifact(r)
             p = Path(d) / schema.round_file(r, "pt")
-            p.write_bytes(mask_file.read_bytes())
+            p.write_bytes(mask)
             run.log_file(str(p), schema.MASKS_DIR)
 
 
@@ -92,7 +91,7 @@ class TrialLog:
         self.store = ChainStore(spec["store"], ChainHparams.from_dict(spec["chain"]))
         self.rkey = result_key(EvalHparams.from_dict(spec["eval"]))
         self.rounds = list(spec["rounds"])
-        self.notes_dir = self.store.dir / "notes" / spec["key"]
+        self.notes_folder = spec["key"]  # notes/<trial key>/ in the chain's store folder
         self.logged_evals: set = set()
         self.pending_tags: dict[str, str] = {}
         self.behind = False
@@ -136,9 +135,9 @@ class TrialLog:
         for key, value in list(self.pending_tags.items()):
             self.run.set_tag(key, value)
             del self.pending_tags[key]
-        for f in sorted(self.notes_dir.glob("*")) if self.notes_dir.is_dir() else []:
-            self.run.log_text(f.read_text(), f.name.replace("__", "/"))
-            f.unlink()
+        for name, text in self.store.notes(self.notes_folder):
+            self.run.log_text(text, name.replace("__", "/"))
+            self.store.drop_note(self.notes_folder, name)
 
     def _sync(self, history: list[dict]) -> None:
         self._open()
@@ -156,7 +155,7 @@ class TrialLog:
 
     def note(self, text: str, artifact: str) -> None:
         """A text artifact (e.g. `schema.LAST_ERROR_NOTE`), logged with the next successful sync."""
-        atomic_write(self.notes_dir / artifact.replace("/", "__"), text.encode())
+        self.store.add_note(self.notes_folder, artifact.replace("/", "__"), text)
         self.behind = True
 
     def tag(self, key: str, value: str) -> None:

@@ -26,6 +26,7 @@ from prunelab.evaluation import EvalHparams
 from prunelab.hparams import ChainHparams
 from prunelab.runner import run_chain
 from prunelab.store import ChainStore
+from prunelab.synthetic.store import ENV as SYNTHETIC_ENV
 
 from .faults import fault_hook
 from .sync import TrialLog
@@ -53,6 +54,8 @@ def chain_trial(config: dict) -> None:
     """Tune entry point. `config["spec"]` is one trial as made by sweeps.launch.trial_spec."""
     spec = config["spec"]
     os.environ["PRUNELAB_CACHE"] = spec["cache_dir"]
+    if spec.get("synthetic_store"):  # in the sweep's bucket, shared by every node
+        os.environ[SYNTHETIC_ENV] = spec["synthetic_store"]
     hp = ChainHparams.from_dict(spec["chain"])
     ev = EvalHparams.from_dict(spec["eval"])
     device = trial_device(spec)

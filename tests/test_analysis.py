@@ -123,8 +123,9 @@ class FakeStore:
     def load_eval(self, rkey, r):
         return self.evals.get(r)
 
-    def mask_path(self, r):
-        return self.dir / "rounds" / f"round_{r:02d}.mask.pt"
+    def mask_bytes(self, r):
+        p = self.dir / "rounds" / f"round_{r:02d}.mask.pt"
+        return p.read_bytes() if p.exists() else None
 
 
 def kind_of(t) -> str:

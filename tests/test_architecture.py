@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # the leaves of prunelab: they import no other prunelab module but each other
 LEAVES = {"prunelab.errors", "prunelab.files", "prunelab.seeds", "prunelab.catalog", "prunelab.metrics",
+          "prunelab.fingerprint", "prunelab.blobs", "prunelab.lease",
           "prunelab.schema"}
 
 

@@ -85,9 +85,10 @@ def test_launcher_yaml_has_gpu_autoscaling_mlflow_and_pinned_install(name):
     setup = " ".join(cfg["setup_commands"])
     assert "__PRUNELAB_COMMIT__" in setup and 'git checkout --quiet --detach "$PRUNELAB_COMMIT"' in setup
     assert "exit 1" in setup  # an unset placeholder stops `ray up` with a message
-    assert "pip install" in setup and "-e ." in setup
-    head_cmds = " ".join(cfg["head_start_ray_commands"] + cfg["head_setup_commands"])
     scheme = {"aws.yaml": "s3://", "gcp.yaml": "gs://"}[name]
+    extra = {"aws.yaml": "s3", "gcp.yaml": "gcs"}[name]  # the result store lives in the bucket: its fsspec backend
+    assert "pip install" in setup and f"-e '.[{extra}]'" in setup
+    head_cmds = " ".join(cfg["head_start_ray_commands"] + cfg["head_setup_commands"])
     assert "mlflow server --backend-store-uri sqlite:////home/ray/mlflow/mlflow.db" in head_cmds
     assert f"--artifacts-destination {scheme}" in head_cmds and "--host 0.0.0.0 --port 5000" in head_cmds
     # token authentication: the same token on every node, token mode for every `ray start`

@@ -9,22 +9,17 @@ own cluster with `ray start` in subprocesses and runs the driver in a subprocess
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from sweeptools import (BASE, DISTILLED, FIGURE, ROOT, VENV_BIN, artifact_paths, cache_dir, check_metric_steps, drive,  # noqa: F401
-                        figure_paths, free_port, masks, mlflow_client, mlflow_server, no_ray, ray_session,
-                        reference_sweep, rest, runs, sweep_doc, write_config)
+from sweeptools import (BASE, DISTILLED, FIGURE, ROOT, artifact_paths, cache_dir, check_metric_steps, drive,  # noqa: F401
+                        figure_paths, masks, mlflow_client, mlflow_server, no_ray, ray_session,
+                        reference_sweep, rest, runs, sweep_doc, two_nodes, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -151,9 +146,8 @@ def test_rerun_computes_nothing(reference_sweep, capsys, no_ray):
 
 
 def test_a_chain_being_computed_elsewhere_is_waited_for(tmp_path, capsys, ray_session):
-    """A trial whose chain another process is computing (a fresh mark in the store, as a trial of
+    """A trial whose chain another process is computing (it holds the chain's lease, as a trial of
     another sweep leaves) waits, then continues from that state instead of training it again."""
-    import socket
     import threading
 
     from prunelab.chain import Chain
@@ -165,9 +159,8 @@ def test_a_chain_being_computed_elsewhere_is_waited_for(tmp_path, capsys, ray_se
     storage = tmp_path / "storage"
     (trial,) = expand(load_sweep(FIGURE, "demo", (), config)[0], FIGURE)
     store = ChainStore(storage / "store", trial.chain)
-    store.dir.mkdir(parents=True)
-    mark = store.dir / "computing"
-    mark.write_text(f"{socket.gethostname()} {os.getppid()} {time.time()!r}")  # a live process, not this one
+    lease = store.lease()
+    assert lease.try_acquire()  # this process computes the chain; the trial runs in another
     written, t0 = {}, time.time()
 
     def compute_elsewhere():
@@ -178,7 +171,7 @@ def test_a_chain_being_computed_elsewhere_is_waited_for(tmp_path, capsys, ray_se
         written["mtime"] = (store.dir / "state.pt").stat().st_mtime_ns
         time.sleep(max(0.0, t0 + 12 - time.time()))  # still "computing" well after the trial has started
         written["released"] = time.time()
-        mark.unlink()
+        lease.release()
 
     other = threading.Thread(target=compute_elsewhere)
     other.start()
@@ -198,93 +191,6 @@ def test_a_chain_being_computed_elsewhere_is_waited_for(tmp_path, capsys, ray_se
 
 # ---------------------------------------------------------------------------------------------
 # two Ray nodes on this machine
-
-
-class LocalCluster:
-    """A head and a worker node started with `ray start --block` in their own process groups; token
-    authentication (on by default since Ray 2.59) with one token given to every process."""
-
-    def __init__(self, tmp: Path):
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Unix socket paths are limited
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-                        RAY_USAGE_STATS_ENABLED="0")
-        self.env.pop("RAY_ADDRESS", None)
-        self.tmp = tmp
-        self.procs: list[subprocess.Popen] = []
-
-    def start_node(self, *args: str) -> None:
-        log = open(self.tmp / f"node{len(self.procs)}.log", "w")
-        self.procs.append(subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", "--num-cpus=1", *args],
-                                           env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
-
-    def python(self, code: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", code], env=env or self.env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def node_ids(self) -> list[str]:
-        r = self.python("import json, ray; ray.init(address=%r, log_to_driver=False); "
-                        "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))" % self.address,
-                        timeout=60)
-        lines = r.stdout.strip().splitlines()
-        return json.loads(lines[-1]) if r.returncode == 0 and lines else []
-
-    def start(self, nodes: int = 2, timeout: float = 90) -> list[str]:
-        self.start_node("--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-                        "--include-dashboard=false", f"--temp-dir={self.temp_dir}")
-        for _ in range(nodes - 1):
-            self.start_node(f"--address={self.address}", "--node-ip-address=127.0.0.1")
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            dead = [p for p in self.procs if p.poll() is not None]
-            assert not dead, "a `ray start` exited: " + (self.tmp / "node0.log").read_text()[-3000:]
-            ids = self.node_ids()
-            if len(ids) == nodes:
-                return ids
-            time.sleep(1)
-        raise AssertionError(f"the cluster did not reach {nodes} nodes in {timeout} s")
-
-    def stop(self) -> None:
-        """End exactly the processes these `ray start` calls made (their process groups)."""
-        for p in reversed(self.procs):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 3  # a SIGTERM'd node drains for up to 30 s: not worth waiting for
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-        # raylet workers run in process groups of their own and exit once their raylet is gone
-        deadline = time.time() + 20
-        while time.time() < deadline and self.leftovers():
-            time.sleep(0.5)
-
-    def leftovers(self) -> list[str]:
-        r = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True)
-        return [ln for ln in r.stdout.splitlines() if self.temp_dir in ln and " Z" not in ln]
-
-
-@pytest.fixture
-def two_nodes(tmp_path, no_ray):
-    cluster = LocalCluster(tmp_path)
-    try:
-        cluster.ids = cluster.start(2)
-        yield cluster
-    finally:
-        cluster.stop()
-        left = cluster.leftovers()
-        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
-        assert not left, f"Ray processes survived the teardown: {left}"
 
 
 @pytest.mark.slow

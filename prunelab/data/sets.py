@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..catalog import DATASETS as FACTS
 from ..catalog import IMAGENET10_WNIDS
 from ..errors import ConfigError, DataNotFoundError
+from ..files import cache_dir
 from .base import DataSplit, ImageData
 
 # IDC's normalization constants (distilled IDC images are normalized with the same ones)
@@ -134,11 +135,6 @@ def load_cifar10(hp) -> DataSplit:
 
 def load_cifar100(hp) -> DataSplit:
     return _load_cifar(hp, "CIFAR100", "cifar-100-python", 100, CIFAR100_MEAN, CIFAR100_STD)
-
-
-def cache_dir() -> Path:
-    """Where prunelab keeps derived files (decoded ImageNet-10, synthetic sets)."""
-    return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab")).expanduser()
 
 
 def _decode_folder(folder: Path, size: int) -> torch.Tensor:

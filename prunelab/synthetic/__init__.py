@@ -15,6 +15,7 @@ from typing import Callable, Optional
 from ..checkpoint import CHECKPOINT_EVERY_S
 from ..data import DataSplit, ImageData
 from ..errors import ConfigError
+from ..hparams import data_fingerprint
 from .distill import (CORESETS, DEFAULT_BUDGETS, DISTILLER_SETTINGS, DISTILLERS, check_ipc, distill_dm, distill_idc,
                       distiller_kwargs, effective_settings, herding, random_subset)
 from .idc import decode, decode_set, decode_zoom, default_factor, formation_factor, load_idc_file
@@ -69,15 +70,21 @@ def build_synthetic(source: str, real: ImageData, *, ipc: int, seed: int = 0, bu
 def synthetic_spec(dataset_hp, source: str, real: ImageData, *, ipc: int, seed: int = 0,
                    budget: Optional[int] = None, factor: Optional[int] = None, net_width: Optional[int] = None,
                    inner_loop: Optional[int] = None, batch_real: Optional[int] = None,
-                   lr_img: Optional[float] = None) -> dict:
+                   lr_img: Optional[float] = None, legacy: bool = False) -> dict:
     """The inputs that define a synthetic set (its store key is their hash).
 
-    Distiller settings enter only where set, so the keys of sets built at the defaults stay as they were."""
+    Distiller settings enter only where set, so the keys of sets built at the defaults stay as they were.
+    A data root enters by its files' fingerprint; `legacy` gives the spec as it was when it held the
+    root's path (such stored sets are adopted under the new key)."""
     learned = source in DISTILLERS
     settings = _settings(source, dict(net_width=net_width, inner_loop=inner_loop, batch_real=batch_real, lr_img=lr_img))
-    return {"dataset": dataset_hp.to_dict(), "method": source, "ipc": int(ipc),
+    dataset, where = dataset_hp.to_dict(), {}
+    if dataset_hp.root is not None and not legacy:  # the data's content, not where it lies
+        dataset["root"] = None
+        where = {"data_fingerprint": data_fingerprint(dataset_hp)}
+    return {"dataset": dataset, "method": source, "ipc": int(ipc),
             "factor": _factor(source, real, factor), "seed": int(seed),
-            "budget": (budget or DEFAULT_BUDGETS[source]) if learned else None, **settings}
+            "budget": (budget or DEFAULT_BUDGETS[source]) if learned else None, **settings, **where}
 
 
 def get_synthetic(dataset_hp, real: ImageData, source: str, *, ipc: int, seed: int = 0,
@@ -96,10 +103,13 @@ def get_synthetic(dataset_hp, real: ImageData, source: str, *, ipc: int, seed: i
     f = _factor(source, real, factor)
     check_ipc(real, ipc, f)
     spec = synthetic_spec(dataset_hp, source, real, ipc=ipc, seed=seed, budget=budget, factor=factor, **settings)
+    aliases = [synthetic_spec(dataset_hp, source, real, ipc=ipc, seed=seed, budget=budget, factor=factor,
+                              legacy=True, **settings)] if dataset_hp.root is not None else []
     data = SyntheticStore(store).get_or_create(
         spec, real, lambda **run: build_synthetic(source, real, ipc=ipc, seed=seed, budget=budget, factor=f,
                                                   device=device, log=log, checkpoint_every_s=checkpoint_every_s,
-                                                  **settings, **run), log=log, resumable=True)
+                                                  **settings, **run), log=log, resumable=True,
+        aliases=aliases)
     return decode_set(data) if decoded else data
 
 

@@ -40,7 +40,7 @@ def cmd_make(a) -> int:
         _log(f"building {a.method} ipc {a.ipc} on {a.dataset} (seed {a.seed}) on {a.device}")
     data = get_synthetic(ds, real, a.method, ipc=a.ipc, seed=a.seed, budget=a.budget, factor=a.factor,
                          device=a.device, store=a.store, log=_log, decoded=False, **settings)
-    print(f"key: {key}\npath: {store.dir(key) / 'data.pt'}\nimages: {tuple(data.x.shape)} "
+    print(f"key: {key}\npath: {store.dir(key)}/data.pt\nimages: {tuple(data.x.shape)} "
           f"(factor {data.meta.get('factor', 1)})")
     return 0
 

@@ -55,7 +55,7 @@ CONFIG_ERRORS = {
                                                   [], "variants.imp.resources.gpus_per_trial"),
     "malformed YAML": ("malformed", [], "{tmp}/sweep.yaml: malformed YAML"),
     "unknown top-level YAML key": ("unknown top", [], "sweep.yaml: figures"),
-    "storage URI without a shared store": ({}, ["--storage-path", "s3://bucket/prunelab"], "--storage-path"),
+    "storage URI the result store cannot open": ({}, ["--storage-path", "hdfs://namenode/prunelab"], "--storage-path"),
     "--address auto with no cluster": ({}, ["--address", "auto"], "--address"),
     "tracking server that does not answer": ({}, ["--tracking-uri", "http://127.0.0.1:{port}"], "--tracking-uri"),
 }
