@@ -36,6 +36,12 @@ ROLE_SWEEP, ROLE_CHAIN = "sweep", "chain"
 FIGURE_TAG = "prunelab.figure"
 PRESET_TAG = "prunelab.preset"
 GIT_COMMIT_TAG = "prunelab.git_commit"
+# MLflow's own source tags (the UI shows them as the run's source and commit), and whether the
+# checkout had uncommitted changes to tracked files
+SOURCE_COMMIT_TAG = "mlflow.source.git.commit"
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
+GIT_DIRTY_TAG = "prunelab.git_dirty"
 CHAIN_HASH_TAG = "prunelab.chain_hash"
 TRIAL_KEY_TAG = "prunelab.trial_key"
 VARIANT_TAG = "prunelab.variant"
@@ -45,6 +51,7 @@ STATUS_RUNNING, STATUS_FINISHED, STATUS_FAILED, STATUS_KILLED = "running", "fini
 RUN_STATUS = {"FINISHED": STATUS_FINISHED, "FAILED": STATUS_FAILED, "KILLED": STATUS_KILLED}
 FAILURE_TAG = "prunelab.failure"  # the reason a chain failed
 FAILURE_MAX_CHARS = 5000
+REUSED_BY_TAG = "prunelab.reused_by"  # on a chain run: the latest sweep run that reused it without computing
 NODE_ID_TAG = "prunelab.node_id"  # the Ray node of the latest attempt
 RESOURCES_TAG = "prunelab.resources"  # JSON: the Ray resources it was given
 UNKNOWN_COMMIT = "unknown"
@@ -101,6 +108,27 @@ def hessian_metric(stat: str) -> str:
     return f"hessian_{stat}"
 
 
+LMC_CURVE_PREFIX = "lmc_curve"
+
+
+def lmc_curve_metric(r: int, bn_mode: str, curve: str) -> str:
+    """One LMC curve of round r as a metric series, one step per α (step i = the i-th α of the
+    curve's `alphas`), so the UI overlays it across chains: `lmc_curve/r04/interpolate/train_loss`."""
+    return f"{LMC_CURVE_PREFIX}/r{r:02d}/{bn_mode}/{curve}"
+
+
+def lmc_curve_records(lmc: dict, r: int, primary_mode: str = "interpolate") -> tuple[list[tuple[int, dict]], str]:
+    """The (step, metrics) records of round r's LMC curves (every BN mode stored, else the primary
+    curve as `primary_mode`) and the sentinel metric that marks a step logged."""
+    n = len(lmc.get("alphas") or [])
+    modes = lmc.get("by_bn_mode") or {primary_mode: lmc}
+    series = {lmc_curve_metric(r, mode, k): v for mode, curves in modes.items() for k, v in curves.items()
+              if k.endswith(("_loss", "_accuracy")) and isinstance(v, list) and len(v) == n}
+    records = [(i, {name: float(v[i]) for name, v in series.items()}) for i in range(n)]
+    sentinel = min(series) if series else lmc_curve_metric(r, primary_mode, "none")
+    return records, sentinel
+
+
 def round_metrics(rec: dict) -> dict:
     """The history record of a round in the names of docs/results.md."""
     return {SPARSITY: rec["trained_sparsity"], PRUNED_SPARSITY: rec["sparsity"],
@@ -136,5 +164,11 @@ def landscape_artifact(r: int) -> str:
 
 
 def mask_artifact(r: int) -> str:
+    """A round's mask as a plain PyTorch file (`torch.load` gives name -> bool tensor); its sha256
+    beside it in `mask_checksum_artifact(r)`."""
     return f"{MASKS_DIR}/{round_file(r, 'pt')}"
+
+
+def mask_checksum_artifact(r: int) -> str:
+    return f"{MASKS_DIR}/{round_file(r, 'pt')}.sha256"
 

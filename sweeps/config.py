@@ -159,6 +159,22 @@ class Trial:
         parts = [self.variant] + [f"{name(k)}={_no_path(v)}" for k, v in self.axes.items()]
         return ",".join(parts)
 
+    def run_name(self) -> str:
+        """The chain's name in MLflow and Tune: short, distinct within a sweep, without paths:
+        variant, model, data set, ipc (and the start chain's), seed, then any other axis of the grid."""
+        c, start = self.chain, self.chain.start_chain()
+        parts = [self.variant, c.model.name.removesuffix("_bn")]
+        if c.dataset.name not in self.variant:  # distilled_imagenet10 says it already
+            parts.append(c.dataset.name)
+        if c.pruning_data.ipc is not None:
+            parts.append(f"ipc{c.pruning_data.ipc}")
+        if start is not None:
+            parts.append(f"from-ipc{start.pruning_data.ipc}" if start.pruning_data.ipc is not None else "from-real")
+        parts.append(f"s{c.seed}")
+        shown = {"model.name", "dataset.name", "pruning_data.ipc", "seed", "dataset.root", "start.pruning_data.ipc"}
+        parts += [f"{k.rsplit('.', 1)[-1]}={_no_path(v)}" for k, v in self.axes.items() if k not in shown]
+        return " ".join(str(p) for p in parts)
+
 
 def _no_path(value):
     """A label's value without the machine's folders: a path (a data root, a file) by its last name."""
@@ -188,6 +204,14 @@ def load_sweep_yaml(figure: str, preset: str, path: Optional[str] = None) -> dic
     file, doc = _read_config(figure, path)
     presets = doc["presets"] or {}
     return _resolve_preset(presets, preset, figure, [])
+
+
+def preset_names(figure: str) -> list[str]:
+    """The presets of a figure's shipped YAML (empty if it cannot be read: --help still works)."""
+    try:
+        return list(_read_config(figure, None)[1].get("presets") or {})
+    except ConfigError:
+        return []
 
 
 def figure_description(figure: str, path: Optional[str] = None) -> str:
@@ -249,10 +273,14 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
                 if not isinstance(variant.get(field), dict):
                     variant[field] = {}
             if parts[2] == "grid":  # variants.distilled.grid.pruning_data.ipc=[1,5]
-                variant["grid"][AXIS_ALIASES.get(rest, rest)] = _values(value)
+                axis = AXIS_ALIASES.get(rest, rest)
+                if not _narrow_zip(parts[1], variant, axis, _values(value), key):
+                    variant["grid"][axis] = _values(value)
             else:  # variants.distilled.set.pruning_data.ipc=5: this value, not the variant's axis of that key
                 set_path(variant["set"], rest, value)
                 variant["grid"].pop(rest, None)
+                if isinstance(variant.get("zip"), dict):
+                    variant["zip"].pop(rest, None)  # its partners keep varying
             continue
         if head in SWEEP_KEYS:
             set_path(raw, key, value)
@@ -263,9 +291,71 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
                     if isinstance(v, dict) and isinstance(v.get("resources"), dict):
                         v["resources"].pop(leaf, None)
             continue
-        axis = AXIS_ALIASES.get(key, key)
-        raw.setdefault("grid", {})[axis] = _values(value)
+        _chain_axis(raw, key, AXIS_ALIASES.get(key, key), _values(value))
     return raw
+
+
+def _kind(raw: dict, spec: dict) -> str:
+    """The kind of pruning data of a variant (`spec`) of the preset `raw`."""
+    def kind(d) -> Optional[str]:
+        pd = (d or {}).get("pruning_data") if isinstance(d, dict) else None
+        return pd.get("kind") if isinstance(pd, dict) else None
+
+    return kind(spec.get("set")) or kind(raw.get("base")) or "real"
+
+
+def _uses(raw: dict, spec: dict, axis: str) -> bool:
+    """Whether a variant's chains read `axis`: a pruning-data setting (ipc, method, budget, ...) only
+    where they prune on something other than the real data; every other key everywhere."""
+    if axis.startswith("pruning_data.") and axis != "pruning_data.kind":
+        return _kind(raw, spec) != "real"
+    return True
+
+
+def _chain_axis(raw: dict, key: str, axis: str, values: list) -> None:
+    """A chain key from the command line, made an axis of the variants that use it (all of them: the
+    shared grid), replacing their own axis or narrowing their zipped axes to it; a key no variant uses
+    is an error naming the variants."""
+    variants = {n: v for n, v in (raw.get("variants") or {}).items()} if isinstance(raw.get("variants"), dict) else {}
+    users = [n for n, v in variants.items() if _uses(raw, v if isinstance(v, dict) else {}, axis)]
+    if variants and not users:
+        kinds = ", ".join(f"{n} ({_kind(raw, v if isinstance(v, dict) else {})})" for n, v in variants.items())
+        raise ConfigError(key, f"no variant of this preset uses it: its variants prune on {kinds}",
+                          "drop it, or give a variant that prunes on synthetic data "
+                          "(variants.<name>.set.pruning_data.kind)")
+    shared = not variants or len(users) == len(variants)
+    if shared:
+        raw.setdefault("grid", {})[axis] = values
+    elif isinstance(raw.get("grid"), dict):
+        raw["grid"].pop(axis, None)
+    for name in users:
+        variant = _variant(raw, name)
+        if not isinstance(variant.get("grid"), dict):
+            variant["grid"] = {}
+        zipped = _narrow_zip(name, variant, axis, values, key)
+        if shared or zipped:
+            variant["grid"].pop(axis, None)
+        else:
+            variant["grid"][axis] = values
+
+
+def _narrow_zip(name: str, variant: dict, axis: str, values: list, key: str) -> bool:
+    """When `variant` zips `axis` with other axes, keep the rows whose `axis` value is in `values` (its
+    partners follow); True if it did. A value not among the zipped ones is an error naming the partners."""
+    zipped = variant.get("zip")
+    if not isinstance(zipped, dict) or axis not in zipped:
+        return False
+    have = list(zipped[axis])
+    missing = [v for v in values if v not in have]
+    if missing:
+        partners = [k for k in zipped if k != axis]
+        raise ConfigError(key, f"variant {name} varies {axis} together with {', '.join(partners)} "
+                               f"(zip: {have}); {missing} is not among them",
+                          f"choose among {have}, or give each value: --set variants.{name}.set.{axis}=V "
+                          + " ".join(f"variants.{name}.set.{p}=..." for p in partners))
+    rows = [row for row in zip(*zipped.values()) if row[list(zipped).index(axis)] in values]
+    variant["zip"] = {k: [row[i] for row in rows] for i, k in enumerate(zipped)}
+    return True
 
 
 def _values(value) -> list:

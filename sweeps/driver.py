@@ -20,19 +20,48 @@ from typing import Optional
 
 from prunelab.cli import parse_overrides
 from prunelab.errors import ConfigError, first_line
-from prunelab.schema import SWEEP_TRIALS, experiment_name
+from prunelab.schema import REUSED_BY_TAG, SWEEP_TRIALS, experiment_name
 
 from . import plan, preflight
-from .config import expand, figure_description, load_sweep
+from .config import expand, figure_description, load_sweep, preset_names
 from .faults import fault_spec
 from .tracking import (client, default_tracking_uri, describe, ensure_experiment, find_trial_run,
                        finished_trial_runs, retry, start_parent_run)
 
 
+EPILOG = """examples:
+  python sweeps/{figure}.py                       demo preset: digits, CPU, minutes
+  python sweeps/{figure}.py --preset paper --dry-run
+                                                 the paper's trials and GPU-hours, nothing run
+  python sweeps/{figure}.py --set seeds=[0,1,2] ipc=[1,10]
+                                                 chain keys become grid axes (ipc only where a variant uses it)
+  python sweeps/{figure}.py --set variants.distilled.grid.pruning_data.ipc=[1,5]
+                                                 one variant's own axis
+  python sweeps/{figure}.py --address auto --preset paper --set root=/data/cifar
+      --storage-path s3://bucket/prunelab --tracking-uri http://head:5000
+                                                 on a cluster: results in a bucket, MLflow on the head
+
+environment:
+  RAY_ADDRESS              the Ray cluster --address defaults to
+  MLFLOW_TRACKING_URI      the tracking store --tracking-uri defaults to
+  PRUNELAB_CACHE           the machine's cache (synthetic sets, decoded data, fingerprints; ~/.cache/prunelab)
+  PRUNELAB_STORE           the chain store somewhere other than <storage-path>/store
+  PRUNELAB_SHARED_STORAGE  1: a local --storage-path is on a file system every node mounts
+  PRUNELAB_LOCAL           the driver's files (figures, SQLite) when --storage-path is a bucket
+  AWS_ENDPOINT_URL, AWS_*, GOOGLE_APPLICATION_CREDENTIALS
+                           a bucket's endpoint and credentials, as the SDKs read them
+"""
+
+
 def parse_args(figure: str, argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python sweeps/{figure}.py",
-                                description=f"Run the {figure} sweep: one Ray Tune trial per IMP chain, logged to MLflow.")
-    p.add_argument("--preset", default="demo", help="config preset: demo (digits, CPU, minutes) or paper")
+                                description=f"Run the {figure} sweep: one Ray Tune trial per IMP chain, logged to MLflow.",
+                                epilog=EPILOG.format(figure=figure), formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets = preset_names(figure)
+    p.add_argument("--preset", default="demo", metavar="{" + ",".join(presets) + "}" if presets else None,
+                   help=f"config preset of sweeps/configs/{figure}.yaml (default demo: digits, CPU, minutes; "
+                        "paper: the paper's settings, given its data roots; paper-builtin: paper with every "
+                        "synthetic set distilled by prunelab)")
     p.add_argument("--config", help="sweep YAML (default: sweeps/configs/%s.yaml)" % figure)
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides: chain keys become grid axes (model=resnet18_bn seeds=[0,1] training.epochs=5); "
@@ -140,11 +169,17 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
         launch.init_ray(args, started_ray if started_ray is not None else [])
         preflight.check_cluster_resources(todo, args.address, storage)
         preflight.check_tracking_reach(tracking_uri, args.address)
+    if not todo and args.no_analysis:  # nothing to compute or draw: no sweep run to leave behind
+        print("every trial is already complete: nothing to compute, and --no-analysis: nothing to draw")
+        print(f"browse: {browse_hint(tracking_uri)}")
+        return 0
     # reused trials point at their runs (children of an earlier sweep run); the others get child runs
-    summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "chain_hash": t.chain.hash(),
-                "rounds": t.rounds, "run_id": done_runs[t.key] if t.key in skipped else None} for t in trials]
+    summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "run_name": t.run_name(),
+                "chain_hash": t.chain.hash(), "rounds": t.rounds,
+                "run_id": done_runs[t.key] if t.key in skipped else None} for t in trials]
     parent = start_parent_run(tracking_uri, exp_id, figure, args.preset, raw, summary)
     print(f"MLflow: experiment {experiment!r} (id {exp_id}), parent run {parent}, tracking URI {tracking_uri}")
+    _link_reused(client(tracking_uri), parent, [row["run_id"] for row in summary if row["run_id"]])
 
     # 3. the chains (and what MLflow missed of them), then the figure from what MLflow holds
     c = client(tracking_uri)
@@ -169,6 +204,14 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
         raise
     # 4. the sweep run closed, and what happened
     return _finish(c, parent, out, tracking_uri, t0, (len(trials), len(todo), len(skipped)))
+
+
+def _link_reused(c, parent: str, run_ids: list[str]) -> None:
+    """Chain runs this sweep reuses (children of an earlier sweep run) name it in a tag; the sweep
+    run's `sweep/trials.json` lists them. A tag that cannot be set changes nothing else."""
+    for run_id in run_ids:
+        with contextlib.suppress(Exception):
+            c.set_tag(run_id, REUSED_BY_TAG, parent)
 
 
 def _open_experiment(tracking_uri: str, experiment: str, local: Path, description: str = "") -> tuple[str, dict]:

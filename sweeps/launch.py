@@ -14,12 +14,12 @@ from ray import tune
 
 from prunelab.blobs import is_uri
 from prunelab.errors import ConfigError
-from prunelab.schema import RUN_NAME_FORMAT
+from prunelab.schema import RUN_NAME_FORMAT, SPARSITY, TEST_ACCURACY
 
 from . import preflight, sync
 from .autoscaler import auth_hint, enable_token_auth_if_available
 from .config import Trial
-from .tracking import git_commit, latest_trial_runs
+from .tracking import git_commit, latest_trial_runs, source_tags
 from .trainable import chain_trial
 
 
@@ -47,7 +47,8 @@ def trial_spec(t: Trial, figure: str, local: Path, extra: dict, store: Optional[
     """One trial's config as the trainable reads it (`sweeps.trainable.chain_trial`): the result
     `store` (default: `<local>/store`), the synthetic-set store (default: the node's cache)."""
     res = t.resources
-    return {"key": t.key, "variant": t.variant, "label": t.label(), "figure": figure, "chain": t.chain.to_dict(),
+    return {"key": t.key, "variant": t.variant, "label": t.label(), "run_name": t.run_name(), "figure": figure,
+            "chain": t.chain.to_dict(),
             "chain_hash": t.chain.hash(), "eval": t.evaluation.to_dict(), "rounds": t.rounds,
             "store": store or str(local / "store"), "synthetic_store": synthetic, "cache_dir": str(local / "cache"),
             "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial, "checkpoint_minutes": res.checkpoint_minutes,
@@ -62,7 +63,13 @@ def trial_resources(config: dict) -> dict:
 
 def _dirname(trial) -> str:
     spec = trial.config["spec"]
-    return f"{spec['variant']}_{spec['key'][:10]}"
+    return f"{spec.get('run_name', spec['variant']).replace(' ', '_')}_{spec['key'][:8]}"
+
+
+def _trial_name(trial) -> str:
+    """What Tune's table calls a trial: the chain's run name (as in MLflow)."""
+    spec = trial.config["spec"]
+    return spec.get("run_name") or spec["label"]
 
 
 def run_trials(figure, args, todo, res, storage, local, tracking_uri, exp_id, parent, fault
@@ -70,14 +77,16 @@ def run_trials(figure, args, todo, res, storage, local, tracking_uri, exp_id, pa
     """Run `todo` (in that order) as one Tune experiment; returns a line per failed trial and a line
     per chain whose results MLflow did not take (after waiting up to --tracking-wait for it)."""
     extra = {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": parent, "git_commit": git_commit(),
+             "source_tags": source_tags(figure),
              "fault": fault}
     reopen = latest_trial_runs(tracking_uri, exp_id)
     store, synthetic = preflight.store_root(storage, local), preflight.synthetic_root(storage)
     specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}, store, synthetic)
              for t in todo]  # longest first
     ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
-    results = _tuner(specs, ray_dir, RUN_NAME_FORMAT.format(figure=figure, preset=args.preset), res,
-                     args.resume).fit()
+    name = RUN_NAME_FORMAT.format(figure=figure, preset=args.preset)
+    print(f"trial logs (stdout, stderr of each chain): {ray_dir}/{name}/<chain>_<key>/")
+    results = _tuner(specs, ray_dir, name, res, args.resume).fit()
     errors, pending = [], []
     for r in results:
         spec = r.config["spec"] if r.config else {}
@@ -92,13 +101,26 @@ def run_trials(figure, args, todo, res, storage, local, tracking_uri, exp_id, pa
     return errors, sync.catch_up_all(pending, tracking_uri, args.tracking_wait)
 
 
+def progress_table() -> tune.CLIReporter:
+    """Tune's live table: one row per chain, named as its MLflow run, with the columns that tell
+    chains apart and where each one is (the round, its sparsity, the last test accuracy)."""
+    # Ray's newer console output ignores a reporter; this keeps Tune's table unless the user chose
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return tune.CLIReporter(
+        parameter_columns={"spec/variant": "variant", "spec/chain/model/name": "model",
+                           "spec/chain/dataset/name": "data", "spec/chain/pruning_data/ipc": "ipc",
+                           "spec/chain/seed": "seed"},
+        metric_columns={"round": "round", "epoch": "epoch", SPARSITY: "sparsity", TEST_ACCURACY: "test acc"},
+        max_column_length=40, max_report_frequency=30, sort_by_metric=False)
+
+
 def _tuner(specs: list[dict], ray_dir: str, name: str, res, resume: bool) -> tune.Tuner:
     """The Tuner of one trial per spec: restored with --resume when Tune has this sweep's
     bookkeeping, else new (an earlier run's bookkeeping moved aside)."""
     trainable = tune.with_resources(chain_trial, trial_resources)
     path = f"{ray_dir}/{name}"
     run_config = tune.RunConfig(
-        name=name, storage_path=ray_dir,
+        name=name, storage_path=ray_dir, progress_reporter=progress_table(), log_to_file=True,
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
         # every checkpoint is kept (each is a few bytes: the round and the MLflow run id; the chain
         # itself is in the store): keeping only n would make Tune snapshot the whole experiment
@@ -115,7 +137,8 @@ def _tuner(specs: list[dict], ray_dir: str, name: str, res, resume: bool) -> tun
         os.replace(path, old)
     return tune.Tuner(trainable, param_space={"spec": tune.grid_search(specs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent or None,
-                                                  trial_dirname_creator=_dirname),
+                                                  trial_dirname_creator=_dirname,
+                                                  trial_name_creator=_trial_name),
                       run_config=run_config)
 
 

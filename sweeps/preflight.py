@@ -129,6 +129,14 @@ def check_each_kind(trials: list[Trial], check: Callable) -> None:
                               f"{e.fix}, or change variants.<name>.resources") from None
 
 
+def check_one_device(res) -> None:
+    """A chain trains on one device: a trial holding more GPUs would leave all but one idle."""
+    if res.gpus_per_trial > 1:
+        raise ConfigError("resources.gpus_per_trial",
+                          f"{res.gpus_per_trial:g} GPUs per trial, but a chain trains on one device (the others "
+                          "would stay idle)", "use 1, or a fraction to pack chains on a GPU (0.25: four per GPU)")
+
+
 def check_local_resources(res, num_cpus=None) -> None:
     """Before starting a local Ray: the chains' requests fit this machine (its GPUs, its CPUs or
     --num-cpus), so an impossible request stops here instead of leaving trials pending."""
@@ -174,6 +182,7 @@ def check_before_ray(trials: list[Trial], address: Optional[str], num_cpus=None)
     cluster's host:port."""
     import ray  # ~0.5 s to import: --dry-run and --help, which also load this module, go without it
 
+    check_each_kind(trials, check_one_device)
     if ray.is_initialized():
         return address
     if not address:

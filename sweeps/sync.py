@@ -9,6 +9,7 @@ repeats nothing. What a trial could not log, the driver logs at the end of the s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from prunelab.evaluation import EvalHparams, result_key
-from prunelab.hparams import ChainHparams
+from prunelab.hparams import ChainHparams, data_fingerprint
+from prunelab.masks import Mask
 from prunelab import schema
 from prunelab.schema import round_metrics  # also this module's: `from sweeps.sync import round_metrics`
 from prunelab.store import ChainStore
@@ -45,6 +48,9 @@ def sync_run(run: ChainRun, store: ChainStore, history: list[dict], rkey: str, r
     new = [(r, res) for r in rounds if r not in logged and (res := store.load_eval(rkey, r)) is not None]
     for r, res in new:
         log_eval_artifacts(run, store, res, r)
+        if res.get("lmc"):
+            records, sentinel = schema.lmc_curve_records(res["lmc"], r)
+            run.log_steps(records, sentinel=sentinel)
     run.log_steps(((r, res["metrics"]) for r, res in new), sentinel=schema.EVAL_SENTINEL)
     logged.update(r for r, _ in new)
 
@@ -66,10 +72,36 @@ def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> N
             p.write_bytes(buf.getvalue())
             run.log_file(str(p), schema.LANDSCAPE_DIR)
         mask = store.mask_bytes(r)
-        if mask is not None:  # logged as schema.mask_artifact(r)
+        if mask is not None:  # logged as schema.mask_artifact(r), a plain torch file, and its checksum
+            buf = io.BytesIO()
+            torch.save(dict(Mask.from_bytes(mask, source=f"round {r}'s mask")), buf)
             p = Path(d) / schema.round_file(r, "pt")
-            p.write_bytes(mask)
+            p.write_bytes(buf.getvalue())
             run.log_file(str(p), schema.MASKS_DIR)
+            run.log_text(f"{hashlib.sha256(buf.getvalue()).hexdigest()}  {p.name}\n", schema.mask_checksum_artifact(r))
+
+
+def dataset_inputs(hp: ChainHparams, pruning_meta: Optional[dict] = None) -> list[dict]:
+    """The chain's data sets as MLflow inputs: the real set (context `training`, also the test split's
+    source) and, for a synthetic one, the set its mask was found on (context `pruning`). Digests are
+    content identities, never paths: the data fingerprint (or the config of an embedded set) and the
+    synthetic store's key."""
+    ds = hp.dataset
+    fingerprint = data_fingerprint(ds)
+    real = {"name": ds.name, "digest": fingerprint or ds.hash(16), "context": "training",
+            "source_type": "local" if fingerprint else "code",
+            "source": json.dumps({"dataset": {k: v for k, v in ds.to_dict().items() if k != "root"}}, sort_keys=True)}
+    out = [real]
+    pd = hp.pruning_data
+    if pd.kind != "real":
+        meta = pruning_meta or {}
+        digest = meta.get("key") or meta.get("sha256") or hp.hash()
+        name = f"{ds.name}-{pd.method or pd.kind}-ipc{pd.ipc}" if pd.ipc else f"{ds.name}-{pd.kind}"
+        out.append({"name": name, "digest": str(digest)[:36], "context": "pruning", "source_type": "code",
+                    "source": json.dumps({"pruning_data": {k: v for k, v in pd.to_dict().items()
+                                                           if k not in ("path", "store") and v is not None}},
+                                         sort_keys=True)})
+    return out
 
 
 class TrialLog:
@@ -94,6 +126,7 @@ class TrialLog:
         self.notes_folder = spec["key"]  # notes/<trial key>/ in the chain's store folder
         self.logged_evals: set = set()
         self.pending_tags: dict[str, str] = {}
+        self.pending_inputs: list[dict] = []
         self.behind = False
         self.outage = False
         self.last_error = ""
@@ -135,6 +168,9 @@ class TrialLog:
         for key, value in list(self.pending_tags.items()):
             self.run.set_tag(key, value)
             del self.pending_tags[key]
+        if self.pending_inputs:
+            self.run.log_inputs(self.pending_inputs)
+            self.pending_inputs = []
         for name, text in self.store.notes(self.notes_folder):
             self.run.log_text(text, name.replace("__", "/"))
             self.store.drop_note(self.notes_folder, name)
@@ -160,6 +196,11 @@ class TrialLog:
 
     def tag(self, key: str, value: str) -> None:
         self.pending_tags[key] = value
+        self.behind = True
+
+    def inputs(self, inputs: list[dict]) -> None:
+        """Data sets (see `dataset_inputs`), logged with the next successful sync."""
+        self.pending_inputs = list(inputs)
         self.behind = True
 
     def finish(self, history: list[dict], status: str = "FINISHED", reason: str = "") -> bool:

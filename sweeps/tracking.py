@@ -95,12 +95,27 @@ def default_tracking_uri(storage: Path) -> str:
     return f"sqlite:///{(storage / 'mlflow.db').resolve()}"  # sqlite:////abs/path: four slashes
 
 
-def git_commit() -> str:
+def _git(*args: str) -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or schema.UNKNOWN_COMMIT
+        r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
-        return schema.UNKNOWN_COMMIT
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def git_commit() -> str:
+    return (_git("rev-parse", "HEAD") or "").strip() or schema.UNKNOWN_COMMIT
+
+
+def source_tags(figure: str) -> dict[str, str]:
+    """The runs' source: MLflow's standard tags (commit, entry point) and whether tracked files had
+    uncommitted changes (`unknown` outside a git checkout, e.g. an installed wheel)."""
+    commit = git_commit()
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {schema.GIT_COMMIT_TAG: commit, schema.SOURCE_COMMIT_TAG: commit,
+            schema.SOURCE_NAME_TAG: f"sweeps/{figure}.py", schema.SOURCE_TYPE_TAG: "LOCAL",
+            schema.GIT_DIRTY_TAG: "unknown" if status is None else str(bool(status.strip())).lower()}
 
 
 def http_defaults() -> None:
@@ -150,7 +165,7 @@ def start_parent_run(tracking_uri: str, experiment_id: str, figure: str, preset:
     name = schema.parent_run_name(figure, preset, time.strftime("%Y%m%d-%H%M%S"))
     run = c.create_run(experiment_id, run_name=name,
                        tags={schema.ROLE_TAG: schema.ROLE_SWEEP, schema.FIGURE_TAG: figure,
-                             schema.PRESET_TAG: preset, schema.GIT_COMMIT_TAG: git_commit()})
+                             schema.PRESET_TAG: preset, **source_tags(figure)})
     c.log_param(run.info.run_id, schema.PRESET_PARAM, preset)
     c.log_param(run.info.run_id, schema.TRIALS_PARAM, str(len(trials)))
     c.log_text(run.info.run_id, yaml.safe_dump(config, sort_keys=False), schema.SWEEP_CONFIG)
@@ -188,6 +203,19 @@ def find_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, ke
     return runs[0].info.run_id if runs else None
 
 
+def system_metrics(tracking_uri: str, run_id: str, every_s: float = 10.0):
+    """MLflow's system metrics for a run (`system/cpu_utilization_percentage`, memory, and with
+    nvidia-ml-py each GPU's utilisation and memory), sampled every `every_s` seconds by a background
+    thread until `.finish()`; None where psutil is not installed (`pip install 'prunelab[gpu]'`)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # needs psutil
+    except ImportError:
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=True, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
 class ChainRun:
     """The child run of one chain, created once and reopened on retry."""
 
@@ -215,9 +243,10 @@ class ChainRun:
                 schema.FIGURE_TAG: spec["figure"], schema.CHAIN_HASH_TAG: spec["chain_hash"],
                 schema.TRIAL_KEY_TAG: spec["key"], schema.VARIANT_TAG: spec["variant"],
                 schema.STATUS_TAG: schema.STATUS_RUNNING,
-                schema.GIT_COMMIT_TAG: spec.get("git_commit", schema.UNKNOWN_COMMIT)}
+                schema.GIT_COMMIT_TAG: spec.get("git_commit", schema.UNKNOWN_COMMIT), **spec.get("source_tags", {})}
         c = client(tracking_uri)
-        run = retry(c.create_run, experiment_id, run_name=spec["label"], tags=tags, attempts=attempts)
+        run = retry(c.create_run, experiment_id, run_name=spec.get("run_name") or spec["label"], tags=tags,
+                    attempts=attempts)
         self = cls(tracking_uri, run.info.run_id, attempts)
         from mlflow.entities import Param  # mlflow is loaded by client() above; see there why not at the top
 
@@ -253,6 +282,15 @@ class ChainRun:
 
     def set_tag(self, key: str, value: str) -> None:
         self._call(self.c.set_tag, self.run_id, key, value)
+
+    def log_inputs(self, inputs: list[dict]) -> None:
+        """Data sets as the run's inputs (MLflow's Datasets panel): each {name, digest, source_type,
+        source, context}; descriptions only, no data is copied. Logging one again adds nothing."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag  # loaded by client(); see there
+
+        entries = [DatasetInput(Dataset(i["name"], i["digest"], i["source_type"], i["source"]),
+                                [InputTag("mlflow.data.context", i["context"])]) for i in inputs]
+        self._call(self.c.log_inputs, self.run_id, datasets=entries)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call(self.c.log_text, self.run_id, text, artifact_file)

@@ -10,9 +10,11 @@ stored state and its MLflow run; evaluations already in the store are not recomp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from prunelab.store import ChainStore
 from prunelab.synthetic.store import ENV as SYNTHETIC_ENV
 
 from .faults import fault_hook
-from .sync import TrialLog
+from .sync import TrialLog, dataset_inputs
+from .tracking import system_metrics
 
 
 def trial_device(spec: dict) -> str:
@@ -42,6 +45,25 @@ def trial_device(spec: dict) -> str:
     if frac and frac < 1:
         torch.cuda.set_per_process_memory_fraction(float(frac))
     return "cuda"
+
+
+PROGRESS_EVERY_S = 10.0  # the most often a trial reports its progress inside a round to Tune
+
+
+def round_hook(spec: dict, r: int):
+    """The training callback of round r: a progress report to Tune (epoch and loss of the training
+    on the pruning data, at most every PROGRESS_EVERY_S seconds), then the spec's injected fault."""
+    fault = fault_hook(spec, r)
+    last = [time.monotonic()]
+
+    def hook(epoch, metrics):
+        if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+            last[0] = time.monotonic()
+            tune.report({"round": r, "epoch": epoch, "epoch_train_loss": float(metrics.get("train_loss", float("nan")))})
+        if fault is not None:
+            fault(epoch, metrics)
+
+    return hook
 
 
 def _report(metrics: dict, run_id: str, round: int) -> None:
@@ -66,6 +88,20 @@ def chain_trial(config: dict) -> None:
             run_id = json.loads(Path(d, "meta.json").read_text())["run_id"]
     log = TrialLog(spec, run_id or spec.get("run_id"))
     log.open()
+    # on a GPU: whether packing chains on it pays shows in its utilisation (MLflow's system metrics)
+    monitor = None
+    if device == "cuda" and log.run_id:
+        with contextlib.suppress(Exception):  # no system metrics rather than no chain
+            monitor = system_metrics(spec["tracking_uri"], log.run_id)
+    try:
+        _run(spec, hp, ev, device, log)
+    finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):  # a metrics thread never fails a chain
+                monitor.finish()
+
+
+def _run(spec: dict, hp: ChainHparams, ev: EvalHparams, device: str, log: TrialLog) -> None:
     try:
         ctx = ray.get_runtime_context()
         log.tag(schema.NODE_ID_TAG, ctx.get_node_id())  # the latest attempt's node and share of it
@@ -80,6 +116,7 @@ def chain_trial(config: dict) -> None:
 
     def opened(chain) -> None:
         opened_chain.append(chain)
+        log.inputs(dataset_inputs(hp, getattr(chain.pruning_data, "meta", None)))
         log.sync(chain.state.history)  # skipped within the back-off if opening the run just failed
 
     def evaluated(chain, r: int, res: dict) -> None:
@@ -93,7 +130,7 @@ def chain_trial(config: dict) -> None:
     try:
         chain = run_chain(hp, ev, spec["rounds"], ChainStore(spec["store"], hp), device=device,
                           on_open=opened, on_round=stepped, on_eval=evaluated,
-                          round_callback=lambda r: fault_hook(spec, r),
+                          round_callback=lambda r: round_hook(spec, r),
                           checkpoint_every_s=60.0 * float(spec.get("checkpoint_minutes", 10.0)),
                           on_corrupt=lambda msg: log.note(msg, schema.CORRUPT_STATE_NOTE))
         log.finish(chain.state.history, "FINISHED")

@@ -1,5 +1,9 @@
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +13,37 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # tests run on 2 cores next to other processes; one thread keeps timings stable and results exact
 torch.set_num_threads(1)
-os.environ.setdefault("PRUNELAB_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "prunelab"))
+# prunelab's cache (synthetic sets, fingerprints) in a temporary folder: tests never write into the checkout
+os.environ.setdefault("PRUNELAB_CACHE", tempfile.mkdtemp(prefix="prunelab-test-cache-"))
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+# what any Python run leaves, and pytest's own cache: not the tests' doing
+_OWN = re.compile(r"(^|/)(__pycache__|\.pytest_cache|\.venv|[^/]*\.egg-info)(/|$)")
+
+
+def _checkout_files() -> set[str] | None:
+    """Untracked and ignored files of the checkout, or None when it is not a git checkout."""
+    r = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=CHECKOUT,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    return {line[3:] for line in r.stdout.splitlines() if line[:2] in ("??", "!!") and not _OWN.search(line[3:])}
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = _checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails if it left files in the checkout (MLflow's ./mlruns, a store, a figure)."""
+    before = getattr(session.config, "_checkout_before", None)
+    after = _checkout_files()
+    if before is None or after is None or getattr(session.config.option, "collectonly", False):
+        return
+    new = sorted(after - before)
+    if new:
+        print(f"\nthe tests wrote into the checkout {CHECKOUT}: " + ", ".join(new[:20]), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

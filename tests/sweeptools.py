@@ -202,8 +202,9 @@ class MlflowServer:
     """`mlflow server` on a localhost port, SQLite behind it, artifacts served by the server; it can be
     stopped and started again on the same port and store (a tracking server going away and back)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, db: Path | None = None):
         self.tmp = tmp
+        self.db = db or tmp / "server.db"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -214,7 +215,7 @@ class MlflowServer:
         log_path = self.tmp / f"mlflow-server-{self.starts}.log"
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
+             "--backend-store-uri", f"sqlite:///{self.db}",
              "--artifacts-destination", str(self.tmp / "server-artifacts"), "--workers", "1"],
             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
@@ -246,9 +247,9 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp: Path):
-    """A running `MlflowServer` for the block; yields its URI."""
-    server = MlflowServer(tmp)
+def mlflow_server(tmp: Path, db: Path | None = None):
+    """A running `MlflowServer` for the block (over the SQLite file `db` if given); yields its URI."""
+    server = MlflowServer(tmp, db)
     try:
         yield server.start()
     finally:

@@ -55,3 +55,57 @@ def test_images_per_class_must_be_positive(ipc):
     with pytest.raises(ConfigError) as e:
         trials(f"ipc={ipc}")
     assert e.value.field == "pruning_data.ipc"
+
+
+def test_a_chain_key_reaches_only_the_variants_that_use_it():
+    ts = trials("ipc=[1,5]")
+    assert ipcs(ts, "distilled") == [1, 5]  # the variant's own axis [1, 10] is replaced
+    assert ipcs(ts, "imp") == [None]  # IMP prunes on real data: no ipc axis, hashes unchanged
+    imp_hashes = {t.chain.hash() for t in trials() if t.variant == "imp"}
+    assert {t.chain.hash() for t in ts if t.variant == "imp"} == imp_hashes
+    # a key every variant reads stays a shared axis and replaces the variants' own
+    assert {t.chain.seed for t in trials("seeds=[7]")} == {7}
+
+
+def test_a_chain_key_no_variant_uses_is_an_error_naming_them():
+    with pytest.raises(ConfigError) as e:
+        trials("variants.distilled.set.pruning_data.kind=real", "ipc=[1,5]")
+    assert e.value.field == "ipc" and "imp (real)" in e.value.problem and "distilled (real)" in e.value.problem
+
+
+def paper_trials(*sets: str):
+    args = parse_args("fig6", ["--preset", "paper-builtin"] + [x for s in sets for x in ("--set", s)])
+    sweep, _ = load_sweep("fig6", "paper-builtin", _overrides(args), None)
+    return expand(sweep, "fig6")
+
+
+def test_a_zipped_axis_is_narrowed_and_its_partner_follows():
+    def pairs(ts, variant):
+        return sorted({(t.chain.pruning_data.ipc, t.chain.pruning_data.lr_img) for t in ts if t.variant == variant})
+
+    ts = paper_trials("variants.distilled.grid.pruning_data.ipc=[1,50]")
+    assert pairs(ts, "distilled") == [(1, 0.0005), (50, 0.025)]
+    assert pairs(ts, "distilled_imagenet10") == [(10, 0.003), (20, 0.006)]  # left alone
+    ts = paper_trials("ipc=[10]")  # every synthetic variant, each with its own partner value
+    assert pairs(ts, "distilled") == [(10, 0.005)] and pairs(ts, "distilled_imagenet10") == [(10, 0.003)]
+    with pytest.raises(ConfigError) as e:
+        paper_trials("ipc=[5]")
+    assert "pruning_data.lr_img" in e.value.problem and "not among them" in e.value.problem
+
+
+def test_help_names_the_presets_examples_and_environment(capsys):
+    with pytest.raises(SystemExit):
+        parse_args("fig6", ["--help"])
+    out = capsys.readouterr().out
+    assert "{demo,paper,paper-builtin}" in out and "examples:" in out
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PRUNELAB_CACHE", "PRUNELAB_STORE", "AWS_ENDPOINT_URL"):
+        assert var in out
+
+
+def test_more_than_one_gpu_per_trial_is_refused():
+    from sweeps.preflight import check_before_ray
+
+    ts = trials("resources.gpus_per_trial=2")
+    with pytest.raises(ConfigError) as e:
+        check_before_ray(ts, None)
+    assert e.value.field == "resources.gpus_per_trial" and "one device" in e.value.problem

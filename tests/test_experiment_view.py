@@ -30,3 +30,22 @@ def test_an_older_experiment_gets_the_tags_and_keeps_the_users(tmp_path):
     tags = c.get_experiment(exp_id).tags
     assert tags[schema.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert tags[schema.DESCRIPTION_TAG] == "my own notes"
+
+
+def test_system_metrics_reach_the_run(tmp_path):
+    """What a GPU trial starts (here on the CPU, whose metrics it logs the same way)."""
+    import time
+
+    from sweeps.tracking import system_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    run = c.create_run(ensure_experiment(uri, "prunelab-fig6"))
+    monitor = system_metrics(uri, run.info.run_id, every_s=0.2)
+    assert monitor is not None  # psutil comes with the test extras
+    deadline = time.time() + 20
+    while not c.get_run(run.info.run_id).data.metrics and time.time() < deadline:
+        time.sleep(0.2)
+    monitor.finish()
+    metrics = c.get_run(run.info.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics

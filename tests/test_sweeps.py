@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from sweeptools import (BASE, DISTILLED, FIGURE, ROOT, artifact_paths, cache_dir, check_metric_steps, drive,  # noqa: F401
                         figure_paths, masks, mlflow_client, mlflow_server, no_ray, ray_session,
@@ -133,16 +134,53 @@ def test_rerun_computes_nothing(reference_sweep, capsys, no_ray):
     assert {t["run_id"] for t in json.loads(Path(local).read_text())} == before
     pngs = figure_paths(out)
     assert pngs and all(p.exists() and p.parent == figures for p in pngs)
-
-    # --dry-run reads what is complete from the existing store, and writes nothing
-    db = (storage / "mlflow.db").stat().st_mtime_ns
-    rc, out, err = drive(capsys, r["config"], storage, "--dry-run")
-    assert rc == 0, err
-    assert out.startswith("2 trials (2 already complete)")
-    assert sum(ln.startswith("  done ") for ln in out.splitlines()) == 2
-    assert (storage / "mlflow.db").stat().st_mtime_ns == db
+    # the reused chain runs name the sweep run that reused them
+    assert {c.get_run(i).data.tags.get("prunelab.reused_by") for i in before} == {newest.info.run_id}
+    # nothing to compute and nothing to draw: no sweep run at all
+    rc, out, err = drive(capsys, r["config"], storage, "--no-analysis")
+    assert rc == 0 and "nothing to draw" in out, err
     assert len(runs(storage, "sweep")) == 2
-    assert not no_ray.is_initialized()
+
+
+def test_the_mlflow_view_of_a_sweep(reference_sweep, tmp_path):
+    """What a researcher reads in the MLflow UI, through the REST API the UI uses (an `mlflow server`
+    over the sweep's SQLite store): the experiment's kind and description, short distinct run names,
+    the source commit, the data sets as inputs, LMC curves as metric series (one step per α); and
+    masks that plain PyTorch reads."""
+    import hashlib
+
+    storage = reference_sweep["storage"]
+    with mlflow_server(tmp_path, db=storage / "mlflow.db") as uri:
+        exp = rest(uri, "experiments/get-by-name", {"experiment_name": f"prunelab-{FIGURE}"})["experiment"]
+        exp_tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+        found = rest(uri, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100},
+                     post=True)["runs"]
+        chains = [run for run in found if {t["key"]: t["value"] for t in run["data"]["tags"]}.get(
+            "prunelab.role") == "chain"]
+        curves = {run["info"]["run_id"]: {
+            r: rest(uri, "metrics/get-history", {"run_id": run["info"]["run_id"],
+                                                 "metric_key": f"lmc_curve/r{r:02d}/interpolate/train_loss"})
+            for r in (2, 4)} for run in chains}
+    assert exp_tags["mlflow.experimentKind"] == "custom_model_development" and exp_tags.get("mlflow.note.content")
+    names = [run["info"]["run_name"] for run in chains]
+    assert len(set(names)) == len(names) == 2 and all("," not in n and "/" not in n for n in names), names
+    assert any(n.startswith("distilled convnet3 digits ipc1 s0") for n in names), names
+    c = mlflow_client(storage)
+    for run in chains:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["mlflow.source.git.commit"] == tags["prunelab.git_commit"]
+        assert tags["prunelab.git_dirty"] in ("true", "false", "unknown") and tags["mlflow.source.name"] == "sweeps/fig6.py"
+        inputs = {(d["dataset"]["name"], t["value"]) for d in run["inputs"]["dataset_inputs"] for t in d["tags"]}
+        assert ("digits", "training") in inputs, inputs
+        if tags["prunelab.variant"] == "distilled":
+            assert ("digits-dm-ipc1", "pruning") in inputs, inputs
+        for r, history in curves[run["info"]["run_id"]].items():
+            assert sorted(m["step"] for m in history["metrics"]) == list(range(11)), r  # one step per α, once
+        local = Path(c.download_artifacts(run["info"]["run_id"], "masks", str(tmp_path / run["info"]["run_id"])))
+        mask = torch.load(local / "round_02.pt", weights_only=True)  # plain PyTorch, no prunelab needed
+        assert mask and all(v.dtype == torch.bool for v in mask.values())
+        digest = (local / "round_02.pt.sha256").read_text().split()[0]
+        assert digest == hashlib.sha256((local / "round_02.pt").read_bytes()).hexdigest()
 
 
 def test_a_chain_being_computed_elsewhere_is_waited_for(tmp_path, capsys, ray_session):

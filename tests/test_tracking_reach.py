@@ -77,3 +77,18 @@ def test_run_names_hold_no_machine_paths():
     sweep, _ = load_sweep("fig6", "demo", [("root", "/mnt/team/data/digits")], None)
     labels = [t.label() for t in expand(sweep, "fig6")]
     assert labels and all("/mnt" not in label and "root=digits" in label for label in labels)
+    names = [t.run_name() for t in expand(sweep, "fig6")]
+    assert names and all("/" not in n for n in names)
+
+
+@pytest.mark.parametrize("figure", ["fig2", "fig3_4", "fig5", "fig6", "fig7", "hessian"])
+def test_every_chain_of_a_preset_has_a_short_distinct_run_name(figure):
+    """MLflow's run table shows the run name first: each chain's must tell it apart from the others."""
+    import yaml
+
+    from sweeps.config import CONFIG_DIR, expand, load_sweep
+
+    for preset in yaml.safe_load((CONFIG_DIR / f"{figure}.yaml").read_text())["presets"]:
+        names = [t.run_name() for t in expand(load_sweep(figure, preset, [], None)[0], figure)]
+        assert len(set(names)) == len(names), (figure, preset, sorted(n for n in names if names.count(n) > 1))
+        assert max(map(len, names)) <= 60, (figure, preset, max(names, key=len))

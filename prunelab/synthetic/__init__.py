@@ -136,7 +136,12 @@ def load_pruning_data(hp, data: DataSplit, device) -> ImageData:
     if pd.ipc is None:
         raise ConfigError("pruning_data.ipc", f"required for kind={kind!r}", "set pruning_data.ipc, e.g. 10")
     return get_synthetic(hp.dataset, data.train, source, ipc=pd.ipc, seed=pd.seed, budget=pd.budget,
-                         factor=pd.factor, device=device, store=pd.store, **distiller_settings(pd))
+                         factor=pd.factor, device=device, store=pd.store, log=_say, **distiller_settings(pd))
+
+
+def _say(message: str) -> None:
+    """A distillation's progress, on stdout (a sweep's trial log, or the terminal of `prunelab run`)."""
+    print(f"prunelab: {message}", flush=True)
 
 
 __all__ = ["CORESETS", "CorruptSyntheticSetError", "DISTILLER_SETTINGS", "DISTILLERS", "METHODS", "SOURCES",
