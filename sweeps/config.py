@@ -260,6 +260,8 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
     set that field (a resource set so also replaces the variants' own values of it); any other key is
     a chain key made a grid axis (`model=resnet18_bn`, `seeds=[0,1]`, `training.epochs=5`), replacing
     the base value and any grid entry for it."""
+    # a kind of pruning data decides which variants use the other pruning-data keys: it goes first
+    overrides = sorted(overrides, key=lambda kv: AXIS_ALIASES.get(kv[0], kv[0]) != "pruning_data.kind")
     for key, value in overrides:
         head = key.split(".", 1)[0]
         parts = key.split(".")
@@ -306,9 +308,14 @@ def _kind(raw: dict, spec: dict) -> str:
 
 def _uses(raw: dict, spec: dict, axis: str) -> bool:
     """Whether a variant's chains read `axis`: a pruning-data setting (ipc, method, budget, ...) only
-    where they prune on something other than the real data; every other key everywhere."""
+    where they prune on something other than the real data (its kind, or any value of a kind axis);
+    every other key everywhere."""
     if axis.startswith("pruning_data.") and axis != "pruning_data.kind":
-        return _kind(raw, spec) != "real"
+        kinds = [_kind(raw, spec)]
+        for grid in (raw.get("grid"), spec.get("grid")):
+            if isinstance(grid, dict) and "pruning_data.kind" in grid:
+                kinds = list(grid["pruning_data.kind"])
+        return any(k != "real" for k in kinds)
     return True
 
 

@@ -56,7 +56,7 @@ def sweep_doc(**changes) -> dict:
         "resources": {"cpus_per_trial": 1, "max_failures": 1},
     }
     preset.update(changes)
-    return {"figure": FIGURE, "presets": {"demo": preset}}
+    return {"figure": FIGURE, "description": "A tiny Figure 6 sweep for the tests.", "presets": {"demo": preset}}
 
 
 def write_config(dir: Path, doc: dict, name: str = "sweep.yaml") -> str:

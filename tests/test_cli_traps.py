@@ -109,3 +109,11 @@ def test_more_than_one_gpu_per_trial_is_refused():
     with pytest.raises(ConfigError) as e:
         check_before_ray(ts, None)
     assert e.value.field == "resources.gpus_per_trial" and "one device" in e.value.problem
+
+
+def test_a_kind_set_from_the_command_line_decides_who_reads_the_pruning_data_keys():
+    # in either order: the IMP variant turned into an IDC-file chain gets the path too
+    for sets in (("pruning_data.kind=idc_file", "pruning_data.path=/x/data.pt"),
+                 ("pruning_data.path=/x/data.pt", "pruning_data.kind=idc_file")):
+        ts = trials(*sets, "ipc=[10]")
+        assert {(t.variant, t.chain.pruning_data.path) for t in ts} == {("imp", "/x/data.pt"), ("distilled", "/x/data.pt")}

@@ -95,7 +95,7 @@ def test_sweep_end_to_end(reference_sweep):
         sparsity = {m.step: m.value for m in mlflow_client(storage).get_metric_history(rid, "eval_sparsity")}
         assert sparsity[4] == pytest.approx(1 - 0.8 ** 4, abs=0.01)
         assert artifact_paths(storage, rid, "lmc") == {"lmc/round_02.json", "lmc/round_04.json"}
-        assert artifact_paths(storage, rid, "masks") == {"masks/round_02.pt", "masks/round_04.pt"}
+        assert artifact_paths(storage, rid, "masks") == {f"masks/round_{r:02d}.pt{x}" for r in (2, 4) for x in ("", ".sha256")}
         lmc = json.loads(Path(mlflow_client(storage).download_artifacts(rid, "lmc/round_04.json",
                                                                         str(storage / "dl"))).read_text())
         assert isinstance(lmc, dict) and lmc, "empty LMC artifact"

@@ -108,7 +108,7 @@ def test_trial_log_buffers_while_away_and_catches_up(tmp_path, monkeypatch, digi
     rid = run.info.run_id
     assert sorted(m.step for m in c.get_metric_history(rid, "pruning_accuracy")) == [0, 1, 2]
     assert [m.step for m in c.get_metric_history(rid, "test_accuracy")] == [2]
-    assert {a.path for a in c.list_artifacts(rid, "masks")} == {"masks/round_02.pt"}
+    assert {a.path for a in c.list_artifacts(rid, "masks")} == {"masks/round_02.pt", "masks/round_02.pt.sha256"}
     assert {a.path for a in c.list_artifacts(rid, "warnings")} == {"warnings/corrupt_state.txt"}
     assert not list((store.dir / "notes" / "k1").iterdir())
     assert log.finish(chain.state.history, "FINISHED")
@@ -223,7 +223,8 @@ def _check_runs(uri: str, storage: Path) -> list:
         for key in ("eval_sparsity", "test_accuracy", "barrier_mid_train_loss"):
             assert [m.step for m in c.get_metric_history(rid, key)] == [EVAL_ROUND], key
         assert {a.path for a in c.list_artifacts(rid, "lmc")} == {f"lmc/round_{EVAL_ROUND:02d}.json"}
-        assert {a.path for a in c.list_artifacts(rid, "masks")} == {f"masks/round_{EVAL_ROUND:02d}.pt"}
+        assert {a.path for a in c.list_artifacts(rid, "masks")} == {f"masks/round_{EVAL_ROUND:02d}.pt{x}"
+                                                                    for x in ("", ".sha256")}
         # nothing lost: the stored final mask is the one an uninterrupted chain finds
         hp = ChainHparams.from_dict(json.loads((storage / "store" / "chains" / run.data.tags["prunelab.chain_hash"]
                                                 / "config.json").read_text()))
