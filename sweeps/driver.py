@@ -94,11 +94,20 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
     return args
 
 
-def browse_hint(tracking_uri: str) -> str:
-    """How to look at the runs: a tracking server's own address, or the UI to start over a local store."""
+def runs_page(ui: str, experiment_id: Optional[str]) -> str:
+    """The experiment's runs table in MLflow's model-training view (without `workflowType` a fresh
+    browser opens MLflow 3.17's GenAI view, whatever the experiment's kind tag says)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else ui
+
+
+def browse_hint(tracking_uri: str, experiment_id: Optional[str] = None) -> str:
+    """How to look at the runs: a tracking server's own address, or the UI to start over a local
+    store; with the experiment, the link to its runs table (chains under the sweep run's row; the
+    chart view overlays their LMC curves)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} in a browser (the tracking server's UI)"
-    return f"mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)"
+        return f"open {runs_page(tracking_uri, experiment_id)} in a browser (the tracking server's UI)"
+    return (f"mlflow ui --backend-store-uri {tracking_uri}   (then open "
+            f"{runs_page('http://127.0.0.1:5000', experiment_id)})")
 
 
 def _overrides(args) -> list:
@@ -171,7 +180,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
         preflight.check_tracking_reach(tracking_uri, args.address)
     if not todo and args.no_analysis:  # nothing to compute or draw: no sweep run to leave behind
         print("every trial is already complete: nothing to compute, and --no-analysis: nothing to draw")
-        print(f"browse: {browse_hint(tracking_uri)}")
+        print(f"browse: {browse_hint(tracking_uri, exp_id)}")
         return 0
     # reused trials point at their runs (children of an earlier sweep run); the others get child runs
     summary = [{"key": t.key, "variant": t.variant, "label": t.label(), "run_name": t.run_name(),
@@ -203,7 +212,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
             c.set_terminated(parent, "KILLED")  # never leave the sweep run looking alive
         raise
     # 4. the sweep run closed, and what happened
-    return _finish(c, parent, out, tracking_uri, t0, (len(trials), len(todo), len(skipped)))
+    return _finish(c, parent, out, tracking_uri, t0, (len(trials), len(todo), len(skipped)), exp_id)
 
 
 def _link_reused(c, parent: str, run_ids: list[str]) -> None:
@@ -264,7 +273,8 @@ def _analysis(figure: str, experiment: str, tracking_uri: str, local: Path, pare
     return result
 
 
-def _finish(c, parent: str, out: Outcome, tracking_uri: str, t0: float, counts: tuple[int, int, int]) -> int:
+def _finish(c, parent: str, out: Outcome, tracking_uri: str, t0: float, counts: tuple[int, int, int],
+            experiment_id: Optional[str] = None) -> int:
     """Close the sweep run (FAILED when anything failed) and say how the sweep went: its trials
     (`counts`: all, run, reused) and each problem. Returns the exit code, which a sweep run that
     cannot be closed does not change (that is reported)."""
@@ -277,7 +287,7 @@ def _finish(c, parent: str, out: Outcome, tracking_uri: str, t0: float, counts: 
     n, run, reused = counts
     print(f"sweep finished in {time.time() - t0:.0f} s: {n} trials, {run} run, {reused} reused, {len(out.errors)} "
           "failed" + (f", {len(out.unlogged)} not logged to MLflow" if out.unlogged else ""))
-    print(f"browse: {browse_hint(tracking_uri)}")
+    print(f"browse: {browse_hint(tracking_uri, experiment_id)}")
     if out.unlogged:
         print(f"not logged: the tracking store at {tracking_uri} did not take these chains' results; every "
               "result is in the chain store (one folder per chain, below). Run the same command again once it "

@@ -120,7 +120,8 @@ def _tuner(specs: list[dict], ray_dir: str, name: str, res, resume: bool) -> tun
     trainable = tune.with_resources(chain_trial, trial_resources)
     path = f"{ray_dir}/{name}"
     run_config = tune.RunConfig(
-        name=name, storage_path=ray_dir, progress_reporter=progress_table(), log_to_file=True,
+        # verbose=1: the table alone (2 and 3 print every result of every trial)
+        name=name, storage_path=ray_dir, progress_reporter=progress_table(), log_to_file=True, verbose=1,
         failure_config=tune.FailureConfig(max_failures=res.max_failures),
         # every checkpoint is kept (each is a few bytes: the round and the MLflow run id; the chain
         # itself is in the store): keeping only n would make Tune snapshot the whole experiment

@@ -31,6 +31,9 @@ def test_the_tracking_uri_comes_from_the_flag_then_the_environment(monkeypatch):
 def test_the_browse_hint_fits_the_uri():
     assert browse_hint("http://10.0.0.5:5000").startswith("open http://10.0.0.5:5000")
     assert "mlflow ui --backend-store-uri sqlite:////r/mlflow.db" in browse_hint("sqlite:////r/mlflow.db")
+    # with the experiment: straight to its runs table in the model-training view (not the GenAI one)
+    assert "http://10.0.0.5:5000/#/experiments/7/runs?workflowType=machine_learning" in browse_hint(
+        "http://10.0.0.5:5000", "7")
 
 
 def nodes(*addresses):
