@@ -169,6 +169,13 @@ def mask_artifact(r: int) -> str:
     return f"{MASKS_DIR}/{round_file(r, 'pt')}"
 
 
+WEIGHTS_DIR = "weights"
+# a chain's dense initialization (and its rewind point when k > 0), plain PyTorch state dicts, each
+# with its sha256 beside it (`<file>.sha256`)
+INIT_WEIGHTS_ARTIFACT = f"{WEIGHTS_DIR}/init.pt"
+REWIND_WEIGHTS_ARTIFACT = f"{WEIGHTS_DIR}/rewind.pt"
+
+
 def mask_checksum_artifact(r: int) -> str:
     return f"{MASKS_DIR}/{round_file(r, 'pt')}.sha256"
 

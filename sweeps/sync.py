@@ -127,6 +127,7 @@ class TrialLog:
         self.logged_evals: set = set()
         self.pending_tags: dict[str, str] = {}
         self.pending_inputs: list[dict] = []
+        self.pending_files: dict[str, bytes] = {}  # artifact path -> content
         self.behind = False
         self.outage = False
         self.last_error = ""
@@ -171,6 +172,12 @@ class TrialLog:
         if self.pending_inputs:
             self.run.log_inputs(self.pending_inputs)
             self.pending_inputs = []
+        for artifact, data in list(self.pending_files.items()):
+            with tempfile.TemporaryDirectory() as d:
+                p = Path(d) / artifact.rsplit("/", 1)[-1]
+                p.write_bytes(data)
+                self.run.log_file(str(p), artifact.rsplit("/", 1)[0])
+            del self.pending_files[artifact]
         for name, text in self.store.notes(self.notes_folder):
             self.run.log_text(text, name.replace("__", "/"))
             self.store.drop_note(self.notes_folder, name)
@@ -196,6 +203,19 @@ class TrialLog:
 
     def tag(self, key: str, value: str) -> None:
         self.pending_tags[key] = value
+        self.behind = True
+
+    def weights(self, init: dict, rewind: Optional[dict] = None) -> None:
+        """The chain's initialization (and rewind point) as plain PyTorch files with their sha256,
+        logged with the next successful sync."""
+        for artifact, state in ((schema.INIT_WEIGHTS_ARTIFACT, init), (schema.REWIND_WEIGHTS_ARTIFACT, rewind)):
+            if state is None:
+                continue
+            buf = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+            self.pending_files[artifact] = buf.getvalue()
+            self.pending_files[artifact + ".sha256"] = (f"{hashlib.sha256(buf.getvalue()).hexdigest()}  "
+                                                        f"{artifact.rsplit('/', 1)[-1]}\n").encode()
         self.behind = True
 
     def inputs(self, inputs: list[dict]) -> None:

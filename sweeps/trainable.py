@@ -117,6 +117,7 @@ def _run(spec: dict, hp: ChainHparams, ev: EvalHparams, device: str, log: TrialL
     def opened(chain) -> None:
         opened_chain.append(chain)
         log.inputs(dataset_inputs(hp, getattr(chain.pruning_data, "meta", None)))
+        log.weights(chain.state.init, chain.state.rewind)
         log.sync(chain.state.history)  # skipped within the back-off if opening the run just failed
 
     def evaluated(chain, r: int, res: dict) -> None:

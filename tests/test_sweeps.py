@@ -181,6 +181,12 @@ def test_the_mlflow_view_of_a_sweep(reference_sweep, tmp_path):
         assert mask and all(v.dtype == torch.bool for v in mask.values())
         digest = (local / "round_02.pt.sha256").read_text().split()[0]
         assert digest == hashlib.sha256((local / "round_02.pt").read_bytes()).hexdigest()
+        # the dense initialization the masks apply to, as a plain state dict with its checksum
+        weights = Path(c.download_artifacts(run["info"]["run_id"], "weights", str(tmp_path / "w" / run["info"]["run_id"])))
+        init = torch.load(weights / "init.pt", weights_only=True)
+        assert set(mask) <= set(init) and all(init[k].shape == mask[k].shape for k in mask)
+        assert (weights / "init.pt.sha256").read_text().split()[0] == hashlib.sha256(
+            (weights / "init.pt").read_bytes()).hexdigest()
 
 
 def test_a_chain_being_computed_elsewhere_is_waited_for(tmp_path, capsys, ray_session):
