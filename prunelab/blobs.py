@@ -183,8 +183,12 @@ class RemoteBlobs(Blobs):
         try:
             self.fs.pipe_file(self._p(key), data, mode="create")
             return True
-        except FileExistsError:
+        except FileExistsError:  # 412: the name exists
             return False
+        except OSError as e:
+            if "ConditionalRequestConflict" in str(e) or "409" in str(e):
+                return False  # S3: another conditional create of the name is in flight
+            raise
 
     def exists(self, key):
         return bool(self.fs.exists(self._p(key)))

@@ -154,7 +154,8 @@ class Chain:
         self.device = resolve_device(device)
         self.data = data if data is not None else load_dataset(hp.dataset)
         self.pruning_data = pruning_data if pruning_data is not None else load_pruning_data(hp, self.data, self.device)
-        if state is not None and state.config_hash and state.config_hash != hp.hash():
+        # a state written while the chain's identity held its data paths carries its legacy hash
+        if state is not None and state.config_hash and state.config_hash not in (hp.hash(), hp.legacy_hash()):
             raise ConfigError("state", f"checkpoint belongs to chain {state.config_hash}, not {hp.hash()}",
                               "resume with the configuration that produced the checkpoint")
         self.state = state if state is not None else self._fresh_state(start_mask, start_round)

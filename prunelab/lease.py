@@ -120,7 +120,7 @@ class Lease:
             return False  # another process took this generation first
         self.generation, self.lost = gen, False
         for old in gens[:-1]:  # keep the folder small; the previous one stays as a witness
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # botocore's errors are no OSError
                 self.blobs.delete(f"{self.name}/{old:08d}")
         return True
 
@@ -128,7 +128,7 @@ class Lease:
         """Refresh the holder's mark; False (and `lost`) when another process has taken over."""
         if self.generation is None:
             return False
-        if self.blobs.exists(f"{self.name}/{self.generation + 1:08d}"):
+        if any(g > self.generation for g in self._generations()):
             if not self.lost:
                 print(f"prunelab: the lease {self.blobs.describe(self.name)} expired while held and was taken by "
                       "another process; both compute the same result (written atomically, so no harm)",

@@ -120,7 +120,7 @@ class ChainStore:
         """The stored training state part-way through `round`, or None (none stored, one of another
         round, or a damaged one, which is reported through `on_corrupt(message)`: the round restarts)."""
         doc = checkpoint.load(self.files, "round_partial.pt", on_corrupt, "the round restarts from its beginning")
-        if doc is None or doc.get("round") != round or doc.get("config_hash") != self.hash:
+        if doc is None or doc.get("round") != round or doc.get("config_hash") not in (self.hash, self.hp.legacy_hash()):
             return None
         return doc["payload"]
 

@@ -11,6 +11,7 @@ two-node Ray sweep with `--storage-path s3://...` and no shared directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -381,3 +382,21 @@ def test_the_doctor_checks_a_bucket_and_its_conditional_writes(s3):
     assert open_root(f"{s3}/doctor").list(".doctor") == []  # its probe is removed
     bad = check_writable("storage path", "hdfs://namenode/x")
     assert bad.status == "fail" and "hdfs" in bad.detail
+
+
+def test_an_adopted_store_resumes(tmp_path, digits):
+    """A chain adopted from its legacy hash continues to more rounds from the adopted state."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "f.bin").write_bytes(b"z" * 100)
+    hp = ChainHparams.from_dict({**CHAIN, "dataset": {"name": "digits", "root": str(d)}})
+    chain = Chain(hp, "cpu", data=digits)
+    chain.run()
+    legacy = ChainStore(tmp_path / "old", hp)
+    # as an older version wrote it: the state names the legacy hash, in the legacy folder
+    legacy.save_state(dataclasses.replace(chain.state, config_hash=hp.legacy_hash()))
+    (tmp_path / "store" / "chains").mkdir(parents=True)
+    os.rename(legacy.dir, tmp_path / "store" / "chains" / hp.legacy_hash())
+    longer = hp.replace(pruning=hp.pruning.replace(rounds=3))
+    done = run_chain(longer, EvalHparams(rounds=(), lmc=False), [], ChainStore(tmp_path / "store", longer), data=digits)
+    assert done.round == 3
