@@ -1,7 +1,7 @@
 """How far the planner's time estimates are from the chains' measured times, after a sweep.
 
-    python sweeps/fig6.py --storage-path /tmp/demo                      # any finished sweep
-    python benchmarks/estimates.py fig6 --tracking-uri sqlite:////tmp/demo/mlflow.db [--preset demo]
+    python sweeps/fig6.py --storage-path "$PWD/runs"                    # any finished sweep
+    python benchmarks/estimates.py fig6 --tracking-uri "sqlite:///$PWD/runs/mlflow.db" [--preset demo]
 
 For every chain run of the figure's latest sweep run: its measured time (MLflow run start to end, as
 a trial: with the other trials of the sweep sharing the machine) and the estimate `--dry-run` gives

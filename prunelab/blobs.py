@@ -12,6 +12,7 @@ SDK's standard environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...; `GOOGL
 
 from __future__ import annotations
 
+import abc
 import os
 import socket
 import threading
@@ -34,46 +35,48 @@ def local_path(root: Union[str, Path]) -> Path:
     return Path(str(root)[len("file://"):] if str(root).startswith("file://") else root).expanduser()
 
 
-class Blobs:
-    """Files under one root, addressed by keys relative to it (`chains/<hash>/state.pt`)."""
+class Blobs(abc.ABC):
+    """Files under one root, addressed by keys relative to it (`chains/<hash>/state.pt`): the interface
+    `LocalBlobs` and `RemoteBlobs` implement."""
 
     root: str
 
+    @abc.abstractmethod
     def describe(self, key: str) -> str:
         """The file's full name, for messages."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, key: str) -> Optional[bytes]:
         """The whole file, or None when there is none."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, key: str, data: bytes) -> None:
         """Replace the file atomically."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def create(self, key: str, data: bytes) -> bool:
         """Write the file only if there is none; True when this call created it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        """True when the file is there."""
 
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Remove the file if there is one."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def list(self, folder: str) -> list[str]:
         """Names of the files and folders directly in `folder` (empty when there is none), sorted."""
-        raise NotImplementedError
 
     def copy(self, src: str, dst: str) -> None:
         data = self.read(src)
         if data is not None:
             self.write(dst, data)
 
+    @abc.abstractmethod
     def sub(self, folder: str) -> "Blobs":
         """The same storage rooted at `folder`."""
-        raise NotImplementedError
 
 
 class LocalBlobs(Blobs):
