@@ -16,6 +16,7 @@ import abc
 import os
 import socket
 import threading
+import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -123,9 +124,16 @@ class LocalBlobs(Blobs):
         return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
 
     def copy(self, src, dst):
-        # a rename, not a copy: `src` is rewritten right after (see ChainStore.save_state)
-        if self.file(src).exists():
-            os.replace(self.file(src), self.file(dst))
+        # a second name for the same file, then an atomic rename onto `dst`: no reader ever misses
+        # `src`, and two writers racing (a lease taken over) each leave a whole file
+        tmp = self.file(dst).with_name(f".{self.file(dst).name}.{uuid.uuid4().hex}")
+        try:
+            os.link(self.file(src), tmp)
+        except FileNotFoundError:
+            return
+        except OSError:  # a file system without hard links
+            return super().copy(src, dst)
+        os.replace(tmp, self.file(dst))
 
     def sub(self, folder):
         return LocalBlobs(self.file(folder))

@@ -36,6 +36,8 @@ def _files(folders: list[Path]) -> list[Path]:
 
 
 def _digest(base: Path, files: list[Path]) -> str:
+    """Names relative to `base` as listed (a file may be a link to anywhere: its name under the root
+    counts, not where it points), with each file's size and content hash."""
     h = hashlib.sha256()
     for p in files:
         f = hashlib.sha256()
@@ -50,7 +52,6 @@ def _fingerprint(base: Path, folders: list[Path]) -> Optional[str]:
     files = _files(folders)
     if not files:
         return None
-    base = base.resolve()
     listing = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     if key in _memo:
@@ -60,7 +61,7 @@ def _fingerprint(base: Path, folders: list[Path]) -> Optional[str]:
     except (OSError, ValueError):
         cache = {}
     if key not in cache:
-        cache[key] = _digest(base, [p.resolve() for p in files])
+        cache[key] = _digest(base, files)
         try:
             atomic_write(_cache_file(), json.dumps(cache).encode())
         except OSError:

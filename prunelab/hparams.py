@@ -431,6 +431,11 @@ class ChainHparams(Hparams):
         core, data = _without_paths(core)
         return self._digest(core, "".join(f"|data-{d}" for d in data), length)
 
+    def paths_fingerprinted(self) -> bool:
+        """True when every data root and IDC file of this chain (and its start chain) is on this
+        machine, so that `hash()` stands for their content rather than for their absence."""
+        return not any(m.endswith(":absent") for m in _without_paths(self)[1])
+
     def legacy_hash(self, length: int = 16) -> str:
         """The hash this chain had while its identity held the data root and IDC path (stores
         written then are found through it, see `ChainStore`); equal to `hash()` without paths."""

@@ -11,8 +11,9 @@ next number when the newest is released or expired; of two processes racing for 
 exactly one succeeds. The holder renews by rewriting its own file (nobody else writes it) and
 releases by marking it released (a release that fails leaves a mark that expires, or, on the same host,
 one of a process that has exited or no longer holds it, which counts as free). A holder whose file was superseded (it stalled past the expiry)
-learns so at its next renewal; the cost is a duplicated computation, never a damaged store, since
-every result is written atomically and deterministically.
+learns so at its next renewal (`lost`) and writes nothing more (`runner.run_chain` checks before
+every write, then waits for the new holder); the cost is a duplicated computation, never a damaged
+store, and every result is written atomically and deterministically anyway.
 
 Expiry compares the holder's clock with the reader's: a mark older than `ttl_s`, or more than `ttl_s`
 in the future, is stale, so clocks may disagree by a good part of `ttl_s` (default 120 s, renewed every
@@ -131,8 +132,7 @@ class Lease:
         if any(g > self.generation for g in self._generations()):
             if not self.lost:
                 print(f"prunelab: the lease {self.blobs.describe(self.name)} expired while held and was taken by "
-                      "another process; both compute the same result (written atomically, so no harm)",
-                      file=sys.stderr)
+                      "another process; this one writes nothing more under it", file=sys.stderr)
             self.lost = True
             return False
         self.blobs.write(f"{self.name}/{self.generation:08d}", self._body())

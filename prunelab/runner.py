@@ -11,6 +11,7 @@ watch through callbacks (`on_open`, `on_round`, `on_eval`); nothing here knows a
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -19,6 +20,7 @@ from .data import DataSplit, load_dataset
 from .errors import CorruptFileError
 from .evaluation import EvalHparams, evaluate_round, result_key
 from .hparams import ChainHparams
+from .lease import Lease
 from .masks import Mask
 from .store import ChainStore
 
@@ -48,13 +50,15 @@ def start_mask(hp: ChainHparams, store_root: str, data: DataSplit, device) -> Ma
         mask = _stored_mask(start_store, hp.start_round)
     if mask is not None:
         return mask
-    with start_store.computing(poll_s=WAIT_POLL_S):  # taken over from a process gone, or nobody's
+    with start_store.computing(poll_s=WAIT_POLL_S) as lease:  # taken over from a process gone, or nobody's
+        start_store.adopt_legacy()
         state = start_store.load_state(on_corrupt=print)
         mask = start_store.mask_at(hp.start_round, fallback=state)  # a damaged mask is rewritten from the state
         if mask is None:
             chain = open_chain(start_hp, state, store_root, data, device)
             while chain.round < hp.start_round:
                 chain.step()
+                _still_held(lease, start_store)
                 start_store.save_state(chain.state)
             mask = start_store.mask_at(hp.start_round, fallback=chain.state)
     return mask
@@ -87,13 +91,38 @@ def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: C
     good one, see `ChainStore.load_state`). With `checkpoint_every_s`, a round's training on the
     pruning data is also stored part-way that often (at epoch ends), and a chain opened again resumes
     its round from there, to the same mask: a killed process loses at most that much of a round.
+    A process that stalled past its lease's expiry while another took the chain over writes nothing
+    more: it waits for that process, then goes on from the store (legacy folders are adopted under
+    the lease too, see `ChainStore.adopt_legacy`).
     """
+    while True:
+        try:
+            return _run_held(hp, ev, sorted(rounds), store, device, data, on_open, on_round, on_eval,
+                             round_callback, on_corrupt, checkpoint_every_s)
+        except LeaseLostError as e:
+            # this process stalled past its lease's expiry and another one took the chain over: rather
+            # than both writing its state, this one waits for that one, then goes on from the store
+            print(f"prunelab: {e}; waiting for that process, then going on from what it stored", file=sys.stderr)
+
+
+class LeaseLostError(RuntimeError):
+    """The lease of a chain this process was computing was taken over by another process."""
+
+
+def _still_held(lease: Lease, store: ChainStore) -> None:
+    """Raise LeaseLostError before a write if another process has taken over `lease`."""
+    if lease.lost:
+        raise LeaseLostError(f"chain {store.hash}: another process took over its lease")
+
+
+def _run_held(hp, ev, rounds, store, device, data, on_open, on_round, on_eval, round_callback, on_corrupt,
+              checkpoint_every_s) -> Chain:
     rkey = result_key(ev)
-    rounds = sorted(rounds)
     # the same chain in another process (another sweep) is waited for, then reused from the store;
     # chains that start from this one wait for its masks
     with store.computing(poll_s=WAIT_POLL_S, on_wait=lambda: print(
-            f"prunelab: chain {store.hash} is being computed by another process; waiting for it")):
+            f"prunelab: chain {store.hash} is being computed by another process; waiting for it")) as lease:
+        store.adopt_legacy()
         data = data if data is not None else load_dataset(hp.dataset)
         state = store.load_state(on_corrupt=on_corrupt)
         chain = open_chain(hp, state, store.root, data, device)
@@ -108,6 +137,7 @@ def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: C
                     continue
                 mask = store.mask_at(r, fallback=chain.state)
                 res = evaluate_round(hp, ev, data, chain.state.rewind_point, mask, r, device)
+                _still_held(lease, store)
                 store.save_eval(rkey, r, res)
                 if on_eval:
                     on_eval(chain, r, res)
@@ -117,10 +147,14 @@ def run_chain(hp: ChainHparams, ev: EvalHparams, rounds: Sequence[int], store: C
             r = chain.round
             mid_round = {}
             if checkpoint_every_s is not None:
+                def save_partial(payload, r=r):
+                    _still_held(lease, store)
+                    store.save_partial(r, payload)
+
                 mid_round = {"resume": store.load_partial(r, on_corrupt=on_corrupt),
-                             "checkpoint": lambda payload, r=r: store.save_partial(r, payload),
-                             "checkpoint_every_s": checkpoint_every_s}
+                             "checkpoint": save_partial, "checkpoint_every_s": checkpoint_every_s}
             record = chain.step(callback=round_callback(r) if round_callback else None, **mid_round)
+            _still_held(lease, store)
             store.save_state(chain.state)
             store.clear_partial()
             if on_round:

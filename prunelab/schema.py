@@ -98,6 +98,11 @@ EVAL_SPARSITY = "eval_sparsity"
 TEST_ACCURACY = accuracy_name()
 TEST_LOSS, TRAIN_LOSS = "test_loss", "train_loss"
 HESSIAN_STATS = ("min", "max", "mean", "std", "abs_mean", "top_eigenvalue")
+# inside a round (step = epochs of pruning-data training since the chain began: round x epochs per
+# round + epoch), logged at most every few seconds while the round trains; progress only, the
+# round's metrics above are the results
+PROGRESS_TRAIN_LOSS = "progress/train_loss"
+PROGRESS_ROUND = "progress/round"
 # a step's metrics go in one batch with its sentinel, so a logged sentinel means a logged step
 ROUND_SENTINEL = PRUNING_ACCURACY
 EVAL_SENTINEL = EVAL_SPARSITY

@@ -42,9 +42,20 @@ class ChainStore:
         self.hash = hp.hash()
         base = open_root(root)
         self.files: Blobs = base.sub(f"chains/{self.hash}")
-        legacy = hp.legacy_hash()
-        if legacy != self.hash and not self.files.exists("history.jsonl"):
-            _adopt(base.sub(f"chains/{legacy}"), self.files, self.hash)
+        self._base = base
+
+    def adopt_legacy(self) -> bool:
+        """Bring this chain's files over from the folder of its legacy hash (an identity that held
+        machine paths, see `ChainHparams.legacy_hash`) when it has none of its own; True if it did.
+
+        Only the holder of the chain's lease calls this (`runner.run_chain`): a plan or a dry run
+        never moves files. Nothing is adopted while a data root or IDC file of the chain is absent
+        from this machine: its hash then stands for missing data, not for the files the legacy
+        folder was computed on."""
+        legacy = self.hp.legacy_hash()
+        if legacy == self.hash or not self.hp.paths_fingerprinted() or self.files.exists("state.pt"):
+            return False
+        return _adopt(self._base.sub(f"chains/{legacy}"), self.files, self.hash)
 
     @property
     def dir(self) -> Path:
@@ -187,12 +198,14 @@ class ChainStore:
 
     @contextlib.contextmanager
     def computing(self, poll_s: float = POLL_S, every_s: float = HEARTBEAT_S,
-                  on_wait: Optional[Callable[[], None]] = None) -> Iterator[None]:
+                  on_wait: Optional[Callable[[], None]] = None) -> Iterator[Lease]:
         """Hold the chain's lease while the block runs (waiting first while another process holds
         it, checking every `poll_s` seconds), so that one process computes the chain and the others,
-        including trials that need its masks, wait for its results instead of computing them again."""
-        with self.lease(renew_s=every_s).hold(poll_s=poll_s, on_wait=on_wait):
-            yield
+        including trials that need its masks, wait for its results instead of computing them again.
+        The block gets the lease: its `lost` turns True if this process stalled past the expiry and
+        another one took over."""
+        with self.lease(renew_s=every_s).hold(poll_s=poll_s, on_wait=on_wait) as lease:
+            yield lease
 
     def computing_elsewhere(self, stale_s: float = STALE_S) -> bool:
         """True while another live process holds this chain's lease (renewed within `stale_s` seconds;
@@ -225,12 +238,12 @@ class ChainStore:
             return None
 
 
-def _adopt(old: Blobs, new: Blobs, new_hash: str) -> None:
+def _adopt(old: Blobs, new: Blobs, new_hash: str) -> bool:
     """Bring a chain stored under its legacy hash (an identity that held machine paths) to its
     path-free hash: its files are copied (state last, so an interrupted copy is redone), and the old
     folder says where they went."""
-    if not old.exists("history.jsonl") or old.exists(_MIGRATED):
-        return
+    if not old.exists("state.pt") or old.exists(_MIGRATED):
+        return False
     files = []
 
     def walk(prefix: str) -> None:
@@ -251,3 +264,4 @@ def _adopt(old: Blobs, new: Blobs, new_hash: str) -> None:
     old.write(_MIGRATED, json.dumps({"hash": new_hash}).encode())
     print(f"prunelab: {old.root} was stored under a hash that held a data path; it now lives in {new.root}",
           file=sys.stderr)
+    return True

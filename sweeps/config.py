@@ -266,14 +266,13 @@ def apply_overrides(raw: dict, overrides: list[tuple[str, Any]]) -> dict:
         head = key.split(".", 1)[0]
         parts = key.split(".")
         if head == "grid" and len(parts) > 1:  # a grid axis is one dotted chain key: grid.pruning_data.ipc
-            raw.setdefault("grid", {})[AXIS_ALIASES.get(key[5:], key[5:])] = _values(value)
+            _mapping(raw, "grid")[AXIS_ALIASES.get(key[5:], key[5:])] = _values(value)
             continue
         if head == "variants" and len(parts) > 3 and parts[2] in ("grid", "set"):
             variant = _variant(raw, parts[1])
             rest = ".".join(parts[3:])
             for field in ("grid", "set"):
-                if not isinstance(variant.get(field), dict):
-                    variant[field] = {}
+                _mapping(variant, field)
             if parts[2] == "grid":  # variants.distilled.grid.pruning_data.ipc=[1,5]
                 axis = AXIS_ALIASES.get(rest, rest)
                 if not _narrow_zip(parts[1], variant, axis, _values(value), key):
@@ -332,13 +331,12 @@ def _chain_axis(raw: dict, key: str, axis: str, values: list) -> None:
                           "(variants.<name>.set.pruning_data.kind)")
     shared = not variants or len(users) == len(variants)
     if shared:
-        raw.setdefault("grid", {})[axis] = values
+        _mapping(raw, "grid")[axis] = values
     elif isinstance(raw.get("grid"), dict):
         raw["grid"].pop(axis, None)
     for name in users:
         variant = _variant(raw, name)
-        if not isinstance(variant.get("grid"), dict):
-            variant["grid"] = {}
+        _mapping(variant, "grid")
         zipped = _narrow_zip(name, variant, axis, values, key)
         if shared or zipped:
             variant["grid"].pop(axis, None)
@@ -363,6 +361,13 @@ def _narrow_zip(name: str, variant: dict, axis: str, values: list, key: str) -> 
     rows = [row for row in zip(*zipped.values()) if row[list(zipped).index(axis)] in values]
     variant["zip"] = {k: [row[i] for row in rows] for i, k in enumerate(zipped)}
     return True
+
+
+def _mapping(d: dict, key: str) -> dict:
+    """`d[key]` as a mapping to write into, made empty where the preset has none (or `key: null`)."""
+    if not isinstance(d.get(key), dict):
+        d[key] = {}
+    return d[key]
 
 
 def _values(value) -> list:
@@ -430,7 +435,11 @@ def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
             where = f"variant {variant.name!r}" + (f" at {point}" if point else "")
             starts: list[tuple[dict, Optional[ChainHparams]]] = [({}, None)]
             if variant.start_from:
-                starts = by_point.get(shared, {}).get(variant.start_from, [])
+                # a start chain at the same point of the shared grid, and agreeing on the axes both
+                # variants have of their own (`--set ipc=[1,5]` moves ipc from the shared grid into the
+                # grids of the variants that use it: a chain still starts from its own ipc's)
+                starts = [(start_axes, start) for start_axes, start in by_point.get(shared, {}).get(variant.start_from, [])
+                          if all(json.dumps(point[k]) == json.dumps(v) for k, v in start_axes.items() if k in point)]
                 if not starts:
                     raise ConfigError(f"variants.{variant.name}.start_from",
                                       f"no {variant.start_from!r} chain at {dict(shared)} ({where})",

@@ -46,6 +46,7 @@ environment:
   MLFLOW_TRACKING_URI      the tracking store --tracking-uri defaults to
   PRUNELAB_CACHE           the machine's cache (synthetic sets, decoded data, fingerprints; ~/.cache/prunelab)
   PRUNELAB_STORE           the chain store somewhere other than <storage-path>/store
+  PRUNELAB_SYNTHETIC_STORE the distilled sets (default <cache>/synthetic; <storage-path>/synthetic for a bucket)
   PRUNELAB_SHARED_STORAGE  1: a local --storage-path is on a file system every node mounts
   PRUNELAB_LOCAL           the driver's files (figures, SQLite) when --storage-path is a bucket
   AWS_ENDPOINT_URL, AWS_*, GOOGLE_APPLICATION_CREDENTIALS

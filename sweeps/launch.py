@@ -50,7 +50,9 @@ def trial_spec(t: Trial, figure: str, local: Path, extra: dict, store: Optional[
     return {"key": t.key, "variant": t.variant, "label": t.label(), "run_name": t.run_name(), "figure": figure,
             "chain": t.chain.to_dict(),
             "chain_hash": t.chain.hash(), "eval": t.evaluation.to_dict(), "rounds": t.rounds,
-            "store": store or str(local / "store"), "synthetic_store": synthetic, "cache_dir": str(local / "cache"),
+            "store": store or str(local / "store"), "synthetic_store": synthetic,
+            # beside a shared storage path; with a bucket, each node's own cache (the driver's is not there)
+            "cache_dir": None if store and is_uri(store) else str(local / "cache"),
             "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial, "checkpoint_minutes": res.checkpoint_minutes,
             "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None), **extra}
 

@@ -24,7 +24,7 @@ import torch
 from prunelab.evaluation import EvalHparams, result_key
 from prunelab.hparams import ChainHparams, data_fingerprint
 from prunelab.masks import Mask
-from prunelab import schema
+from prunelab import blobs, schema
 from prunelab.schema import round_metrics  # also this module's: `from sweeps.sync import round_metrics`
 from prunelab.store import ChainStore
 
@@ -196,6 +196,16 @@ class TrialLog:
         Inside the back-off after a failure it returns False at once unless `force`."""
         return self._attempt("log the chain's results", lambda: self._sync(history), force)
 
+    def progress(self, metrics: dict, step: int) -> None:
+        """Progress inside a round (`schema.PROGRESS_*`), best effort: skipped while the run is not
+        open or MLflow is in its back-off, never retried (the store keeps the results, not this)."""
+        if self.run is None or time.time() < self._retry_at:
+            return
+        try:
+            self.run.log_metrics(metrics, step)
+        except Exception:  # noqa: BLE001 - a lost progress point is not worth a warning
+            pass
+
     def note(self, text: str, artifact: str) -> None:
         """A text artifact (e.g. `schema.LAST_ERROR_NOTE`), logged with the next successful sync."""
         self.store.add_note(self.notes_folder, artifact.replace("/", "__"), text)
@@ -278,4 +288,4 @@ def catch_up_all(pending: list, tracking_uri: str, wait_s: float) -> list[str]:
             said = True
         time.sleep(min(10.0, max(0.0, deadline - time.time())))
     return [f"{spec['label']} [{spec['key']}]: {why[spec['key']]}; results in "
-            f"{Path(spec['store']) / 'chains' / spec['chain_hash']}" for spec in everyone if spec["key"] in why]
+            f"{blobs.join(spec['store'], 'chains', spec['chain_hash'])}" for spec in everyone if spec["key"] in why]

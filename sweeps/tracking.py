@@ -280,6 +280,14 @@ class ChainRun:
             n += 1
         return n
 
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """One batch of metrics at `step`, tried once."""
+        from mlflow.entities import Metric  # mlflow is loaded by client(); see there why not at the top
+
+        now = int(time.time() * 1000)
+        retry(self.c.log_batch, self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())],
+              attempts=1)
+
     def set_tag(self, key: str, value: str) -> None:
         self._call(self.c.set_tag, self.run_id, key, value)
 

@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import ray
 import torch
@@ -50,16 +51,21 @@ def trial_device(spec: dict) -> str:
 PROGRESS_EVERY_S = 10.0  # the most often a trial reports its progress inside a round to Tune
 
 
-def round_hook(spec: dict, r: int):
-    """The training callback of round r: a progress report to Tune (epoch and loss of the training
-    on the pruning data, at most every PROGRESS_EVERY_S seconds), then the spec's injected fault."""
+def round_hook(spec: dict, r: int, log: Optional[TrialLog] = None):
+    """The training callback of round r: a progress report to Tune and to the chain's MLflow run
+    (epoch and loss of the training on the pruning data, at most every PROGRESS_EVERY_S seconds),
+    then the spec's injected fault."""
     fault = fault_hook(spec, r)
     last = [time.monotonic()]
+    per_round = ChainHparams.from_dict(spec["chain"]).pruning_training.epochs
 
     def hook(epoch, metrics):
         if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
             last[0] = time.monotonic()
-            tune.report({"round": r, "epoch": epoch, "epoch_train_loss": float(metrics.get("train_loss", float("nan")))})
+            loss = float(metrics.get("train_loss", float("nan")))
+            tune.report({"round": r, "epoch": epoch, "epoch_train_loss": loss})
+            if log is not None:
+                log.progress({schema.PROGRESS_TRAIN_LOSS: loss, schema.PROGRESS_ROUND: r}, r * per_round + epoch)
         if fault is not None:
             fault(epoch, metrics)
 
@@ -75,7 +81,8 @@ def _report(metrics: dict, run_id: str, round: int) -> None:
 def chain_trial(config: dict) -> None:
     """Tune entry point. `config["spec"]` is one trial as made by sweeps.launch.trial_spec."""
     spec = config["spec"]
-    os.environ["PRUNELAB_CACHE"] = spec["cache_dir"]
+    if spec.get("cache_dir"):
+        os.environ["PRUNELAB_CACHE"] = spec["cache_dir"]
     if spec.get("synthetic_store"):  # in the sweep's bucket, shared by every node
         os.environ[SYNTHETIC_ENV] = spec["synthetic_store"]
     hp = ChainHparams.from_dict(spec["chain"])
@@ -112,7 +119,7 @@ def _run(spec: dict, hp: ChainHparams, ev: EvalHparams, device: str, log: TrialL
     opened_chain: list = []  # the chain once opened: its history is what a failed trial still logs
 
     def history() -> list:
-        return opened_chain[0].state.history if opened_chain else []
+        return opened_chain[-1].state.history if opened_chain else []
 
     def opened(chain) -> None:
         opened_chain.append(chain)
@@ -131,7 +138,7 @@ def _run(spec: dict, hp: ChainHparams, ev: EvalHparams, device: str, log: TrialL
     try:
         chain = run_chain(hp, ev, spec["rounds"], ChainStore(spec["store"], hp), device=device,
                           on_open=opened, on_round=stepped, on_eval=evaluated,
-                          round_callback=lambda r: round_hook(spec, r),
+                          round_callback=lambda r: round_hook(spec, r, log),
                           checkpoint_every_s=60.0 * float(spec.get("checkpoint_minutes", 10.0)),
                           on_corrupt=lambda msg: log.note(msg, schema.CORRUPT_STATE_NOTE))
         log.finish(chain.state.history, "FINISHED")

@@ -98,7 +98,8 @@ def test_help_names_the_presets_examples_and_environment(capsys):
         parse_args("fig6", ["--help"])
     out = capsys.readouterr().out
     assert "{demo,paper,paper-builtin}" in out and "examples:" in out
-    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PRUNELAB_CACHE", "PRUNELAB_STORE", "AWS_ENDPOINT_URL"):
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PRUNELAB_CACHE", "PRUNELAB_STORE", "PRUNELAB_SYNTHETIC_STORE",
+                "AWS_ENDPOINT_URL"):
         assert var in out
 
 
@@ -117,3 +118,36 @@ def test_a_kind_set_from_the_command_line_decides_who_reads_the_pruning_data_key
                  ("pruning_data.path=/x/data.pt", "pruning_data.kind=idc_file")):
         ts = trials(*sets, "ipc=[10]")
         assert {(t.variant, t.chain.pruning_data.path) for t in ts} == {("imp", "/x/data.pt"), ("distilled", "/x/data.pt")}
+
+
+def fig7_trials(*sets: str):
+    args = parse_args("fig7", [x for s in sets for x in ("--set", s)])
+    sweep, _ = load_sweep("fig7", "demo", _overrides(args), None)
+    return expand(sweep, "fig7")
+
+
+def test_a_chain_key_moved_into_variant_grids_keeps_start_chains_paired():
+    # both the start variant and the one starting from it read ipc, IMP does not: ipc leaves the
+    # shared grid for their own grids, and each follower still starts from the chain of its own ipc
+    ts = fig7_trials("variants.distilled_then_imp.set.pruning_data.kind=distilled",
+                     "variants.distilled_then_imp.set.pruning_data.method=dm", "ipc=[1,5]")
+    followers = [t for t in ts if t.variant == "distilled_then_imp"]
+    assert len(followers) == 2 * 2  # ipc x seed, not ipc x start ipc x seed
+    for t in followers:
+        assert t.chain.start_chain().pruning_data.ipc == t.chain.pruning_data.ipc
+        assert t.chain.start_chain().seed == t.chain.seed
+
+
+def test_a_null_grid_takes_a_set(tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("presets:\n  demo:\n    base: {dataset: {name: digits}}\n    grid: null\n"
+                      "    variants:\n      imp: {grid: null}\n      distilled:\n        grid: null\n"
+                      "        set: {pruning_data: {kind: distilled, method: dm, ipc: 10}}\n")
+    sweep, _ = load_sweep("fig6", "demo", [("seeds", [3, 4]), ("ipc", [2])], str(config))
+    ts = expand(sweep, "fig6")
+    assert {(t.variant, t.chain.seed, t.chain.pruning_data.ipc) for t in ts} == {
+        ("imp", 3, None), ("imp", 4, None), ("distilled", 3, 2), ("distilled", 4, 2)}
+    sweep, _ = load_sweep("fig6", "demo", [("grid.seed", [5]), ("variants.distilled.grid.pruning_data.ipc", [1])],
+                          str(config))
+    assert {(t.variant, t.chain.seed, t.chain.pruning_data.ipc) for t in expand(sweep, "fig6")} == {
+        ("imp", 5, None), ("distilled", 5, 1)}

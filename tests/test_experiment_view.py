@@ -49,3 +49,41 @@ def test_system_metrics_reach_the_run(tmp_path):
     monitor.finish()
     metrics = c.get_run(run.info.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+
+
+def test_progress_inside_a_round_reaches_the_run(tmp_path, monkeypatch):
+    """The training callback of a round reports its epochs to Tune and to the chain's MLflow run,
+    as a series whose step counts pruning-data epochs since the chain began."""
+    from prunelab.hparams import ChainHparams
+    from sweeps import trainable
+    from sweeps.sync import TrialLog
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "prunelab-fig6")
+    parent = MlflowClient(uri).create_run(exp).info.run_id
+    hp = ChainHparams.from_dict({"dataset": {"name": "digits"}, "pruning_training": {"epochs": 4}})
+    spec = {"key": "k1", "variant": "imp", "label": "imp", "figure": "fig6", "chain": hp.to_dict(),
+            "chain_hash": hp.hash(), "eval": {"rounds": [], "lmc": False}, "rounds": [],
+            "store": str(tmp_path / "store"), "tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent}
+    log = TrialLog(spec, quiet=True)
+    assert log.open()
+    reports = []
+    monkeypatch.setattr(trainable.tune, "report", reports.append)
+    monkeypatch.setattr(trainable, "PROGRESS_EVERY_S", 0.0)
+    hook = trainable.round_hook(spec, 2, log)
+    for epoch, loss in ((1, 0.9), (2, 0.7)):
+        hook(epoch, {"train_loss": loss})
+    history = MlflowClient(uri).get_metric_history(log.run_id, schema.PROGRESS_TRAIN_LOSS)
+    assert [(m.step, m.value) for m in history] == [(9, 0.9), (10, 0.7)]
+    assert [r["epoch"] for r in reports] == [1, 2]
+
+
+def test_a_bucket_sweeps_trials_use_their_own_nodes_cache(tmp_path):
+    from sweeps.config import Trial
+    from sweeps.launch import trial_spec
+    from prunelab.evaluation import EvalHparams
+    from prunelab.hparams import ChainHparams
+
+    t = Trial("imp", ChainHparams(), [], EvalHparams(rounds=(), lmc=False), {})
+    assert trial_spec(t, "fig6", tmp_path, {}, store="s3://bucket/runs/store")["cache_dir"] is None
+    assert trial_spec(t, "fig6", tmp_path, {})["cache_dir"] == str(tmp_path / "cache")

@@ -273,13 +273,97 @@ def test_a_store_written_under_a_path_holding_hash_is_found(tmp_path, digits):
     # the store as an older version wrote it: under the legacy hash
     old = tmp_path / "store" / "chains" / with_root.legacy_hash()
     new_store = ChainStore(tmp_path / "elsewhere", hp)
-    new_store.save_state(chain.state)
+    new_store.save_state(dataclasses.replace(chain.state, config_hash=with_root.legacy_hash()))
     old.parent.mkdir(parents=True)
     os.rename(new_store.dir, old)
     store = ChainStore(tmp_path / "store", with_root)
-    assert store.load_state().round == chain.round and store.mask_at(2).equal(chain.mask)
+    # opening the store (a plan, a dry run) moves nothing: only the chain's lease holder adopts
+    assert store.load_state() is None and not (old / "moved.json").exists()
+    done = run_chain(with_root, EvalHparams(rounds=(), lmc=False), [], store, data=digits)
+    assert done.round == chain.round and store.mask_at(2).equal(chain.mask)
+    assert done.state.history == chain.state.history  # adopted, not trained again
     assert json.loads((old / "moved.json").read_text())["hash"] == with_root.hash()
     assert Path(store.dir).name == with_root.hash()
+
+
+def test_a_chain_whose_data_is_absent_adopts_nothing(tmp_path, digits):
+    """Away from its data root (the fingerprint says "absent") a chain's hash stands for missing
+    data: the legacy folder of some other root's files is not adopted under it."""
+    hp = ChainHparams.from_dict({**CHAIN, "dataset": {"name": "digits", "root": str(tmp_path / "not-here")}})
+    assert not hp.paths_fingerprinted()
+    old = tmp_path / "store" / "chains" / hp.legacy_hash()
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"some other machine's chain")
+    (old / "history.jsonl").write_text("")
+    assert not ChainStore(tmp_path / "store", hp).adopt_legacy()
+    assert not (old / "moved.json").exists() and not (tmp_path / "store" / "chains" / hp.hash()).exists()
+
+
+def test_a_data_root_of_links_has_the_fingerprint_of_its_files(tmp_path):
+    """A root whose files are links elsewhere (a cluster's data mount) is fingerprinted by the names
+    under the root and the content: the same as a root holding the files themselves."""
+    from prunelab.fingerprint import clear_memo
+
+    real = tmp_path / "real" / "cifar-10-batches-py"
+    real.mkdir(parents=True)
+    (real / "data_batch_1").write_bytes(b"a" * 300)
+    (real / "test_batch").write_bytes(b"b" * 200)
+    elsewhere = tmp_path / "blobs"
+    elsewhere.mkdir()
+    linked = tmp_path / "linked" / "cifar-10-batches-py"
+    linked.mkdir(parents=True)
+    for name in ("data_batch_1", "test_batch"):
+        (elsewhere / f"{name}.bin").write_bytes((real / name).read_bytes())
+        (linked / name).symlink_to(elsewhere / f"{name}.bin")
+    clear_memo()
+
+    def chain(root):
+        return ChainHparams.from_dict({"dataset": {"name": "cifar10", "root": str(root)}})
+
+    assert chain(tmp_path / "linked").hash() == chain(tmp_path / "real").hash()
+    assert chain(tmp_path / "linked").paths_fingerprinted()
+
+
+def test_a_process_whose_lease_was_taken_over_writes_nothing_more(tmp_path, digits, monkeypatch):
+    """A chain's process that stalled past its lease's expiry while another took the chain over
+    stops before its next write, waits for that process, then finishes from the store, to the same
+    mask as an uninterrupted run."""
+    import prunelab.runner as runner
+
+    monkeypatch.setattr(runner, "WAIT_POLL_S", 0.05)
+    monkeypatch.setattr(ChainStore, "lease", lambda self, ttl_s=120.0, renew_s=30.0: Lease(
+        self.files, "lease", ttl_s=ttl_s, renew_s=0.05))
+    hp = ChainHparams.from_dict(CHAIN)
+    store = ChainStore(tmp_path / "store", hp)
+    rounds_seen, taken = [], threading.Event()
+
+    def other_process() -> None:
+        # the process that took over: holds the lease a while, writes nothing, lets go
+        gen = max(int(n) for n in store.files.list("lease")) + 1
+        doc = {"host": "another-host", "pid": 1, "token": "theirs", "renewed": time.time(), "released": False}
+        assert store.files.create(f"lease/{gen:08d}", json.dumps(doc).encode())
+        taken.set()
+        time.sleep(1.0)
+        rounds_seen.append(store.load_state().round)  # what the first process wrote meanwhile
+        store.files.write(f"lease/{gen:08d}", json.dumps({**doc, "released": True}).encode())
+
+    thread = threading.Thread(target=other_process)
+
+    def callback(r):
+        def hook(epoch, metrics):
+            if r == 1 and not thread.is_alive() and not taken.is_set():
+                thread.start()
+                taken.wait()
+                time.sleep(0.3)  # the renewal notices the newer generation
+        return hook
+
+    done = run_chain(hp, EvalHparams(rounds=(), lmc=False), [], store, data=digits, round_callback=callback)
+    thread.join()
+    assert rounds_seen == [1]  # round 1's end was not written while the other process held the chain
+    plain = Chain(hp, "cpu", data=digits)
+    plain.run()
+    assert done.round == 2 and done.mask.equal(plain.mask)
+    assert store.load_state().round == 2
 
 
 class Switch:
@@ -400,3 +484,16 @@ def test_an_adopted_store_resumes(tmp_path, digits):
     longer = hp.replace(pruning=hp.pruning.replace(rounds=3))
     done = run_chain(longer, EvalHparams(rounds=(), lmc=False), [], ChainStore(tmp_path / "store", longer), data=digits)
     assert done.round == 3
+
+
+def test_a_local_copy_keeps_its_source(tmp_path):
+    """The previous state is a second name for the file, made atomically: `state.pt` never goes
+    missing in between, a later rewrite of it leaves the copy alone, and a missing source is no error."""
+    files = open_root(tmp_path)
+    files.write("state.pt", b"round 1")
+    files.copy("state.pt", "state.prev.pt")
+    assert files.read("state.pt") == b"round 1" and files.read("state.prev.pt") == b"round 1"
+    files.write("state.pt", b"round 2")
+    assert files.read("state.prev.pt") == b"round 1"
+    files.copy("absent.pt", "state.prev.pt")
+    assert files.read("state.prev.pt") == b"round 1" and sorted(files.list("")) == ["state.prev.pt", "state.pt"]
