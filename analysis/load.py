@@ -84,6 +84,17 @@ class Chain:
         return self.params.get(schema.PRUNING_KIND_PARAM, "real")
 
     @property
+    def method(self) -> str:
+        """How the chain finds its masks (param `pruning.method`): magnitude (IMP, distilled pruning;
+        runs from before the parameter existed), or a source at initialization (snip, synflow, ...)."""
+        return self.params.get(schema.METHOD_PARAM, "magnitude")
+
+    @property
+    def at_init(self) -> bool:
+        """A chain whose masks are found at initialization (`pruning.method` other than magnitude)."""
+        return self.method != "magnitude"
+
+    @property
     def seed_scope(self) -> str:
         """What the run's seed varies (param `seed_scope`): `all`, or `training` (one mask per chain)."""
         return self.params.get(schema.SEED_SCOPE_PARAM, "all")
@@ -121,11 +132,11 @@ class Chain:
     @property
     def is_imp(self) -> bool:
         """Plain IMP on the real data (any rewind epoch), not IMP started from another chain's mask."""
-        return self.kind == "real" and not self.then_imp and not self.is_dense
+        return self.kind == "real" and not self.then_imp and not self.is_dense and not self.at_init
 
     @property
     def is_synthetic(self) -> bool:
-        return not (self.is_imp or self.then_imp or self.is_dense)
+        return not (self.is_imp or self.then_imp or self.is_dense or self.at_init)
 
     @property
     def label(self) -> str:
@@ -207,6 +218,10 @@ class Chain:
 
     def download(self, path: str) -> Optional[str]:
         return self._sweep.download(self.run_id, path)
+
+    def mask_file(self, rnd: int) -> Optional[str]:
+        """Local copy of round `rnd`'s mask (`masks/round_XX.pt`, a plain torch file), if logged."""
+        return self._round_file(schema.MASKS_DIR, rnd)
 
     def _round_file(self, folder: str, rnd: int) -> Optional[str]:
         """Local copy of `folder/round_XX.*`; the whole folder is fetched in one call the first time."""

@@ -47,6 +47,11 @@ MODELS = ("convnet3", "resnet10_bn", "resnet18_bn")
 
 DISTILLERS = ("idc", "dm")  # pruning_data.kind = distilled, pruning_data.method = one of these
 CORESETS = ("random_subset", "herding")  # pruning_data.kind = one of these
+# pruning.method: "magnitude" trains on the pruning data and prunes the smallest weights (IMP,
+# distilled pruning); the others find a round's mask at initialization (`prunelab.sources.SOURCES`)
+INIT_SOURCES = ("random", "magnitude_init", "snip", "grasp", "synflow")
+MASK_METHODS = ("magnitude",) + INIT_SOURCES
+ALLOCATIONS = ("global", "layerwise", "erk")  # pruning.scope: how the kept weights spread over layers
 
 # The version of prunelab's synthetic-set code: a set it builds (and every mask found on one) changes
 # with it, so it is part of the synthetic store's keys and of such chains' hashes. Bump it when a

@@ -22,9 +22,11 @@ from .data import DataSplit, ImageData, load_dataset
 from .errors import ConfigError, CorruptFileError
 from .files import frame, unframe
 from .hparams import ChainHparams, TrainingHparams
+from .allocation import select
 from .masks import Mask, density_after, magnitude_prune, masked_state
 from .models import build_model
 from .seeds import derive_seed, mask_seed
+from .sources import DATA_FREE, find_mask
 from .stacked import train_copies
 from .synthetic import load_pruning_data
 from .train import evaluate, examples_drawn, resolve_device, steps_per_epoch, train
@@ -219,6 +221,8 @@ class Chain:
         epoch ends); `resume=payload` continues this round's training from it (see `train.train`)."""
         if self.done:
             raise RuntimeError(f"chain already finished its {self.hp.pruning.rounds} rounds")
+        if self.hp.pruning.method != "magnitude":
+            return self._step_at_init()
         r = self.state.round
         hp = self.hp.pruning_training
         seed = mask_seed(self.hp)
@@ -231,8 +235,11 @@ class Chain:
         fit = evaluate(model, self.pruning_data, device=self.device, batch_size=hp.eval_batch_size)
         target = int(round(self.state.mask.total * density_after(r + 1, self.hp.pruning.fraction)))
         weights = {k: v.detach() for k, v in model.state_dict().items()}
-        new_mask = magnitude_prune(self.state.mask, weights, target_remaining=min(target, self.state.mask.remaining),
-                                   scope=self.hp.pruning.scope)
+        target = min(target, self.state.mask.remaining)
+        if self.hp.pruning.scope == "erk":
+            new_mask = select({n: weights[n].abs() for n in self.state.mask}, self.state.mask, target, "erk")
+        else:
+            new_mask = magnitude_prune(self.state.mask, weights, target_remaining=target, scope=self.hp.pruning.scope)
         record = {
             "round": r,
             "trained_sparsity": self.state.mask.sparsity,
@@ -241,6 +248,47 @@ class Chain:
             "pruning_accuracy": fit["accuracy"],
             "pruning_set_size": len(self.pruning_data),
             "pruning_images_seen": examples_drawn(len(self.pruning_data), hp.batch_size, res.steps),
+        }
+        self.state.mask = new_mask
+        self.state.round = r + 1
+        self.state.history.append(record)
+        return record
+
+    def score_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real training images a mask at initialization is scored on: the first
+        `pruning.score_examples` of the chain's seeded order, normalized, unaugmented."""
+        data = self.data.train
+        g = torch.Generator().manual_seed(derive_seed(mask_seed(self.hp), "score", "order"))
+        idx = torch.randperm(len(data), generator=g)[:self.hp.pruning.score_examples]
+        return data.normalize(data.pixels(data.x[idx].to(self.device))), data.y[idx].to(self.device)
+
+    def _step_at_init(self) -> dict:
+        """One round of a chain whose masks are found at initialization (`pruning.method`): the mask
+        at the next round's sparsity, one-shot from the dense rewind point (synflow: iteratively)."""
+        r = self.state.round
+        p = self.hp.pruning
+        model = self.new_model()
+        dense = Mask.ones_like(model, p.prune_classifier)
+        model = load_subnetwork(model, self.state.rewind_point, dense).to(self.device)
+        target = int(round(dense.total * density_after(r + 1, p.fraction)))
+        batch = self.score_batch()
+        new_mask = find_mask(p.method, model, dense, target, scope=p.scope,
+                             batch=None if p.method in DATA_FREE else batch,
+                             seed=derive_seed(mask_seed(self.hp), "source"), iterations=p.synflow_iterations,
+                             input_shape=self.data.train.shape)
+        # how the masked initialization does on the scored images: the round's record, like IMP's fit
+        model = load_subnetwork(model, self.state.rewind_point, new_mask).to(self.device).eval()
+        with torch.no_grad():
+            logits = model(batch[0])
+        scored = 0 if p.method in DATA_FREE else len(batch[1])
+        record = {
+            "round": r,
+            "trained_sparsity": self.state.mask.sparsity,
+            "sparsity": new_mask.sparsity,
+            "pruning_train_loss": float(torch.nn.functional.cross_entropy(logits.float(), batch[1])),
+            "pruning_accuracy": float((logits.argmax(1) == batch[1]).float().mean()),
+            "pruning_set_size": scored,
+            "pruning_images_seen": scored,
         }
         self.state.mask = new_mask
         self.state.round = r + 1

@@ -121,6 +121,17 @@ def forward_cost(n: int, flops: float, batch_size: int) -> Cost:
     return Cost(math.ceil(n / batch_size), n * flops)
 
 
+def init_source_cost(hp: ChainHparams, flops: float) -> Cost:
+    """One round of a chain that finds its masks at initialization (`pruning.method`): snip scores
+    with one forward and backward pass over `score_examples` images, grasp with two and a double
+    backward, synflow with one pass of a single image per iteration, the others with none; then the
+    scored images once through the masked network."""
+    p = hp.pruning
+    n = p.score_examples
+    passes = {"snip": 3 * n, "grasp": 9 * n, "synflow": 3 * p.synflow_iterations}.get(p.method, 0)
+    return Cost(1 + (p.synflow_iterations if p.method == "synflow" else 0), (passes + n) * flops)
+
+
 def _source(hp: ChainHparams) -> str:
     """What the pruning data is: real, idc_file, or the synthetic source (idc, dm, random_subset, herding)."""
     pd = hp.pruning_data
@@ -213,6 +224,8 @@ def chain_cost(hp: ChainHparams, ev, rounds, reached: Optional[int] = None, eval
     # only real-data pruning training continues from the rewind point (as Chain.step)
     start = rewind_start_step(hp, n_train, tr.batch_size) if hp.pruning_data.kind == "real" else 0
     per_round = training_cost(tr, n_prune, f, start) + forward_cost(n_prune, f, tr.eval_batch_size)
+    if hp.pruning.method != "magnitude":  # a mask at initialization: a few passes, no training
+        per_round = init_source_cost(hp, f)
     first = hp.start_round if hp.start_from is not None else 0
     pruning = max(0, hp.pruning.rounds - max(first, reached or 0)) * per_round
     if hp.pruning.rewind_epoch and reached is None:

@@ -42,6 +42,9 @@ class EvalHparams(Hparams):
     landscape_hparams: LandscapeHparams = hp(LandscapeHparams(), "landscape settings")
     hessian: bool = hp(False, "Hessian diagonal statistics of a trained copy")
     hessian_hparams: HessianHparams = hp(HessianHparams(), "Hessian settings")
+    masks_every_round: bool = hp(False, "log every round's mask to MLflow (mask anatomy across rounds), not only "
+                                        "the evaluated rounds'; nothing is measured differently",
+                                 hashed_at_default=False)
 
     def _validate(self, p):
         for i, s in enumerate(self.sparsities):
@@ -170,7 +173,8 @@ def result_key(ev: EvalHparams) -> str:
     An LMC evaluation that records both BN modes (the default) gets a key of its own: one stored
     before both modes were recorded holds one mode and is not this result (evaluations without LMC
     keep their keys; `both_bn_modes: false` is a new key too, as the field is then hashed)."""
-    core = ev.replace(sparsities=(), rounds=(), every_round=False, controls=tuple(sorted(ev.controls)))
+    core = ev.replace(sparsities=(), rounds=(), every_round=False, controls=tuple(sorted(ev.controls)),
+                      masks_every_round=False)
     if ev.lmc and ev.lmc_hparams.both_bn_modes:
         return hashlib.sha256((core.canonical_json() + "|lmc-both-bn-modes").encode()).hexdigest()[:16]
     return core.hash()

@@ -320,10 +320,25 @@ class PruningHparams(Hparams):
     fraction: float = hp(0.2, "fraction of the remaining weights pruned per round")
     rounds: int = hp(10, "pruning rounds (sparsity after r rounds: 1 - (1 - fraction)^r)")
     rewind_epoch: int = hp(0, "rewind point: 0 = initialization, k = weights after k epochs on real data")
-    scope: Literal["global", "layerwise"] = hp("global", "magnitude threshold over all layers or per layer")
+    scope: Literal["global", "layerwise", "erk"] = hp(
+        "global", "how the kept weights spread over layers: one ranking over all layers (global), the same "
+                  "density in every layer (layerwise), Erdős–Rényi-kernel densities (erk)")
     prune_classifier: bool = hp(True, "also prune the final linear layer")
+    method: Literal["magnitude", "random", "magnitude_init", "snip", "grasp", "synflow"] = hp(
+        "magnitude", "how a round's mask is found: magnitude (train on the pruning data, prune the smallest "
+                     "weights: IMP, distilled pruning), or at initialization, one-shot from the dense network at "
+                     "each round's sparsity: random, magnitude_init, snip, grasp, synflow (iterative, data-free)",
+        hashed_at_default=False)
+    score_examples: int = hp(256, "real training images (the chain's seeded order) snip and grasp score on",
+                             hashed_at_default=False)
+    synflow_iterations: int = hp(100, "pruning iterations of synflow to each round's sparsity",
+                                 hashed_at_default=False)
 
     def _validate(self, p):
+        require(self.score_examples > 0, p + "score_examples", f"must be positive, got {self.score_examples}",
+                "e.g. 256 (ten per class or more)")
+        require(self.synflow_iterations > 0, p + "synflow_iterations",
+                f"must be positive, got {self.synflow_iterations}", "e.g. 100, as the SynFlow paper")
         require(0 < self.fraction < 1, p + "fraction", f"must be in (0, 1), got {self.fraction}",
                 "use e.g. 0.2 to remove 20% of the remaining weights per round")
         require(self.rounds >= 0, p + "rounds", f"must be >= 0, got {self.rounds}")
@@ -467,6 +482,13 @@ class ChainHparams(Hparams):
                     f"set start_from.pruning.rounds >= {self.start_round}")
             require(self.pruning.rounds > self.start_round, p + "pruning.rounds",
                     f"must exceed start_round={self.start_round}", "count rounds from the dense network")
+        if self.pruning.method != "magnitude":
+            require(self.pruning_data.kind == "real", p + "pruning_data.kind",
+                    f"pruning.method={self.pruning.method!r} finds masks at initialization (scored on real data "
+                    f"where it needs data), not on kind={self.pruning_data.kind!r}",
+                    "drop pruning_data, or use pruning.method: magnitude")
+            require(self.start_from is None, p + "start_from", f"pruning.method={self.pruning.method!r} finds "
+                    "each round's mask from the dense network", "start a magnitude chain from another's mask instead")
         if self.pruning_data.kind == "real" and self.pruning.rewind_epoch > 0:
             require(self.pruning.rewind_epoch < self.training.epochs, p + "pruning.rewind_epoch",
                     f"rewind epoch {self.pruning.rewind_epoch} is not before the end of training "

@@ -81,6 +81,8 @@ START_IPC_PARAM = "start_from.pruning_data.ipc"
 PRUNING_KIND_PARAM = "pruning_data.kind"
 PRUNING_IPC_PARAM = "pruning_data.ipc"
 REWIND_EPOCH_PARAM = "pruning.rewind_epoch"
+METHOD_PARAM = "pruning.method"  # magnitude (IMP, distilled pruning) or a source at initialization
+SCOPE_PARAM = "pruning.scope"
 FRACTION_PARAM = "pruning.fraction"
 ROUNDS_PARAM = "pruning.rounds"
 MODEL_WIDTH_PARAM = "model.width"
@@ -148,7 +150,7 @@ FIGURES_DIR = "figures"  # parent run: figures, tables and the report
 LMC_DIR, HESSIAN_DIR, LANDSCAPE_DIR, MASKS_DIR = "lmc", "hessian", "landscape", "masks"
 CORRUPT_STATE_NOTE = "warnings/corrupt_state.txt"
 LAST_ERROR_NOTE = "warnings/last_error.txt"
-ROUND_FILE_RE = re.compile(r"round_(\d+)\.(json|npz)$")  # the rounds analysis/ lists in a folder
+ROUND_FILE_RE = re.compile(r"round_(\d+)\.(json|npz|pt)$")  # the rounds analysis/ lists in a folder
 
 
 def round_file(r: int, ext: str) -> str:

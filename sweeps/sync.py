@@ -38,12 +38,19 @@ BACKOFF_MAX_S = 300.0
 
 
 def sync_run(run: ChainRun, store: ChainStore, history: list[dict], rkey: str, rounds: list[int],
-             logged: set) -> None:
+             logged: set, masks_every_round: bool = False) -> None:
     """Log what the store holds and the run lacks: round metrics, evaluation metrics, artifacts.
 
     `logged` (kept by the caller across syncs) holds the rounds whose evaluation is logged, which
     are not read again; a round joins it once its artifacts and metrics are in (artifacts go to fixed
-    paths, so a sync cut short logs them again harmlessly)."""
+    paths, so a sync cut short logs them again harmlessly). A round's mask is logged with its
+    evaluation, or with the round itself when `masks_every_round`."""
+    if masks_every_round:
+        done = run.logged_steps(schema.ROUND_SENTINEL)
+        with tempfile.TemporaryDirectory() as d:
+            for h in history:
+                if h["round"] not in done:  # before the round's metrics: a sync cut short logs it again
+                    log_mask(run, store, h["round"] + 1, Path(d))
     run.log_steps(((h["round"], round_metrics(h)) for h in history), sentinel=schema.ROUND_SENTINEL)
     new = [(r, res) for r in rounds if r not in logged and (res := store.load_eval(rkey, r)) is not None]
     for r, res in new:
@@ -71,14 +78,20 @@ def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> N
             p = Path(d) / schema.round_file(r, "npz")
             p.write_bytes(buf.getvalue())
             run.log_file(str(p), schema.LANDSCAPE_DIR)
-        mask = store.mask_bytes(r)
-        if mask is not None:  # logged as schema.mask_artifact(r), a plain torch file, and its checksum
-            buf = io.BytesIO()
-            torch.save(dict(Mask.from_bytes(mask, source=f"round {r}'s mask")), buf)
-            p = Path(d) / schema.round_file(r, "pt")
-            p.write_bytes(buf.getvalue())
-            run.log_file(str(p), schema.MASKS_DIR)
-            run.log_text(f"{hashlib.sha256(buf.getvalue()).hexdigest()}  {p.name}\n", schema.mask_checksum_artifact(r))
+        log_mask(run, store, r, Path(d))
+
+
+def log_mask(run: ChainRun, store: ChainStore, r: int, scratch: Path) -> None:
+    """Round r's stored mask as `schema.mask_artifact(r)`, a plain torch file, with its checksum."""
+    mask = store.mask_bytes(r)
+    if mask is None:
+        return
+    buf = io.BytesIO()
+    torch.save(dict(Mask.from_bytes(mask, source=f"round {r}'s mask")), buf)
+    p = scratch / schema.round_file(r, "pt")
+    p.write_bytes(buf.getvalue())
+    run.log_file(str(p), schema.MASKS_DIR)
+    run.log_text(f"{hashlib.sha256(buf.getvalue()).hexdigest()}  {p.name}\n", schema.mask_checksum_artifact(r))
 
 
 def dataset_inputs(hp: ChainHparams, pruning_meta: Optional[dict] = None) -> list[dict]:
@@ -121,7 +134,9 @@ class TrialLog:
         self.attempts = attempts
         self.quiet = quiet
         self.store = ChainStore(spec["store"], ChainHparams.from_dict(spec["chain"]))
-        self.rkey = result_key(EvalHparams.from_dict(spec["eval"]))
+        ev = EvalHparams.from_dict(spec["eval"])
+        self.rkey = result_key(ev)
+        self.masks_every_round = ev.masks_every_round
         self.rounds = list(spec["rounds"])
         self.notes_folder = spec["key"]  # notes/<trial key>/ in the chain's store folder
         self.logged_evals: set = set()
@@ -185,7 +200,7 @@ class TrialLog:
     def _sync(self, history: list[dict]) -> None:
         self._open()
         self._flush_pending()
-        sync_run(self.run, self.store, history, self.rkey, self.rounds, self.logged_evals)
+        sync_run(self.run, self.store, history, self.rkey, self.rounds, self.logged_evals, self.masks_every_round)
 
     def open(self) -> bool:
         """Find or create the run (it stays unopened, and the trial goes on, if MLflow is away)."""
