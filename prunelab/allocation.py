@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .errors import ConfigError
 from .masks import Mask
 
-SCOPES = ("global", "layerwise", "erk")
+SCOPES = ("global", "layerwise", "erk", "chain")
 
 
 def check_scope(scope: str) -> None:
     """ConfigError naming `pruning.scope` unless `scope` is one of SCOPES."""
     if scope not in SCOPES:
-        raise ConfigError("pruning.scope", f"unknown scope {scope!r}", "use global, layerwise or erk")
+        raise ConfigError("pruning.scope", f"unknown scope {scope!r}", "use global, layerwise, erk or chain")
 
 
 def erk_densities(shapes: dict[str, tuple[int, ...]], density: float) -> dict[str, float]:
@@ -59,16 +60,20 @@ def _prune_lowest(scores: torch.Tensor, keep: torch.Tensor, n_keep: int) -> torc
     return out
 
 
-def select(scores: dict[str, torch.Tensor], mask: Mask, target_remaining: int, scope: str = "global") -> Mask:
+def select(scores: dict[str, torch.Tensor], mask: Mask, target_remaining: int, scope: str = "global",
+           layer_counts: Optional[dict[str, int]] = None) -> Mask:
     """A new Mask keeping the highest-scoring weights among those `mask` keeps (pruned weights never return).
 
     "global": one ranking over all layers, exactly `target_remaining` kept. "layerwise": every layer keeps
     the same fraction of its remaining weights, rounded per layer. "erk": every layer keeps
     round(n_l * erk_densities(...)[l]) at density target_remaining / mask.total, capped by what it has
     left; with "layerwise" and "erk" the total may differ from `target_remaining` by rounding (and, for
-    "erk", by the cap). NaN scores count as lowest; ties are broken by position (deterministic).
+    "erk", by the cap). "chain": every layer keeps `layer_counts[l]` (another chain's mask's counts,
+    capped by what it has left). NaN scores count as lowest; ties are broken by position (deterministic).
     """
     check_scope(scope)
+    if (scope == "chain") != (layer_counts is not None):
+        raise ValueError("layer_counts go with scope 'chain', and only with it")
     remaining = mask.remaining
     if not 0 <= target_remaining <= remaining:
         raise ConfigError("pruning", f"cannot keep {target_remaining} of {remaining} remaining weights")
@@ -89,7 +94,9 @@ def select(scores: dict[str, torch.Tensor], mask: Mask, target_remaining: int, s
             i += keep[n].numel()
         return out
 
-    if scope == "layerwise":
+    if scope == "chain":
+        counts = {n: min(int(layer_counts[n]), int(keep[n].sum())) for n in mask}
+    elif scope == "layerwise":
         frac = target_remaining / max(remaining, 1)
         counts = {n: int(round(int(keep[n].sum()) * frac)) for n in mask}
     else:

@@ -51,7 +51,7 @@ CORESETS = ("random_subset", "herding")  # pruning_data.kind = one of these
 # distilled pruning); the others find a round's mask at initialization (`prunelab.sources.SOURCES`)
 INIT_SOURCES = ("random", "magnitude_init", "snip", "grasp", "synflow")
 MASK_METHODS = ("magnitude",) + INIT_SOURCES
-ALLOCATIONS = ("global", "layerwise", "erk")  # pruning.scope: how the kept weights spread over layers
+ALLOCATIONS = ("global", "layerwise", "erk", "chain")  # pruning.scope: how the kept weights spread over layers
 
 # The version of prunelab's synthetic-set code: a set it builds (and every mask found on one) changes
 # with it, so it is part of the synthetic store's keys and of such chains' hashes. Bump it when a

@@ -151,8 +151,10 @@ class Chain:
 
     def __init__(self, hp: ChainHparams, device="cpu", *, data: Optional[DataSplit] = None,
                  pruning_data: Optional[ImageData] = None, state: Optional[ChainState] = None,
-                 start_mask: Optional[Mask] = None, start_round: int = 0):
+                 start_mask: Optional[Mask] = None, start_round: int = 0,
+                 allocation: Optional[dict[int, Mask]] = None):
         self.hp = hp
+        self.allocation = allocation or {}  # round -> the allocation chain's mask (pruning.scope: chain)
         self.device = resolve_device(device)
         self.data = data if data is not None else load_dataset(hp.dataset)
         self.pruning_data = pruning_data if pruning_data is not None else load_pruning_data(hp, self.data, self.device)
@@ -236,8 +238,9 @@ class Chain:
         target = int(round(self.state.mask.total * density_after(r + 1, self.hp.pruning.fraction)))
         weights = {k: v.detach() for k, v in model.state_dict().items()}
         target = min(target, self.state.mask.remaining)
-        if self.hp.pruning.scope == "erk":
-            new_mask = select({n: weights[n].abs() for n in self.state.mask}, self.state.mask, target, "erk")
+        if self.hp.pruning.scope in ("erk", "chain"):
+            new_mask = select({n: weights[n].abs() for n in self.state.mask}, self.state.mask, target,
+                              self.hp.pruning.scope, layer_counts=self.layer_counts(r + 1))
         else:
             new_mask = magnitude_prune(self.state.mask, weights, target_remaining=target, scope=self.hp.pruning.scope)
         record = {
@@ -253,6 +256,20 @@ class Chain:
         self.state.round = r + 1
         self.state.history.append(record)
         return record
+
+    def layer_counts(self, round: int) -> Optional[dict[str, int]]:
+        """With `pruning.scope: chain`, each layer's count of kept weights in the allocation chain's mask
+        of `round`; else None."""
+        if self.hp.pruning.scope != "chain":
+            return None
+        if round not in self.allocation:
+            raise ConfigError("allocation_from", f"no mask of round {round} of the allocation chain was given",
+                              "open the chain through prunelab.runner, which computes that chain's masks")
+        other = self.allocation[round]
+        if list(other) != list(self.state.mask):
+            raise ConfigError("allocation_from", "the allocation chain's mask has other layers",
+                              "take the allocation of a chain of the same model and pruning settings")
+        return {n: int(m.sum()) for n, m in other.items()}
 
     def score_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real training images a mask at initialization is scored on: the first
@@ -275,7 +292,7 @@ class Chain:
         new_mask = find_mask(p.method, model, dense, target, scope=p.scope,
                              batch=None if p.method in DATA_FREE else batch,
                              seed=derive_seed(mask_seed(self.hp), "source"), iterations=p.synflow_iterations,
-                             input_shape=self.data.train.shape)
+                             input_shape=self.data.train.shape, layer_counts=self.layer_counts(r + 1))
         # how the masked initialization does on the scored images: the round's record, like IMP's fit
         model = load_subnetwork(model, self.state.rewind_point, new_mask).to(self.device).eval()
         with torch.no_grad():

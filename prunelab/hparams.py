@@ -320,9 +320,10 @@ class PruningHparams(Hparams):
     fraction: float = hp(0.2, "fraction of the remaining weights pruned per round")
     rounds: int = hp(10, "pruning rounds (sparsity after r rounds: 1 - (1 - fraction)^r)")
     rewind_epoch: int = hp(0, "rewind point: 0 = initialization, k = weights after k epochs on real data")
-    scope: Literal["global", "layerwise", "erk"] = hp(
+    scope: Literal["global", "layerwise", "erk", "chain"] = hp(
         "global", "how the kept weights spread over layers: one ranking over all layers (global), the same "
-                  "density in every layer (layerwise), Erdős–Rényi-kernel densities (erk)")
+                  "density in every layer (layerwise), Erdős–Rényi-kernel densities (erk), or each layer's "
+                  "count in another chain's mask of the same round (chain: see allocation_from)")
     prune_classifier: bool = hp(True, "also prune the final linear layer")
     method: Literal["magnitude", "random", "magnitude_init", "snip", "grasp", "synflow"] = hp(
         "magnitude", "how a round's mask is found: magnitude (train on the pruning data, prune the smallest "
@@ -407,13 +408,15 @@ def _without_paths(hp: "ChainHparams") -> tuple["ChainHparams", list[str]]:
     if hp.pruning_data.path is not None:
         marks.append(f"idc:{fingerprint.file_fingerprint(hp.pruning_data.path) or 'absent'}")
         hp = hp.replace(pruning_data=hp.pruning_data.replace(path=None))
-    if hp.start_from is not None:
-        start, start_marks = _without_paths(ChainHparams.from_dict(hp.start_from, "start_from"))
-        if start_marks:
-            hp = hp.replace(start_from={**hp.start_from,
-                                        "dataset": {**hp.start_from.get("dataset", {}), "root": None},
-                                        "pruning_data": {**hp.start_from.get("pruning_data", {}), "path": None}})
-            marks += [f"start-{m}" for m in start_marks]
+    for field_name, prefix in (("start_from", "start"), ("allocation_from", "alloc")):
+        other = getattr(hp, field_name)
+        if other is None:
+            continue
+        _, other_marks = _without_paths(ChainHparams.from_dict(other, field_name))
+        if other_marks:
+            hp = hp.replace(**{field_name: {**other, "dataset": {**other.get("dataset", {}), "root": None},
+                                            "pruning_data": {**other.get("pruning_data", {}), "path": None}}})
+            marks += [f"{prefix}-{m}" for m in other_marks]
     return hp, marks
 
 
@@ -435,6 +438,9 @@ class ChainHparams(Hparams):
     start_from: Optional[dict] = hp(None, "chain config whose mask at start_round this chain starts from "
                                           "(IMP from a synthetic subnetwork, Fig. 7)")
     start_round: int = hp(0, "round of start_from's mask; this chain's rounds continue from it")
+    allocation_from: Optional[dict] = hp(None, "chain config whose mask at each round gives this chain's "
+                                               "per-layer counts at that round (pruning.scope: chain), e.g. "
+                                               "IMP's: the same allocation, other weights", hashed_at_default=False)
 
     def hash(self, length: int = 16) -> str:
         """Content hash without `pruning.rounds` (the mask of round r does not depend on how many
@@ -443,6 +449,9 @@ class ChainHparams(Hparams):
         of its content (`prunelab.fingerprint`), so one chain has one hash on every machine."""
         core = self.replace(pruning=self.pruning.replace(rounds=0),
                             pruning_data=self.pruning_data.replace(store=None))
+        if core.allocation_from is not None:  # it runs as far as this chain, whatever length it was given
+            alloc = core.allocation_chain()
+            core = core.replace(allocation_from=alloc.replace(pruning=alloc.pruning.replace(rounds=0)).to_dict())
         core, data = _without_paths(core)
         return self._digest(core, "".join(f"|data-{d}" for d in data), length)
 
@@ -472,6 +481,13 @@ class ChainHparams(Hparams):
     def start_chain(self) -> Optional["ChainHparams"]:
         return None if self.start_from is None else ChainHparams.from_dict(self.start_from, "start_from")
 
+    def allocation_chain(self) -> Optional["ChainHparams"]:
+        """The chain whose masks give this one's per-layer counts, run as far as this one."""
+        if self.allocation_from is None:
+            return None
+        other = ChainHparams.from_dict(self.allocation_from, "allocation_from")
+        return other.replace(pruning=other.pruning.replace(rounds=self.pruning.rounds))
+
     def _validate(self, p):
         if self.start_from is not None:
             start = ChainHparams.from_dict(self.start_from, p + "start_from")
@@ -482,6 +498,19 @@ class ChainHparams(Hparams):
                     f"set start_from.pruning.rounds >= {self.start_round}")
             require(self.pruning.rounds > self.start_round, p + "pruning.rounds",
                     f"must exceed start_round={self.start_round}", "count rounds from the dense network")
+        require((self.pruning.scope == "chain") == (self.allocation_from is not None), p + "pruning.scope",
+                f"scope {self.pruning.scope!r} with allocation_from {'set' if self.allocation_from else 'unset'}",
+                "use pruning.scope: chain together with allocation_from (another chain's config), or neither")
+        if self.allocation_from is not None:
+            other = ChainHparams.from_dict(self.allocation_from, p + "allocation_from")
+            for key in ("fraction", "prune_classifier"):
+                require(getattr(other.pruning, key) == getattr(self.pruning, key), f"{p}allocation_from.pruning.{key}",
+                        f"{getattr(other.pruning, key)} differs from this chain's {getattr(self.pruning, key)}",
+                        "take the allocation of a chain on the same pruning schedule")
+            require(other.model == self.model, p + "allocation_from.model", "another architecture",
+                    "take the allocation of a chain of the same model")
+            require(other.allocation_from is None, p + "allocation_from.allocation_from",
+                    "an allocation taken from a chain that takes its own from another", "name that other chain")
         if self.pruning.method != "magnitude":
             require(self.pruning_data.kind == "real", p + "pruning_data.kind",
                     f"pruning.method={self.pruning.method!r} finds masks at initialization (scored on real data "

@@ -35,41 +35,55 @@ def _stored_mask(store: ChainStore, round: int) -> Optional[Mask]:
         return None
 
 
-def start_mask(hp: ChainHparams, store_root: str, data: DataSplit, device) -> Mask:
-    """The mask a combined chain (`start_from`) starts from, computing its start chain (via the
-    store) if needed.
+def chain_masks(other: ChainHparams, rounds: Sequence[int], store_root: str, data: DataSplit, device
+                ) -> dict[int, Mask]:
+    """The masks of chain `other` at `rounds`, computing that chain (via the store) as far as needed:
+    the start of a combined chain (`start_from`), or the per-layer allocation of another (`allocation_from`).
 
-    When another process is computing that chain right now (it holds the chain's lease), this
-    waits for the mask instead of training the same chain a second time; if that process goes away
-    first, this one continues the chain from the store."""
-    start_hp = hp.start_chain()
-    start_store = ChainStore(store_root, start_hp)
-    mask = _stored_mask(start_store, hp.start_round)
-    while mask is None and start_store.computing_elsewhere():
+    When another process is computing that chain right now (it holds the chain's lease), this waits
+    for the masks instead of training the same chain a second time; if that process goes away first,
+    this one continues the chain from the store."""
+    store = ChainStore(store_root, other)
+    rounds = sorted(set(rounds))
+
+    def stored() -> dict[int, Optional[Mask]]:
+        return {r: _stored_mask(store, r) for r in rounds}
+
+    masks = stored()
+    while any(m is None for m in masks.values()) and store.computing_elsewhere():
         time.sleep(WAIT_POLL_S)
-        mask = _stored_mask(start_store, hp.start_round)
-    if mask is not None:
-        return mask
-    with start_store.computing(poll_s=WAIT_POLL_S) as lease:  # taken over from a process gone, or nobody's
-        start_store.adopt_legacy()
-        state = start_store.load_state(on_corrupt=print)
-        mask = start_store.mask_at(hp.start_round, fallback=state)  # a damaged mask is rewritten from the state
-        if mask is None:
-            chain = open_chain(start_hp, state, store_root, data, device)
-            while chain.round < hp.start_round:
+        masks = stored()
+    if all(m is not None for m in masks.values()):
+        return masks
+    with store.computing(poll_s=WAIT_POLL_S) as lease:  # taken over from a process gone, or nobody's
+        store.adopt_legacy()
+        state = store.load_state(on_corrupt=print)
+        # a damaged mask is rewritten from the state
+        masks = {r: store.mask_at(r, fallback=state) for r in rounds}
+        if any(m is None for m in masks.values()):
+            chain = open_chain(other, state, store_root, data, device)
+            while chain.round < rounds[-1]:
                 chain.step()
-                _still_held(lease, start_store)
-                start_store.save_state(chain.state)
-            mask = start_store.mask_at(hp.start_round, fallback=chain.state)
-    return mask
+                _still_held(lease, store)
+                store.save_state(chain.state)
+            masks = {r: store.mask_at(r, fallback=chain.state) for r in rounds}
+    return masks
+
+
+def start_mask(hp: ChainHparams, store_root: str, data: DataSplit, device) -> Mask:
+    """The mask a combined chain (`start_from`) starts from (see `chain_masks`)."""
+    return chain_masks(hp.start_chain(), [hp.start_round], store_root, data, device)[hp.start_round]
 
 
 def open_chain(hp: ChainHparams, state: Optional[ChainState], store_root: str, data: DataSplit, device) -> Chain:
     """The chain of `hp` continued from its stored `state`, or new: from its start chain's mask
-    when it has one (`start_from`), else dense."""
+    when it has one (`start_from`), else dense; with `allocation_from`, given that chain's masks."""
     start = {}
     if state is None and hp.start_from is not None:
         start = {"start_mask": start_mask(hp, store_root, data, device), "start_round": hp.start_round}
+    if hp.allocation_from is not None:
+        start["allocation"] = chain_masks(hp.allocation_chain(), range(1, hp.pruning.rounds + 1), store_root,
+                                          data, device)
     return Chain(hp, device, data=data, state=state, **start)
 
 

@@ -40,6 +40,9 @@ class VariantHparams(Hparams):
                        "lengths), e.g. ipc with the learning rate of its images")
     start_from: Optional[str] = hp(None, "start from the mask of this other variant (same grid point)")
     start_round: int = hp(0, "round of that variant's mask to start from")
+    allocation_from: Optional[str] = hp(None, "take each layer's count of kept weights, round by round, from this "
+                                              "other variant's chain at the same grid point (set pruning.scope: "
+                                              "chain), e.g. SNIP with IMP's per-layer densities")
     resources: dict = hp({}, "this variant's chains' own cpus_per_trial / gpus_per_trial / memory_fraction "
                              "(e.g. gpus_per_trial: 0.25 packs small-batch distilled chains four to a GPU)")
 
@@ -106,7 +109,16 @@ class SweepHparams(Hparams):
         for i, v in enumerate(self.variants):
             require(v.start_from is None or v.start_from in names, f"{p}variants[{i}].start_from",
                     f"no variant named {v.start_from!r}", "use one of " + ", ".join(names))
+            require(v.allocation_from is None or v.allocation_from in names, f"{p}variants[{i}].allocation_from",
+                    f"no variant named {v.allocation_from!r}", "use one of " + ", ".join(names))
+            dependency = v.start_from or v.allocation_from
+            require(dependency is None or not (self.variant(dependency).start_from or self.variant(dependency).allocation_from),
+                    f"{p}variants[{i}]", f"{dependency!r} itself starts from or takes its allocation from another variant",
+                    "name that other variant")
             self.resources_for(v, f"{p}variants.{v.name}.resources")  # validates the merged values
+
+    def variant(self, name: str) -> VariantHparams:
+        return next(v for v in self.variants if v.name == name)
 
     def resources_for(self, variant: VariantHparams, path: str = "resources") -> ResourcesHparams:
         """The sweep's resources with the variant's own values on top."""
@@ -424,7 +436,8 @@ def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
     trials: dict[str, Trial] = {}
     # shared-grid point -> variant -> [(the variant's own axes, chain)]
     by_point: dict[tuple, dict[str, list[tuple[dict, ChainHparams]]]] = {}
-    ordered = sorted(sweep.variants, key=lambda v: v.start_from is not None)  # start chains first
+    # start and allocation chains first
+    ordered = sorted(sweep.variants, key=lambda v: v.start_from is not None or v.allocation_from is not None)
     for variant in ordered:
         axes = {**sweep.grid, **variant.grid}
         keys = list(axes)
@@ -433,18 +446,23 @@ def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
             point = {**dict(zip(keys, combo)), **dict(zip(variant.zip, together))}
             shared = tuple(sorted((k, json.dumps(v)) for k, v in point.items() if k in sweep.grid))
             where = f"variant {variant.name!r}" + (f" at {point}" if point else "")
-            starts: list[tuple[dict, Optional[ChainHparams]]] = [({}, None)]
-            if variant.start_from:
-                # a start chain at the same point of the shared grid, and agreeing on the axes both
-                # variants have of their own (`--set ipc=[1,5]` moves ipc from the shared grid into the
-                # grids of the variants that use it: a chain still starts from its own ipc's)
-                starts = [(start_axes, start) for start_axes, start in by_point.get(shared, {}).get(variant.start_from, [])
-                          if all(json.dumps(point[k]) == json.dumps(v) for k, v in start_axes.items() if k in point)]
-                if not starts:
-                    raise ConfigError(f"variants.{variant.name}.start_from",
-                                      f"no {variant.start_from!r} chain at {dict(shared)} ({where})",
+            def others(field: str) -> list[tuple[dict, Optional[ChainHparams]]]:
+                """The chains of the variant named by `field` at the same point of the shared grid, and
+                agreeing on the axes both variants have of their own (`--set ipc=[1,5]` moves ipc from
+                the shared grid into the grids of the variants that use it: a chain still starts from
+                its own ipc's)."""
+                name = getattr(variant, field)
+                if not name:
+                    return [({}, None)]
+                found = [(axes_, chain_) for axes_, chain_ in by_point.get(shared, {}).get(name, [])
+                         if all(json.dumps(point[k]) == json.dumps(v) for k, v in axes_.items() if k in point)]
+                if not found:
+                    raise ConfigError(f"variants.{variant.name}.{field}", f"no {name!r} chain at {dict(shared)} ({where})",
                                       "give both variants the same grid axes")
-            for start_axes, start in starts:
+                return found
+
+            for (start_axes, start), (alloc_axes, alloc) in itertools.product(others("start_from"),
+                                                                             others("allocation_from")):
                 data = _deep_merge(sweep.base, variant.set)
                 for k, v in point.items():
                     set_path(data, k, v)
@@ -455,6 +473,10 @@ def expand(sweep: SweepHparams, figure: str) -> list[Trial]:
                         pruning=start.pruning.replace(rounds=variant.start_round)).to_dict()
                     data["start_round"] = variant.start_round
                     trial_axes.update({f"start.{k}": v for k, v in start_axes.items()})
+                if alloc is not None:
+                    data["allocation_from"] = alloc.to_dict()
+                    set_path(data, "pruning.scope", "chain")
+                    trial_axes.update({f"alloc.{k}": v for k, v in alloc_axes.items()})
                 try:
                     chain = ChainHparams.from_dict(data)
                     rounds = sweep.evaluation.resolve_rounds(chain)

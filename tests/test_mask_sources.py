@@ -150,6 +150,10 @@ def test_the_masks_presets_compare_every_source_at_both_sparsities():
         methods = {t.chain.pruning.method for t in trials}
         assert methods == set(catalog.MASK_METHODS), preset
         assert {t.chain.pruning.scope for t in trials if t.variant.startswith("random")} == {"layerwise", "erk"}
+        for t in (t for t in trials if t.variant == "snip_imp_layers"):  # IMP's chain of the same point
+            imp = [i for i in trials if i.variant == "imp" and i.chain.seed == t.chain.seed
+                   and i.chain.model == t.chain.model]
+            assert t.chain.pruning.scope == "chain" and t.chain.allocation_chain().hash() == imp[0].chain.hash()
         assert {tuple(t.rounds) for t in trials} == {(4, 9)}, preset  # 59% and 87% at 20% per round
         assert {t.chain.seed_scope for t in trials} == {"all"}, preset  # the seed may decide the mask
         assert len({t.chain.seed for t in trials}) >= 3
@@ -166,3 +170,45 @@ def test_the_masks_demo_shares_its_imp_and_distilled_chains_with_the_fig6_demo()
                 if t.variant in ("imp", "distilled")}
 
     assert keyed("masks") == keyed("fig6")  # computed once in the shared store, whichever runs first
+
+
+def test_a_chain_takes_its_per_layer_counts_from_another_chain(tmp_path, digits):
+    """SNIP (and IMP itself) within another chain's per-layer counts, round by round: the runner
+    computes that chain through the store, once."""
+    from prunelab.runner import run_chain
+    from prunelab.store import ChainStore
+
+    imp = ChainHparams.from_dict({**BASE, "pruning": {"rounds": 3}})
+    ev = EvalHparams(rounds=(), lmc=False)
+    for method in ("snip", "magnitude", "synflow"):
+        hp = ChainHparams.from_dict({**BASE, "pruning": {"rounds": 2, "method": method, "scope": "chain",
+                                                         "synflow_iterations": 10},
+                                     "allocation_from": imp.to_dict()})
+        done = run_chain(hp, ev, [], ChainStore(tmp_path, hp), data=digits)
+        reference = ChainStore(tmp_path, imp)
+        for r in (1, 2):
+            mine, theirs = ChainStore(tmp_path, hp).mask_at(r), reference.mask_at(r)
+            assert {n: int(m.sum()) for n, m in mine.items()} == {n: int(m.sum()) for n, m in theirs.items()}
+            if method == "snip":
+                assert not mine.equal(theirs)  # the same counts, other weights
+        assert done.round == 2
+    assert reference.load_state().round == 2  # as far as needed, computed once and reused
+    # the allocation chain's length is not part of the identity: chains of any length share it
+    longer = ChainHparams.from_dict({**BASE, "pruning": {"rounds": 2, "method": "snip", "scope": "chain"},
+                                     "allocation_from": {**imp.to_dict(), "pruning": {"rounds": 9}}})
+    assert longer.hash() == ChainHparams.from_dict({**BASE, "pruning": {"rounds": 2, "method": "snip", "scope": "chain"},
+                                                   "allocation_from": imp.to_dict()}).hash()
+
+
+def test_an_allocation_needs_its_scope_and_a_chain_of_the_same_schedule():
+    imp = ChainHparams.from_dict(BASE).to_dict()
+    with pytest.raises(ConfigError) as e:
+        ChainHparams.from_dict({**BASE, "pruning": {"method": "snip"}, "allocation_from": imp})
+    assert e.value.field == "pruning.scope"
+    with pytest.raises(ConfigError) as e:
+        ChainHparams.from_dict({**BASE, "pruning": {"method": "snip", "scope": "chain"}})
+    assert e.value.field == "pruning.scope"
+    with pytest.raises(ConfigError) as e:
+        ChainHparams.from_dict({**BASE, "pruning": {"method": "snip", "scope": "chain"},
+                                "allocation_from": {**imp, "pruning": {"fraction": 0.5}}})
+    assert e.value.field == "allocation_from.pruning.fraction"

@@ -21,12 +21,14 @@ DATA_FREE = ("random", "magnitude_init", "synflow")
 
 
 def find_mask(method: str, model: nn.Module, mask: Mask, target_remaining: int, *, scope: str = "global",
-              batch=None, seed: int = 0, iterations: int = 100, input_shape=None) -> Mask:
+              batch=None, seed: int = 0, iterations: int = 100, input_shape=None,
+              layer_counts=None) -> Mask:
     """A new mask keeping `target_remaining` of the weights `mask` keeps, chosen by `method`.
 
     One-shot methods score once and `select` with `scope`; "synflow" prunes iteratively over
     `iterations` steps and takes its input shape from `batch`'s x, else from `input_shape` = (C, H, W).
-    `batch` = (x, y) on the model's device is required unless the method is in DATA_FREE.
+    `batch` = (x, y) on the model's device is required unless the method is in DATA_FREE. With scope
+    "chain", `layer_counts` (name -> weights kept) is each layer's allocation.
     """
     if method not in SOURCES:
         raise ConfigError("pruning.method", f"unknown method {method!r}", "use one of " + ", ".join(SOURCES))
@@ -35,8 +37,9 @@ def find_mask(method: str, model: nn.Module, mask: Mask, target_remaining: int, 
         require_batch(batch, method)
     if method == "synflow":
         return synflow.synflow_mask(model, mask, target_remaining, scope=scope, iterations=iterations,
-                                    input_shape=synflow.input_shape_of(batch, input_shape))
-    return select(SOURCES[method](model, mask, batch, seed=seed), mask, target_remaining, scope)
+                                    input_shape=synflow.input_shape_of(batch, input_shape), layer_counts=layer_counts)
+    return select(SOURCES[method](model, mask, batch, seed=seed), mask, target_remaining, scope,
+                  layer_counts=layer_counts)
 
 
 __all__ = ["SOURCES", "DATA_FREE", "find_mask"]

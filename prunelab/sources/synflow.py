@@ -75,10 +75,11 @@ def scores(model: nn.Module, mask: Mask, batch=None, *, seed: int = 0, input_sha
 
 
 def synflow_mask(model: nn.Module, mask: Mask, target_remaining: int, scope: str = "global",
-                 iterations: int = 100, input_shape=None) -> Mask:
+                 iterations: int = 100, input_shape=None, layer_counts=None) -> Mask:
     """Iterative SynFlow: at step k of `iterations`, rescore with the current mask and `select` down to
     start · (target_remaining / start)^(k / iterations) weights (start = mask.remaining), so the last
-    step keeps `target_remaining` (up to the rounding of "layerwise" and "erk" scopes).
+    step keeps `target_remaining` (up to the rounding of "layerwise" and "erk" scopes). With scope
+    "chain", each layer follows the same schedule down to its own `layer_counts` entry.
 
     `input_shape` = (C, H, W) of the model's input is required.
     """
@@ -93,8 +94,14 @@ def synflow_mask(model: nn.Module, mask: Mask, target_remaining: int, scope: str
     net = _linearized(model)
     abs_weights = [w.detach().clone() for w in masked_weights(net, mask)]
     current = Mask((n, m.clone()) for n, m in mask.items())
+    starts = {n: int(m.sum()) for n, m in mask.items()}
     for k in range(1, iterations + 1):
         count = round(start * (target_remaining / start) ** (k / iterations)) if start else 0
+        counts = None
+        if layer_counts is not None:
+            counts = {n: round(s0 * (min(layer_counts[n], s0) / s0) ** (k / iterations)) if s0 else 0
+                      for n, s0 in starts.items()}
         # "layerwise"/"erk" may keep fewer than asked, so never ask for more than is left
-        current = select(_flow(net, abs_weights, current, shape), current, min(count, current.remaining), scope)
+        current = select(_flow(net, abs_weights, current, shape), current, min(count, current.remaining), scope,
+                         layer_counts=counts)
     return current
