@@ -240,6 +240,14 @@ class Chain:
         with open(local) as f:
             return json.load(f)
 
+    def spectrum(self, rnd: int) -> Optional[dict]:
+        """Round `rnd`'s `spectrum/round_XX.json` (evaluation.spectrum), if logged."""
+        local = self._round_file(schema.SPECTRUM_DIR, rnd)
+        if local is None:
+            return None
+        with open(local) as f:
+            return json.load(f)
+
     def landscape(self, rnd: int) -> Optional[dict]:
         local = self._round_file(schema.LANDSCAPE_DIR, rnd)
         if local is None:

@@ -198,8 +198,15 @@ def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
         lh = ev.landscape_hparams
         n_eval = min(n_train, lh.eval_examples or n_train)
         cost = cost + len(lh.seeds) * one + lh.grid ** 2 * point(n_eval, lh)
-    if ev.hessian or not ev.lmc:
+    if ev.hessian or ev.spectrum is not None or not ev.lmc:
         cost = cost + one
+    if ev.spectrum is not None:
+        sh = ev.spectrum
+        # Hessian-vector products (about 4 forward passes each) on one batch, or on the whole training
+        # set: Lanczos for the top eigenvalues, Hutch++ for the trace, SLQ for the density
+        hvps = (sh.lanczos_steps or max(3 * sh.k, 30)) + sh.trace_samples + sh.density_vectors * sh.density_steps
+        examples = n_train if sh.data == "full" else min(sh.batch_size, n_train)
+        cost = cost + Cost(hvps * math.ceil(examples / sh.batch_size), hvps * examples * 4 * f)
     if ev.hessian:
         hh = ev.hessian_hparams
         # Hessian-vector products on one batch, each about 4 forward passes: an exact diagonal takes

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 from .chain import train_subnetwork
 from .data import DataSplit
@@ -22,9 +23,11 @@ from .hessian import HessianHparams, hessian_analysis
 from .hparams import ChainHparams, Hparams, hp, require
 from .landscape import LandscapeHparams, landscape
 from .masks import Mask, rounds_for_sparsity, shuffle_layerwise
-from .metrics import CONTROLS, KINDS, accuracy_name, barrier_name, with_control
+from .metrics import (CONTROLS, KINDS, SPECTRUM_TOP, SPECTRUM_TRACE, SPECTRUM_TRACE_PER_WEIGHT, accuracy_name,
+                      barrier_name, with_control)
 from .models import build_model
 from .seeds import derive_seed, mask_seed
+from .spectrum import SpectrumHparams, spectrum_analysis
 from .stability import LMCHparams, instability
 
 
@@ -42,6 +45,10 @@ class EvalHparams(Hparams):
     landscape_hparams: LandscapeHparams = hp(LandscapeHparams(), "landscape settings")
     hessian: bool = hp(False, "Hessian diagonal statistics of a trained copy")
     hessian_hparams: HessianHparams = hp(HessianHparams(), "Hessian settings")
+    spectrum: Optional[SpectrumHparams] = hp(
+        None, "curvature on the mask's subspace of a trained copy: top-k Hessian eigenvalues (Lanczos), trace "
+              "(Hutch++), eigenvalue density (stochastic Lanczos quadrature); its settings, {} for the defaults",
+        hashed_at_default=False)
     masks_every_round: bool = hp(False, "log every round's mask to MLflow (mask anatomy across rounds), not only "
                                         "the evaluated rounds'; nothing is measured differently",
                                  hashed_at_default=False)
@@ -88,7 +95,7 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
     """
     t0 = time.perf_counter()
     metrics: dict[str, float] = {"eval_sparsity": mask.sparsity}
-    out = {"round": round, "lmc": None, "landscape": None, "hessian": None}
+    out = {"round": round, "lmc": None, "landscape": None, "hessian": None, "spectrum": None}
     trained = None
     if ev.lmc:
         res = instability(hp, data, weights, mask, ev.lmc_hparams, device)
@@ -107,7 +114,7 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
             out["lmc"]["controls"] = controls
     if ev.landscape:
         out["landscape"] = landscape(hp, data, weights, mask, ev.landscape_hparams, device)
-    if ev.hessian or not ev.lmc:
+    if ev.hessian or ev.spectrum is not None or not ev.lmc:
         model, m = train_subnetwork(hp, data, weights, mask, device=device,
                                     seed=derive_seed(hp.seed, "evaluate"))
         if not ev.lmc:
@@ -121,8 +128,20 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
             metrics[f"hessian_{names.get(k, k)}"] = v
         if h.get("top_eigenvalue") is not None:
             metrics["hessian_top_eigenvalue"] = h["top_eigenvalue"]
+    if ev.spectrum is not None:
+        sp = spectrum_analysis(trained, data, ev.spectrum, device, mask=mask)
+        out["spectrum"] = sp
+        metrics.update(spectrum_metrics(sp))
     out["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def spectrum_metrics(res: dict) -> dict[str, float]:
+    """The flat metrics of a `spectrum_analysis` result (names in `prunelab.metrics`)."""
+    out = {SPECTRUM_TRACE: res["trace"], SPECTRUM_TRACE_PER_WEIGHT: res["trace_per_weight"]}
+    if res["top_eigenvalues"]:
+        out[SPECTRUM_TOP] = res["top_eigenvalues"][0]
     return out
 
 

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+# curvature on the mask's subspace (evaluation.spectrum): the largest Hessian eigenvalue, the trace and
+# the trace per unpruned weight (the mean eigenvalue)
+SPECTRUM_TOP, SPECTRUM_TRACE, SPECTRUM_TRACE_PER_WEIGHT = ("spectrum_top_eigenvalue", "spectrum_trace",
+                                                           "spectrum_trace_per_weight")
 BN_MODES = ("interpolate", "recompute")
 PRIMARY_BN_PARAM = "eval.bn_mode"  # the run param naming the BN mode of the plain barrier names
 CONTROLS = ("shuffled", "reinit")

@@ -148,6 +148,7 @@ SWEEP_CONFIG = "sweep/config.yaml"  # parent run: the resolved sweep config
 SWEEP_TRIALS = "sweep/trials.json"  # parent run: every trial the sweep asked for, with run ids
 FIGURES_DIR = "figures"  # parent run: figures, tables and the report
 LMC_DIR, HESSIAN_DIR, LANDSCAPE_DIR, MASKS_DIR = "lmc", "hessian", "landscape", "masks"
+SPECTRUM_DIR = "spectrum"
 CORRUPT_STATE_NOTE = "warnings/corrupt_state.txt"
 LAST_ERROR_NOTE = "warnings/last_error.txt"
 ROUND_FILE_RE = re.compile(r"round_(\d+)\.(json|npz|pt)$")  # the rounds analysis/ lists in a folder
@@ -160,6 +161,11 @@ def round_file(r: int, ext: str) -> str:
 
 def lmc_artifact(r: int) -> str:
     return f"{LMC_DIR}/{round_file(r, 'json')}"
+
+
+def spectrum_artifact(r: int) -> str:
+    """The eigenvalue density, top eigenvalues and trace of round r (evaluation.spectrum)."""
+    return f"{SPECTRUM_DIR}/{round_file(r, 'json')}"
 
 
 def hessian_artifact(r: int) -> str:

@@ -67,6 +67,8 @@ def log_eval_artifacts(run: ChainRun, store: ChainStore, res: dict, r: int) -> N
         run.log_text(json.dumps(res["lmc"]), schema.lmc_artifact(r))
     if res.get("hessian"):
         run.log_text(json.dumps(res["hessian"]), schema.hessian_artifact(r))
+    if res.get("spectrum"):
+        run.log_text(json.dumps(res["spectrum"]), schema.spectrum_artifact(r))
     with tempfile.TemporaryDirectory() as d:
         if res.get("landscape"):
             land = res["landscape"]

@@ -212,3 +212,26 @@ def test_an_allocation_needs_its_scope_and_a_chain_of_the_same_schedule():
         ChainHparams.from_dict({**BASE, "pruning": {"method": "snip", "scope": "chain"},
                                 "allocation_from": {**imp, "pruning": {"fraction": 0.5}}})
     assert e.value.field == "allocation_from.pruning.fraction"
+
+
+def test_the_spectrum_is_an_evaluation_option(digits):
+    """evaluation.spectrum: top eigenvalue, trace and density of a trained copy on the mask's subspace,
+    in the round's result and its metrics; off, every stored evaluation keeps its key."""
+    import json
+
+    from prunelab.evaluation import evaluate_round, result_key
+    from prunelab.metrics import SPECTRUM_TOP, SPECTRUM_TRACE_PER_WEIGHT
+
+    hp = chain("magnitude")
+    c = Chain(hp, data=digits)
+    c.step()
+    ev = EvalHparams.from_dict({"lmc": False, "spectrum": {"k": 3, "trace_samples": 30, "density_vectors": 2,
+                                                           "density_steps": 20}})
+    res = evaluate_round(hp, ev, digits, c.state.rewind_point, c.mask, 1)
+    sp = res["spectrum"]
+    assert sp["unpruned"] == c.mask.remaining and len(sp["top_eigenvalues"]) == 3
+    assert res["metrics"][SPECTRUM_TOP] == sp["top_eigenvalues"][0] >= sp["top_eigenvalues"][2]
+    assert res["metrics"][SPECTRUM_TRACE_PER_WEIGHT] == pytest.approx(sp["trace"] / sp["unpruned"])
+    json.dumps(sp)
+    assert result_key(EvalHparams(lmc=False)) != result_key(ev)
+    assert chain_cost(hp, ev, [1])["evaluation"].flops > chain_cost(hp, EvalHparams(lmc=False), [1])["evaluation"].flops
