@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from prunelab.metrics import BN_MODES, parse_barrier
+from prunelab.metrics import BN_MODES, FLAVOURS, parse_barrier
 from prunelab.schema import experiment_name
 
 from . import FIGURES, run, run_everything
@@ -38,13 +38,18 @@ def main(argv=None) -> int:
     p.add_argument("--barrier", default="train_loss",
                    help="Figure 6: which barrier, [mid_|max_]<train|test>_<loss|error> (default train_loss: the "
                         "paper's train loss at α=0.5)")
+    p.add_argument("--flavour", choices=FLAVOURS, default=None,
+                   help="Figures 3/4: the curves of the pairs after permutation alignment (aligned) or alignment + "
+                        "REPAIR (aligned_repair), recorded with evaluation.lmc_hparams.align; Figure 6 takes them "
+                        "as --barrier aligned_train_loss, aligned_repair_train_loss")
     args = p.parse_args(argv)
     try:
         parse_barrier(args.barrier)
     except ValueError as e:
         print(f"error: --barrier: {e}", file=sys.stderr)
         return 2
-    options = {"fig6": {"bn_mode": args.bn_mode, "barrier": args.barrier}, "masks": {"bn_mode": args.bn_mode}}
+    options = {"fig6": {"bn_mode": args.bn_mode, "barrier": args.barrier}, "masks": {"bn_mode": args.bn_mode},
+               "fig3_4": {"flavour": args.flavour}}
     if not args.tracking_uri:
         print("error: --tracking-uri: no MLflow store given and no runs/mlflow.db here — fix: pass "
               "--tracking-uri sqlite:////abs/path/mlflow.db (or http://host:5000)", file=sys.stderr)

@@ -12,6 +12,8 @@ is computed from the curve the same way.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
@@ -25,43 +27,54 @@ from .palette import (series_label, series_markers, sparsity_colors, sparsity_ma
                       variant_color)
 
 
-def chain_curves(chain, res: FigureResult) -> dict[int, dict]:
-    """round -> {alphas, loss, split, mid, max} for every lmc artifact of the chain."""
+def chain_curves(chain, res: FigureResult, flavour: Optional[str] = None) -> dict[int, dict]:
+    """round -> {alphas, loss, split, mid, max} for every lmc artifact of the chain (with `flavour`, of
+    the pair after alignment: `aligned` or `aligned_repair`, see `prunelab.metrics.FLAVOURS`)."""
     out = {}
     for r in sorted(chain.artifact_rounds(LMC_DIR)):
         d = chain.lmc(r)
         if d is None:
             res.missing.append(f"fig3_4: {chain.describe()}: {lmc_artifact(r)} could not be read")
             continue
+        if flavour:
+            if not d.get(flavour):
+                res.missing.append(f"fig3_4: {chain.describe()}: {lmc_artifact(r)} has no {flavour} curve "
+                                   "(evaluation.lmc_hparams.align)")
+                continue
+            d = d[flavour]
         split = "train" if "train_loss" in d else "test"
         if f"{split}_loss" not in d or "alphas" not in d:
             res.missing.append(f"fig3_4: {chain.describe()}: {lmc_artifact(r)} has no loss curve")
             continue
-        mid = chain.history(barrier_name("mid", split, "loss")).get(r)
-        mx = chain.history(barrier_name("max", split, "loss")).get(r)
+        mid = chain.history(barrier_name("mid", split, "loss", flavour=flavour)).get(r)
+        mx = chain.history(barrier_name("max", split, "loss", flavour=flavour)).get(r)
         if mid is None or mx is None:  # a round with the curve but not the metric
             b = barriers(d["alphas"], d[f"{split}_loss"])
             mid, mx = b["mid"] if mid is None else mid, b["max"] if mx is None else mx
         out[r] = {"alphas": d["alphas"], "loss": d[f"{split}_loss"], "split": split, "mid": mid, "max": mx,
                   "test_loss": d.get("test_loss")}
     # rounds with a barrier metric but no curve: still plotted in the barrier panel, reported
-    for r, v in chain.history(barrier_name("mid", "train", "loss")).items():
+    for r, v in chain.history(barrier_name("mid", "train", "loss", flavour=flavour)).items():
         if r not in out:
             res.missing.append(f"fig3_4: {chain.describe()}: barrier at round {r} but no {lmc_artifact(r)}")
             out[r] = {"alphas": None, "loss": None, "split": "train", "mid": v,
-                      "max": chain.history(barrier_name("max", "train", "loss")).get(r, float("nan")),
+                      "max": chain.history(barrier_name("max", "train", "loss", flavour=flavour)).get(r, float("nan")),
                       "test_loss": None}
     return out
 
 
-def make(sweep: Sweep, out_dir: str) -> FigureResult:
-    res = FigureResult("fig3_4", "Figures 3/4 — linear mode connectivity per sparsity")
+def make(sweep: Sweep, out_dir: str, flavour: Optional[str] = None) -> FigureResult:
+    """With `flavour` (`aligned`, `aligned_repair`), the curves of the pairs after alignment, written
+    as fig3_4_<flavour>.* beside the plain ones."""
+    res = FigureResult("fig3_4", "Figures 3/4 — linear mode connectivity per sparsity"
+                       + (f" ({flavour.replace('_', ' + ')})" if flavour else ""))
+    stem = f"fig3_4_{flavour}" if flavour else "fig3_4"
     data = {}
     for c in sweep.ok:
         if c.is_dense:
             continue
         has_lmc = c.artifact_rounds(LMC_DIR) or c.has(barrier_name("mid", "train", "loss"))
-        cur = chain_curves(c, res) if has_lmc else {}
+        cur = chain_curves(c, res, flavour) if has_lmc else {}
         if cur:
             data[c.run_id] = (c, cur)
     if not data:
@@ -158,11 +171,12 @@ def make(sweep: Sweep, out_dir: str) -> FigureResult:
                    for s in shown]
         fig.legend(handles=handles, title="sparsity (curves)", loc="outside lower center",
                    ncol=min(len(handles), 11), fontsize=9, title_fontsize=9)
-    fig.suptitle("Loss along the linear path between two copies trained on different data orders")
-    save_fig(fig, out_dir, "fig3_4", res)
-    write_csv(out_dir, "fig3_4_curves.csv", ["dataset", "model", "variant", "round", "sparsity", "split", "alpha",
+    fig.suptitle("Loss along the linear path between two copies trained on different data orders"
+                 + (f", after {flavour.replace('_', ' + ')}" if flavour else ""))
+    save_fig(fig, out_dir, stem, res)
+    write_csv(out_dir, f"{stem}_curves.csv", ["dataset", "model", "variant", "round", "sparsity", "split", "alpha",
                                               "loss_seed_mean", "n_seeds"], curve_rows, res)
-    write_csv(out_dir, "fig3_4_barriers.csv", ["dataset", "model", "variant", "seed", "round", "sparsity", "split",
+    write_csv(out_dir, f"{stem}_barriers.csv", ["dataset", "model", "variant", "seed", "round", "sparsity", "split",
                                                 "barrier_mid_loss", "barrier_max_loss"], barrier_rows, res)
     res.notes.append("Curves: training loss along θ(α) = (1−α)θ_A + αθ_B, mean over seeds, one colour and "
                      "marker per sparsity; error bars: sample std over seeds.")

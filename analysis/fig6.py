@@ -38,8 +38,8 @@ import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 
 from prunelab import schema
-from prunelab.metrics import (BN_MODES, CONTROLS, PRIMARY_BN_PARAM, accuracy_name, barrier_name, other_bn_mode,
-                              parse_barrier)
+from prunelab.metrics import (BN_MODES, CONTROLS, PRIMARY_BN_PARAM, accuracy_name, barrier_flavour, barrier_name,
+                              other_bn_mode, parse_barrier)
 
 from .load import Sweep, group, seed_words
 from .output import FigureResult, markdown_table, save_fig, write_csv
@@ -66,10 +66,13 @@ def metric_keys(spec: str, bn_mode: str, control: Optional[str] = None, primary:
     then, when `bn_mode` is the run's primary mode (param `eval.bn_mode`; runs that do not log it
     measured the default, interpolate), the plain name that runs from before both modes were recorded
     carry."""
+    flavour, _ = barrier_flavour(spec)
     kind, split, measure = parse_barrier(spec)
-    keys = [barrier_name(kind, split, measure, bn_mode, control)]
+    if flavour == "aligned_repair":  # one measurement: REPAIR sets the statistics, no BN mode
+        return [barrier_name(kind, split, measure, None, control, flavour)]
+    keys = [barrier_name(kind, split, measure, bn_mode, control, flavour)]
     if bn_mode == primary:
-        keys.append(barrier_name(kind, split, measure, None, control))
+        keys.append(barrier_name(kind, split, measure, None, control, flavour))
     return keys
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Mapping, Optional, Sequence, Union
 
@@ -48,7 +49,10 @@ from torch import nn
 from .masks import Mask, masked_state
 from .models.convnet import ConvNet
 from .models.resnet import BasicBlock, ResNet
-from .stability import interpolate_states
+from .data import DataSplit
+from .metrics import SPLITS, barriers
+from .stability import (EvalSet, LMCHparams, bn_batches, bn_curves, interpolate_states, lmc_alphas)
+from .train import resolve_device
 
 # layers that act on each channel alone (or not at all): a permutation passes through them unchanged
 _PASS_THROUGH = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout,
@@ -556,3 +560,44 @@ def repair(model_a: nn.Module, model_b: nn.Module, alpha: float, data_batches: S
     spec = _spec(spec, model_a)
     net, corrections = repair_corrections(model_a, model_b, alpha, data_batches, spec)
     return fuse_corrections(net, spec, corrections)
+
+
+def aligned_curves(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: LMCHparams, device,
+                   mask: Optional[Mask]) -> dict:
+    """The LMC pair (a, b) measured again after aligning b to a (`aligned_pair`): `aligned` holds the
+    curve in the primary BN mode and `by_bn_mode` (as `stability.bn_curves`), `aligned_repair` the
+    curve of REPAIR's corrected networks at every α (statistics from `lmc_hp.bn_batches` fixed training
+    batches; no BN re-estimation, which would replace the correction). The aligned pair is
+    interpolated without a mask: each copy keeps its own (b's permuted) surviving weights."""
+    t0 = time.perf_counter()
+    device = resolve_device(device)
+    state_b, mask_b, perms = aligned_pair(model_a, model_b, mask)
+    b = copy.deepcopy(model_b)
+    b.load_state_dict(state_b)
+    a = model_a.to(device).eval()
+    b = b.to(device).eval()
+    aligned = bn_curves(a, b, data, lmc_hp, device, mask=None)
+    spec = permutation_spec(a)
+    batches = bn_batches(data.train, device, lmc_hp.bn_batches, lmc_hp.bn_batch_size)
+    sets = {"train": data.train, "test": data.test}
+    evals = {s: EvalSet(sets[s], device, lmc_hp.eval_batch_size, lmc_hp.eval_examples, seed=i)
+             for i, s in enumerate(SPLITS) if s in lmc_hp.splits}
+    alphas = lmc_alphas(lmc_hp.num_points)
+    curves: dict[str, list[float]] = {f"{s}_{m}": [] for s in evals for m in ("loss", "accuracy")}
+    for alpha in alphas:
+        net = repair(a, b, alpha, batches, spec).to(device).eval()
+        for s, ev in evals.items():
+            r = ev.evaluate(net)
+            curves[f"{s}_loss"].append(r["loss"])
+            curves[f"{s}_accuracy"].append(r["accuracy"])
+    mid, mx = {}, {}
+    for s in evals:
+        for name, vals in (("loss", curves[f"{s}_loss"]), ("error", [1 - x for x in curves[f"{s}_accuracy"]])):
+            bar = barriers(alphas, vals)
+            mid[f"{s}_{name}"], mx[f"{s}_{name}"] = bar["mid"], bar["max"]
+    keys = ["alphas"] + [k for k in aligned if k.endswith(("_loss", "_accuracy"))] + ["barrier_mid", "barrier_max",
+                                                                                     "by_bn_mode"]
+    moved = {g: int((p != torch.arange(p.numel(), device=p.device)).sum()) for g, p in perms.items()}
+    return {"aligned": {k: aligned[k] for k in keys},
+            "aligned_repair": {"alphas": alphas, **curves, "barrier_mid": mid, "barrier_max": mx},
+            "alignment": {"channels_moved": moved, "wall_s": time.perf_counter() - t0}}

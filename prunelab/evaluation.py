@@ -23,7 +23,8 @@ from .hessian import HessianHparams, hessian_analysis
 from .hparams import ChainHparams, Hparams, hp, require
 from .landscape import LandscapeHparams, landscape
 from .masks import Mask, rounds_for_sparsity, shuffle_layerwise
-from .metrics import (CONTROLS, KINDS, SPECTRUM_TOP, SPECTRUM_TRACE, SPECTRUM_TRACE_PER_WEIGHT, accuracy_name,
+from .align import aligned_curves
+from .metrics import (CONTROLS, FLAVOURS, KINDS, SPECTRUM_TOP, SPECTRUM_TRACE, SPECTRUM_TRACE_PER_WEIGHT, accuracy_name,
                       barrier_name, with_control)
 from .models import build_model
 from .seeds import derive_seed, mask_seed
@@ -98,7 +99,7 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
     out = {"round": round, "lmc": None, "landscape": None, "hessian": None, "spectrum": None}
     trained = None
     if ev.lmc:
-        res = instability(hp, data, weights, mask, ev.lmc_hparams, device)
+        res = _instability(hp, data, weights, mask, ev.lmc_hparams, device)
         copies = res["copies"]
         metrics.update(test_loss=sum(c["test_loss"] for c in copies) / len(copies),
                        train_loss=sum(c["train_loss"] for c in copies) / len(copies))
@@ -107,7 +108,7 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
         controls = {}
         for name in ev.controls:
             w, m = control_subnetwork(hp, data, weights, mask, name)
-            c = instability(hp, data, w, m, ev.lmc_hparams, device)
+            c = _instability(hp, data, w, m, ev.lmc_hparams, device)
             metrics.update(lmc_metrics(c, control=name))
             controls[name] = {k: v for k, v in c.items() if k not in ("models",)}
         if controls:
@@ -137,6 +138,14 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
     return out
 
 
+def _instability(hp: ChainHparams, data: DataSplit, weights: dict, mask: Mask, lmc_hp, device) -> dict:
+    """`stability.instability`, and with `lmc_hp.align` the same pair after alignment (`align.aligned_curves`)."""
+    res = instability(hp, data, weights, mask, lmc_hp, device, keep_models=lmc_hp.align)
+    if lmc_hp.align:
+        res.update(aligned_curves(*res.pop("models"), data, lmc_hp, device, mask))
+    return res
+
+
 def spectrum_metrics(res: dict) -> dict[str, float]:
     """The flat metrics of a `spectrum_analysis` result (names in `prunelab.metrics`)."""
     out = {SPECTRUM_TRACE: res["trace"], SPECTRUM_TRACE_PER_WEIGHT: res["trace_per_weight"]}
@@ -157,6 +166,18 @@ def lmc_metrics(res: dict, control: str | None = None) -> dict[str, float]:
             for k, v in r[f"barrier_{kind}"].items():
                 split, measure = k.split("_")
                 out[barrier_name(kind, split, measure, mode, control)] = v
+    for flavour in FLAVOURS:
+        f = res.get(flavour)
+        if not f:
+            continue
+        for kind in KINDS:
+            for k, v in f[f"barrier_{kind}"].items():
+                split, measure = k.split("_")
+                out[barrier_name(kind, split, measure, None, control, flavour)] = v
+            for mode, r in f.get("by_bn_mode", {}).items():
+                for k, v in r[f"barrier_{kind}"].items():
+                    split, measure = k.split("_")
+                    out[barrier_name(kind, split, measure, mode, control, flavour)] = v
     return out
 
 

@@ -22,17 +22,21 @@ SPECTRUM_TOP, SPECTRUM_TRACE, SPECTRUM_TRACE_PER_WEIGHT = ("spectrum_top_eigenva
 BN_MODES = ("interpolate", "recompute")
 PRIMARY_BN_PARAM = "eval.bn_mode"  # the run param naming the BN mode of the plain barrier names
 CONTROLS = ("shuffled", "reinit")
+# the same pair measured after permutation alignment (lmc_hparams.align): weight matching with the mask
+# permuted along (both BN modes), and aligned + REPAIR (one measurement: REPAIR sets the statistics)
+FLAVOURS = ("aligned", "aligned_repair")
 SPLITS = ("train", "test")
 MEASURES = ("loss", "error")
 KINDS = ("mid", "max")
 
 
 def barrier_name(kind: str = "mid", split: str = "train", measure: str = "loss", bn_mode: Optional[str] = None,
-                 control: Optional[str] = None) -> str:
+                 control: Optional[str] = None, flavour: Optional[str] = None) -> str:
     """e.g. `barrier_mid_train_loss`, `barrier_mid_test_error_bn_recompute`,
-    `control_shuffled_barrier_mid_train_loss_bn_interpolate`."""
+    `control_shuffled_barrier_mid_train_loss_bn_interpolate`, `aligned_barrier_mid_train_loss`,
+    `aligned_repair_barrier_mid_train_loss` (a `flavour` of FLAVOURS)."""
     name = f"barrier_{kind}_{split}_{measure}" + (f"_bn_{bn_mode}" if bn_mode else "")
-    return with_control(name, control)
+    return with_control(f"{flavour}_{name}" if flavour else name, control)
 
 
 def accuracy_name(control: Optional[str] = None) -> str:
@@ -50,13 +54,24 @@ def other_bn_mode(mode: str) -> str:
     return next(m for m in BN_MODES if m != mode)
 
 
+def barrier_flavour(spec: str) -> tuple[Optional[str], str]:
+    """`aligned_repair_train_loss` -> ("aligned_repair", "train_loss"); a spec without one -> (None, spec)."""
+    for f in sorted(FLAVOURS, key=len, reverse=True):
+        if spec.startswith(f + "_"):
+            return f, spec[len(f) + 1:]
+    return None, spec
+
+
 def parse_barrier(spec: str) -> tuple[str, str, str]:
-    """`train_loss` / `test_error` / `mid_train_loss` -> (kind, split, measure); ValueError if unknown."""
+    """`train_loss` / `test_error` / `mid_train_loss` (after a flavour, see `barrier_flavour`) ->
+    (kind, split, measure); ValueError if unknown."""
+    spec = barrier_flavour(spec)[1]
     parts = spec.split("_")
     if len(parts) == 2:
         parts = ["mid"] + parts
     if len(parts) != 3 or parts[0] not in KINDS or parts[1] not in SPLITS or parts[2] not in MEASURES:
-        raise ValueError(f"unknown barrier {spec!r}: use [mid_|max_]<train|test>_<loss|error>, e.g. train_loss")
+        raise ValueError(f"unknown barrier {spec!r}: use [aligned_|aligned_repair_][mid_|max_]<train|test>_<loss|error>, "
+                         "e.g. train_loss")
     return parts[0], parts[1], parts[2]
 
 

@@ -58,6 +58,9 @@ class LMCHparams(Hparams):
     splits: tuple[str, ...] = hp(SPLITS, "splits evaluated along the line (paper: train; authors' code: test)")
     eval_examples: Optional[int] = hp(None, "evaluate on a fixed random subset of this many examples per split")
     eval_batch_size: int = hp(1024, "batch size for evaluation")
+    align: bool = hp(False, "also the barriers after permutation alignment (weight matching; the mask permuted "
+                            "along, so the aligned network is the same subnetwork) and after alignment + REPAIR "
+                            "(prunelab.align)", hashed_at_default=False)
     stacked: bool = hp(False, "train the copies as one stacked model (faster at small batch on a GPU)",
                        hashed_at_default=False)
 
@@ -330,12 +333,12 @@ def bn_curves(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: L
 
 
 def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
-                lmc_hp: LMCHparams = LMCHparams(), device="cpu") -> dict:
+                lmc_hp: LMCHparams = LMCHparams(), device="cpu", keep_models: bool = False) -> dict:
     """Train a pair (`train_pair` with `lmc_hp.seeds`) and measure its LMC curve (`bn_curves`).
 
     Returns the curve's plain data (with `by_bn_mode`) plus `copies` (each copy's seed, test
     accuracy/loss, final training loss), `copy_test_accuracy` (their mean), `sparsity`, and
-    `train_s` (training time).
+    `train_s` (training time); with `keep_models`, also `models` (the trained pair).
     """
     lmc_hp.validate()
     t0 = time.perf_counter()
@@ -344,6 +347,8 @@ def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tens
     curve = bn_curves(a, b, data, lmc_hp, device, mask=mask)
     curve.update(copies=metrics, copy_test_accuracy=sum(m["test_accuracy"] for m in metrics) / 2,
                  sparsity=mask.sparsity, train_s=train_s)
+    if keep_models:
+        curve["models"] = (a, b)
     return curve
 
 

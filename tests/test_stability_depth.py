@@ -1,0 +1,59 @@
+"""Barriers beyond the plain line: the LMC pair measured again after permutation alignment (its mask
+permuted along) and after alignment + REPAIR, as an evaluation option with its metrics, costs and
+figure names."""
+
+from __future__ import annotations
+
+import pytest
+
+from prunelab.chain import Chain
+from prunelab.cost import chain_cost
+from prunelab.evaluation import EvalHparams, evaluate_round, result_key
+from prunelab.hparams import ChainHparams
+from prunelab.metrics import barrier_flavour, barrier_name, parse_barrier
+
+BASE = {"dataset": {"name": "digits"}, "model": {"name": "convnet3", "width": 8}, "pruning": {"rounds": 1},
+        "training": {"epochs": 2, "lr": 0.1}, "pruning_training": {"epochs": 1, "lr": 0.1}}
+
+
+@pytest.mark.parametrize("model", [{"name": "convnet3", "width": 8}, {"name": "resnet10_bn", "width": 4}])
+def test_an_lmc_evaluation_measures_the_aligned_pair_too(model, digits):
+    hp = ChainHparams.from_dict({**BASE, "model": model})
+    c = Chain(hp, data=digits)
+    c.step()
+    ev = EvalHparams.from_dict({"lmc": True, "lmc_hparams": {"num_points": 3, "align": True, "bn_batches": 2},
+                                "controls": ["shuffled"]})
+    res = evaluate_round(hp, ev, digits, c.state.rewind_point, c.mask, 1)
+    m, lmc = res["metrics"], res["lmc"]
+    for flavour in ("aligned", "aligned_repair"):
+        assert len(lmc[flavour]["train_loss"]) == len(lmc["alphas"]) == 3
+        name = barrier_name("mid", "train", "loss", flavour=flavour)
+        assert m[name] == lmc[flavour]["barrier_mid"]["train_loss"]
+        assert barrier_name("mid", "train", "loss", control="shuffled", flavour=flavour) in m
+    for mode in ("interpolate", "recompute"):
+        assert barrier_name("mid", "train", "loss", mode, flavour="aligned") in m
+    # the aligned pair's endpoints are the trained copies themselves: the same losses at α = 0 and 1
+    for i in (0, -1):
+        assert lmc["aligned"]["train_loss"][i] == pytest.approx(lmc["train_loss"][i], rel=1e-4)
+    assert "models" not in lmc
+    # copies from one initialization mostly keep their units in place: how many moved is recorded
+    moved = lmc["alignment"]["channels_moved"]
+    assert moved and all(isinstance(v, int) and v >= 0 for v in moved.values())
+
+
+def test_alignment_is_a_new_measurement_with_its_own_key_and_cost():
+    hp = ChainHparams.from_dict(BASE)
+    plain = EvalHparams.from_dict({"lmc": True})
+    aligned = EvalHparams.from_dict({"lmc": True, "lmc_hparams": {"align": True}})
+    assert result_key(plain) == result_key(EvalHparams())  # stored evaluations keep their key
+    assert result_key(aligned) != result_key(plain)
+    assert chain_cost(hp, aligned, [1])["evaluation"].flops > chain_cost(hp, plain, [1])["evaluation"].flops
+
+
+def test_barrier_specs_name_their_flavour():
+    assert barrier_flavour("aligned_repair_train_loss") == ("aligned_repair", "train_loss")
+    assert barrier_flavour("aligned_max_test_error") == ("aligned", "max_test_error")
+    assert barrier_flavour("train_loss") == (None, "train_loss")
+    assert parse_barrier("aligned_repair_mid_train_loss") == ("mid", "train", "loss")
+    with pytest.raises(ValueError):
+        parse_barrier("realigned_train_loss")
