@@ -54,12 +54,19 @@ class LandscapeHparams(Hparams):
     eval_batch_size: int = hp(1024, "batch size for evaluation")
     stacked: bool = hp(False, "train the copies as one stacked model (faster at small batch on a GPU)",
                        hashed_at_default=False)
+    directions: Literal["copies", "filter_normalized"] = hp(
+        "copies", "the plane: of the trained copies (the paper's), or two random filter-normalized directions "
+                  "around the first copy (Li et al. 2018), masked to the subnetwork", hashed_at_default=False)
+    span: float = hp(1.0, "filter_normalized: the grid covers ±span along each direction", hashed_at_default=False)
+    direction_seed: int = hp(0, "filter_normalized: seed of the random directions", hashed_at_default=False)
 
     def _validate(self, p):
+        require(self.span > 0, p + "span", f"must be positive, got {self.span}", "e.g. 1.0")
         require(self.grid >= 2, p + "grid", f"must be >= 2, got {self.grid}", "the paper uses 100")
         require(self.margin >= 0, p + "margin", f"must be >= 0, got {self.margin}", "e.g. 0.25")
-        require(len(self.seeds) >= 3, p + "seeds", f"need at least 3 copies to span a plane, got {len(self.seeds)}",
-                "e.g. [0, 1, 2, 3]")
+        require(len(self.seeds) >= (3 if self.directions == "copies" else 1), p + "seeds",
+                f"need at least 3 copies to span a plane, got {len(self.seeds)}",
+                "e.g. [0, 1, 2, 3], or directions: filter_normalized (one copy is enough)")
         require(self.bn_batches >= 1, p + "bn_batches", "must be >= 1")
         require(self.bn_batch_size >= 1, p + "bn_batch_size", "must be >= 1")
         require(self.eval_examples is None or self.eval_examples > 0, p + "eval_examples", "must be positive")
@@ -177,6 +184,8 @@ def loss_landscape(models: Sequence[nn.Module], data: DataSplit, land_hp: Landsc
     t0 = time.perf_counter()
     device = resolve_device(device)
     land_hp.validate()
+    if land_hp.directions == "filter_normalized":
+        return _filter_normalized_landscape(models, data, land_hp, device, mask, t0)
     if len(models) < 3:
         raise ConfigError("models", f"need at least 3 trained copies to span a plane, got {len(models)}",
                           "train 3 or more copies (the paper uses 4 seeds)")
@@ -220,6 +229,85 @@ def loss_landscape(models: Sequence[nn.Module], data: DataSplit, land_hp: Landsc
     return {"xs": xs, "ys": ys, "loss": loss, "accuracy": acc, "copies": copies,
             "distances": plane.distances.tolist(), "basis": land_hp.basis, "bn_mode": land_hp.bn_mode,
             "bn_recomputed": recompute, "eval_examples": ev.n, "grid": g, "wall_s": time.perf_counter() - t0}
+
+
+def filter_normalized_directions(model: nn.Module, mask: Optional[Mask], seed: int, count: int = 2
+                                 ) -> list[dict[str, torch.Tensor]]:
+    """`count` random Gaussian directions over `model`'s parameters (Li et al. 2018, "Visualizing the loss
+    landscape of neural nets"): each filter (output unit of a weight with two or more dimensions) scaled to
+    the norm of the model's own filter, biases and normalization parameters left out (zero), and pruned
+    weights zero, so every point of the plane is the same subnetwork."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = []
+    for _ in range(count):
+        d = {}
+        for n, p in model.named_parameters():
+            w = p.detach().cpu().double()
+            if w.dim() < 2:
+                d[n] = torch.zeros_like(w)
+                continue
+            r = torch.randn(w.shape, generator=g, dtype=torch.float64)
+            if mask is not None and n in mask:
+                r = r * mask[n].double()
+            rn = r.flatten(1).norm(dim=1).clamp_min(1e-12)
+            wn = w.flatten(1).norm(dim=1)
+            d[n] = (r.flatten(1) * (wn / rn).unsqueeze(1)).view_as(w)
+        out.append(d)
+    return out
+
+
+def _filter_normalized_landscape(models: Sequence[nn.Module], data: DataSplit, land_hp: LandscapeHparams,
+                                 device, mask: Optional[Mask], t0: float) -> dict:
+    """The grid code of `loss_landscape` on the plane θ* + x·d1 + y·d2 (θ* the first copy; BN buffers
+    θ*'s, or recomputed per point). Other copies are placed by their least-squares coordinates on the
+    directions, with their distance from the plane."""
+    center = copy.deepcopy(models[0]).to(device).eval()
+    base = {k: v.detach().clone() for k, v in center.state_dict().items()}
+    d1, d2 = filter_normalized_directions(center, mask, land_hp.direction_seed)
+    d1 = {k: v.to(device, base[k].dtype) for k, v in d1.items()}
+    d2 = {k: v.to(device, base[k].dtype) for k, v in d2.items()}
+    target = center.state_dict()
+    masks = device_mask(mask, target)
+    ev = EvalSet(data.train, device, land_hp.eval_batch_size, land_hp.eval_examples)
+    recompute = land_hp.bn_mode == "recompute" and bool(batchnorm_modules(center))
+    bn_data = bn_batches(data.train, device, land_hp.bn_batches, land_hp.bn_batch_size) if recompute else []
+
+    @torch.no_grad()
+    def at(x: float, y: float) -> dict:
+        for k, t in target.items():
+            t.copy_(base[k])
+            if k in d1:
+                t.add_(d1[k], alpha=x).add_(d2[k], alpha=y)
+        for n, m in masks.items():
+            target[n].mul_(m)
+        if recompute:
+            recompute_bn_stats(center, bn_data)
+        return ev.evaluate(center)
+
+    g = land_hp.grid
+    axis = torch.linspace(-land_hp.span, land_hp.span, g, dtype=torch.float64).tolist()
+    loss = [[0.0] * g for _ in range(g)]
+    acc = [[0.0] * g for _ in range(g)]
+    for iy, y in enumerate(axis):
+        for ix, x in enumerate(axis):
+            r = at(x, y)
+            loss[iy][ix], acc[iy][ix] = r["loss"], r["accuracy"]
+    flat = lambda d: torch.cat([d[k].double().reshape(-1).cpu() for k in d1])  # noqa: E731
+    basis = torch.stack([flat(d1), flat(d2)], 1)
+    copies, states = [], [{k: v.detach().to(device) for k, v in m.state_dict().items()} for m in models]
+    for m, st in zip(models, states):
+        diff = flat({k: st[k] - base[k] for k in d1})
+        coef = torch.linalg.lstsq(basis, diff.unsqueeze(1)).solution.flatten()
+        on_plane = at(float(coef[0]), float(coef[1]))
+        own = ev.evaluate(m.to(device))
+        copies.append({"coords": [float(coef[0]), float(coef[1])], "residual": float((basis @ coef - diff).norm()),
+                       "loss_on_plane": on_plane["loss"], "accuracy_on_plane": on_plane["accuracy"],
+                       "loss": own["loss"], "accuracy": own["accuracy"]})
+    k = len(states)
+    dist = [[float(flat({n: states[i][n] - states[j][n] for n in d1}).norm()) for j in range(k)] for i in range(k)]
+    return {"xs": axis, "ys": axis, "loss": loss, "accuracy": acc, "copies": copies, "distances": dist,
+            "basis": "filter_normalized", "bn_mode": land_hp.bn_mode, "bn_recomputed": recompute,
+            "eval_examples": ev.n, "grid": g, "wall_s": time.perf_counter() - t0}
 
 
 def landscape(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,

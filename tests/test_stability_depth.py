@@ -5,6 +5,7 @@ figure names."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from prunelab.chain import Chain
 from prunelab.cost import chain_cost
@@ -57,3 +58,40 @@ def test_barrier_specs_name_their_flavour():
     assert parse_barrier("aligned_repair_mid_train_loss") == ("mid", "train", "loss")
     with pytest.raises(ValueError):
         parse_barrier("realigned_train_loss")
+
+
+def test_filter_normalized_directions_follow_the_filters_and_the_mask(digits):
+    from prunelab.landscape import LandscapeHparams, filter_normalized_directions, landscape
+    from prunelab.masks import Mask
+
+    hp = ChainHparams.from_dict(BASE)
+    c = Chain(hp, data=digits)
+    c.step()
+    model = c.subnetwork()
+    d1, d2 = filter_normalized_directions(model, c.mask, seed=3)
+    params = dict(model.named_parameters())
+    for n, m in c.mask.items():
+        w = params[n].detach().double()
+        assert not d1[n][~m].any()  # pruned weights stay pruned along the direction
+        assert d1[n].flatten(1).norm(dim=1) == pytest.approx(w.flatten(1).norm(dim=1), rel=1e-6)
+        assert not torch.equal(d1[n], d2[n])
+    assert all(not d1[n].any() for n, p in params.items() if p.dim() < 2)  # biases and norms: no move
+    again, _ = filter_normalized_directions(model, c.mask, seed=3)
+    assert all(torch.equal(again[n], d1[n]) for n in d1)
+    assert isinstance(c.mask, Mask)
+
+    lh = LandscapeHparams.from_dict({"grid": 3, "seeds": [0], "directions": "filter_normalized", "span": 0.5})
+    out = landscape(hp, digits, c.state.rewind_point, c.mask, lh)
+    assert out["basis"] == "filter_normalized" and out["xs"] == [-0.5, 0.0, 0.5]
+    (copy,) = out["copies"]
+    assert copy["coords"] == [0.0, 0.0] and copy["loss_on_plane"] == pytest.approx(copy["loss"], rel=1e-5)
+    assert out["loss"][1][1] == pytest.approx(copy["loss"], rel=1e-5)  # the grid's centre is the copy
+
+
+def test_a_plane_of_copies_still_needs_three():
+    from prunelab.errors import ConfigError
+    from prunelab.landscape import LandscapeHparams
+
+    with pytest.raises(ConfigError) as e:
+        LandscapeHparams.from_dict({"seeds": [0]})
+    assert e.value.field == "seeds" and "filter_normalized" in e.value.fix
