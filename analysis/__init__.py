@@ -21,7 +21,7 @@ from .load import load_sweep, missing_runs
 from .output import FigureResult
 from .report import write_report
 
-FIGURES = ("fig2", "fig3_4", "fig5", "hessian", "spectrum", "fig6", "fig7", "masks")
+FIGURES = ("fig2", "fig3_4", "fig5", "hessian", "spectrum", "fig6", "fig7", "masks", "instability")
 
 
 def make_figures(sweep, names, out_dir: str, options: Optional[dict] = None) -> list:

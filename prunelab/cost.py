@@ -193,10 +193,14 @@ def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
         curve = len(lmc_alphas(lh.num_points)) * point(n_eval, lh)
         if lh.both_bn_modes and has_bn:  # the same pair measured in the other BN mode
             curve = curve + len(lmc_alphas(lh.num_points)) * point(n_eval, lh.replace(bn_mode=other_bn_mode(lh.bn_mode)))
+        plain = curve
         if lh.align:  # the aligned pair's curves, and REPAIR's: endpoint and corrected statistics at every α
             fix = forward_cost(lh.bn_batches * lh.bn_batch_size, f, lh.bn_batch_size)
             curve = curve * 2 + len(lmc_alphas(lh.num_points)) * (point(n_eval, lh.replace(bn_mode="interpolate")) + fix * 3)
-        cost = cost + (1 + len(ev.controls)) * (len(lh.seeds) * one + curve)  # the pair and each control's
+        pairs = len(lh.seeds) * one + curve
+        for k in lh.spawn_epochs:  # a shared run to epoch k, then a pair that finishes the schedule, and its curve
+            pairs = pairs + (1 - k / hp.training.epochs) * len(lh.seeds) * one + (k / hp.training.epochs) * one + plain
+        cost = cost + (1 + len(ev.controls)) * pairs  # the pair and each control's
     if ev.landscape:
         lh = ev.landscape_hparams
         n_eval = min(n_train, lh.eval_examples or n_train)

@@ -25,11 +25,11 @@ from .landscape import LandscapeHparams, landscape
 from .masks import Mask, rounds_for_sparsity, shuffle_layerwise
 from .align import aligned_curves
 from .metrics import (CONTROLS, FLAVOURS, KINDS, SPECTRUM_TOP, SPECTRUM_TRACE, SPECTRUM_TRACE_PER_WEIGHT, accuracy_name,
-                      barrier_name, with_control)
+                      barrier_name, spawn_name, with_control)
 from .models import build_model
 from .seeds import derive_seed, mask_seed
 from .spectrum import SpectrumHparams, spectrum_analysis
-from .stability import LMCHparams, instability
+from .stability import LMCHparams, instability, spawned_instability
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,10 @@ class EvalHparams(Hparams):
         A chain started from another chain's mask (`start_from`, e.g. IMP from a synthetic
         subnetwork) has no masks before `start_round`: those rounds belong to the start chain and
         are left out (its first round is its starting subnetwork)."""
+        late = [k for k in self.lmc_hparams.spawn_epochs if k >= chain.training.epochs - chain.pruning.rewind_epoch]
+        require(not self.lmc or not late, path + ".lmc_hparams.spawn_epochs",
+                f"spawn epochs {late} leave the copies no training ({chain.training.epochs} epochs, "
+                f"from epoch {chain.pruning.rewind_epoch})", "spawn earlier, or train longer")
         f = chain.pruning.fraction
         if chain.pruning.rounds == 0:
             return [0]  # a dense chain (e.g. Figure 5's dense network): its only subnetwork
@@ -143,6 +147,9 @@ def _instability(hp: ChainHparams, data: DataSplit, weights: dict, mask: Mask, l
     res = instability(hp, data, weights, mask, lmc_hp, device, keep_models=lmc_hp.align)
     if lmc_hp.align:
         res.update(aligned_curves(*res.pop("models"), data, lmc_hp, device, mask))
+    if lmc_hp.spawn_epochs:
+        res["spawn"] = {str(k): spawned_instability(hp, data, weights, mask, k, lmc_hp, device)
+                        for k in sorted(lmc_hp.spawn_epochs)}
     return res
 
 
@@ -166,6 +173,8 @@ def lmc_metrics(res: dict, control: str | None = None) -> dict[str, float]:
             for k, v in r[f"barrier_{kind}"].items():
                 split, measure = k.split("_")
                 out[barrier_name(kind, split, measure, mode, control)] = v
+    for k, r in res.get("spawn", {}).items():
+        out.update({spawn_name(int(k), n): v for n, v in lmc_metrics(r, control).items() if "barrier" in n})
     for flavour in FLAVOURS:
         f = res.get(flavour)
         if not f:

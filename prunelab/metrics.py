@@ -5,6 +5,8 @@ reads them (this module imports nothing heavy, so the analysis side needs no tor
     barrier_<mid|max>_<train|test>_<loss|error>     barriers in the primary BN mode (lmc_hparams.bn_mode)
     ..._bn_<interpolate|recompute>                  the same in a named BN mode (both are recorded)
     control_<shuffled|reinit>_<any name above>      the same for a control of the round's mask
+    aligned_..., aligned_repair_...                 the pair after permutation alignment (+ REPAIR)
+    spawn<k>_barrier_...                            the pair spawned after k epochs of shared training
 
 Controls (`EvalHparams.controls`): `shuffled` keeps each layer's count of surviving weights and draws
 their positions at random (is it *which* weights, or only how many per layer?); `reinit` keeps the
@@ -37,6 +39,12 @@ def barrier_name(kind: str = "mid", split: str = "train", measure: str = "loss",
     `aligned_repair_barrier_mid_train_loss` (a `flavour` of FLAVOURS)."""
     name = f"barrier_{kind}_{split}_{measure}" + (f"_bn_{bn_mode}" if bn_mode else "")
     return with_control(f"{flavour}_{name}" if flavour else name, control)
+
+
+def spawn_name(k: int, name: str) -> str:
+    """`name` (a barrier) of the pair spawned after k epochs of shared training
+    (lmc_hparams.spawn_epochs): `spawn<k>_<name>`, e.g. `spawn2_barrier_mid_train_loss`."""
+    return f"spawn{k}_{name}"
 
 
 def accuracy_name(control: Optional[str] = None) -> str:

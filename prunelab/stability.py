@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chain import train_subnetworks
+from .chain import load_subnetwork, rewind_start_step, train_subnetworks
 from .data import DataSplit, ImageData
 from .errors import ConfigError
 from .hparams import ChainHparams, Hparams, hp, require
 from .masks import Mask
 from .metrics import SPLITS, barriers, other_bn_mode
 from .seeds import derive_seed
-from .train import resolve_device
+from .models import build_model
+from .train import resolve_device, steps_per_epoch, total_steps, train
 
 
 
@@ -58,6 +59,9 @@ class LMCHparams(Hparams):
     splits: tuple[str, ...] = hp(SPLITS, "splits evaluated along the line (paper: train; authors' code: test)")
     eval_examples: Optional[int] = hp(None, "evaluate on a fixed random subset of this many examples per split")
     eval_batch_size: int = hp(1024, "batch size for evaluation")
+    spawn_epochs: tuple[int, ...] = hp((), "also pairs spawned after k epochs of training both copies share, "
+                                            "for each k (Frankle et al. 2020's instability analysis: the barrier "
+                                            "against the spawn point)", hashed_at_default=False)
     align: bool = hp(False, "also the barriers after permutation alignment (weight matching; the mask permuted "
                             "along, so the aligned network is the same subnetwork) and after alignment + REPAIR "
                             "(prunelab.align)", hashed_at_default=False)
@@ -77,6 +81,9 @@ class LMCHparams(Hparams):
         require(self.eval_examples is None or self.eval_examples > 0, p + "eval_examples",
                 f"must be positive, got {self.eval_examples}")
         require(self.eval_batch_size >= 1, p + "eval_batch_size", "must be >= 1")
+        require(all(k >= 1 for k in self.spawn_epochs) and len(set(self.spawn_epochs)) == len(self.spawn_epochs),
+                p + "spawn_epochs", f"must be distinct epochs >= 1, got {list(self.spawn_epochs)}",
+                "e.g. [1, 2, 5] (k = 0 is the pair itself)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +340,8 @@ def bn_curves(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: L
 
 
 def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
-                lmc_hp: LMCHparams = LMCHparams(), device="cpu", keep_models: bool = False) -> dict:
+                lmc_hp: LMCHparams = LMCHparams(), device="cpu", keep_models: bool = False,
+                start_step: Optional[int] = None) -> dict:
     """Train a pair (`train_pair` with `lmc_hp.seeds`) and measure its LMC curve (`bn_curves`).
 
     Returns the curve's plain data (with `by_bn_mode`) plus `copies` (each copy's seed, test
@@ -342,7 +350,8 @@ def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tens
     """
     lmc_hp.validate()
     t0 = time.perf_counter()
-    (a, b), metrics = train_pair(hp, data, weights, mask, lmc_hp.seeds, device, stacked=lmc_hp.stacked)
+    (a, b), metrics = train_pair(hp, data, weights, mask, lmc_hp.seeds, device, start_step=start_step,
+                                 stacked=lmc_hp.stacked)
     train_s = time.perf_counter() - t0
     curve = bn_curves(a, b, data, lmc_hp, device, mask=mask)
     curve.update(copies=metrics, copy_test_accuracy=sum(m["test_accuracy"] for m in metrics) / 2,
@@ -350,6 +359,24 @@ def instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tens
     if keep_models:
         curve["models"] = (a, b)
     return curve
+
+
+def spawned_instability(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], mask: Mask,
+                        k: int, lmc_hp: LMCHparams = LMCHparams(), device="cpu") -> dict:
+    """The pair spawned after `k` epochs of training `weights ⊙ mask` that both copies share (Frankle et
+    al. 2020): the shared run follows the chain's schedule (from its rewind point) with its own seed,
+    then the copies finish the schedule from there as `instability` trains them. Returns `instability`'s
+    data (curves and barriers in both BN modes) plus `spawn_epoch`."""
+    spe = steps_per_epoch(len(data.train), hp.training.batch_size)
+    start = rewind_start_step(hp, len(data.train), hp.training.batch_size)
+    model = load_subnetwork(build_model(hp.model, data.train.shape, data.train.num_classes, seed=0), weights, mask)
+    stop = min(start + k * spe, total_steps(hp.training, len(data.train)))
+    train(model, data.train, hp.training, device=device, mask=mask, order_seed=derive_seed(hp.seed, "spawn", "order"),
+          aug_seed=derive_seed(hp.seed, "spawn", "augment"), start_step=start, stop_step=stop)
+    shared = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
+    res = instability(hp, data, shared, mask, lmc_hp.replace(spawn_epochs=(), align=False), device, start_step=stop)
+    res["spawn_epoch"] = k
+    return res
 
 
 def flat_barriers(result: dict, prefix: str = "lmc_") -> dict[str, float]:

@@ -95,3 +95,54 @@ def test_a_plane_of_copies_still_needs_three():
     with pytest.raises(ConfigError) as e:
         LandscapeHparams.from_dict({"seeds": [0]})
     assert e.value.field == "seeds" and "filter_normalized" in e.value.fix
+
+
+def test_a_pair_spawned_after_k_epochs(digits):
+    hp = ChainHparams.from_dict(BASE)
+    c = Chain(hp, data=digits)
+    c.step()
+    ev = EvalHparams.from_dict({"lmc": True, "lmc_hparams": {"num_points": 3, "spawn_epochs": [1], "bn_batches": 2}})
+    res = evaluate_round(hp, ev, digits, c.state.rewind_point, c.mask, 1)
+    spawned = res["lmc"]["spawn"]["1"]
+    assert spawned["spawn_epoch"] == 1 and all(cp["steps"] > 0 for cp in spawned["copies"])
+    assert res["metrics"]["spawn1_barrier_mid_train_loss"] == spawned["barrier_mid"]["train_loss"]
+    assert result_key(ev) != result_key(EvalHparams.from_dict({"lmc": True, "lmc_hparams": {"num_points": 3,
+                                                                                            "bn_batches": 2}}))
+    from prunelab.errors import ConfigError
+
+    late = EvalHparams.from_dict({"lmc": True, "rounds": [1], "lmc_hparams": {"spawn_epochs": [2]}})
+    with pytest.raises(ConfigError) as e:
+        late.resolve_rounds(hp)
+    assert e.value.field == "evaluation.lmc_hparams.spawn_epochs"
+
+
+def test_the_deeper_stability_figures_come_out_of_a_sweep(tmp_path, capsys):
+    """A tiny sweep with alignment, spawned pairs and the spectrum: the aligned Figures 3/4, the
+    instability figure and the spectrum figure, with their tables."""
+    import csv
+
+    import analysis
+    from sweeps.driver import main
+    from sweeptools import write_config
+
+    preset = {"base": BASE, "grid": {"seed": [0, 1]}, "variants": {"imp": {}},
+              "evaluation": {"rounds": [1], "lmc": True,
+                             "lmc_hparams": {"num_points": 3, "align": True, "spawn_epochs": [1], "bn_batches": 2},
+                             "spectrum": {"k": 2, "trace_samples": 12, "density_vectors": 1, "density_steps": 10}},
+              "resources": {"cpus_per_trial": 1, "max_failures": 0}}
+    config = write_config(tmp_path, {"figure": "fig3_4", "description": "tiny", "presets": {"demo": preset}})
+    storage = tmp_path / "runs"
+    rc = main("fig3_4", ["--config", config, "--storage-path", str(storage), "--num-cpus", "2"])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    uri = f"sqlite:///{storage / 'mlflow.db'}"
+    figs = tmp_path / "figs"
+    for figure, options in (("spectrum", {}), ("instability", {}), ("fig3_4", {"flavour": "aligned_repair"})):
+        got = analysis.run(figure, "prunelab-fig3_4", uri, str(figs), log_to_mlflow=False,
+                           options={figure: options})
+        assert got["figures"], (figure, got["missing"])
+    rows = list(csv.DictReader(open(figs / "instability.csv")))
+    assert {r["spawn_epoch"] for r in rows} == {"0", "1"} and all(r["n_seeds"] == "2" for r in rows)
+    spec = list(csv.DictReader(open(figs / "spectrum.csv")))
+    assert spec and all(float(r["spectrum_top_eigenvalue_mean"]) > 0 for r in spec)
+    assert (figs / "fig3_4_aligned_repair_barriers.csv").is_file()
