@@ -291,7 +291,9 @@ class Chain:
         batch = self.score_batch()
         new_mask = find_mask(p.method, model, dense, target, scope=p.scope,
                              batch=None if p.method in DATA_FREE else batch,
-                             seed=derive_seed(mask_seed(self.hp), "source"), iterations=p.synflow_iterations,
+                             # per method and allocation: two random sources of one seed draw independently
+                             seed=derive_seed(mask_seed(self.hp), "source", p.method, p.scope),
+                             iterations=p.synflow_iterations,
                              input_shape=self.data.train.shape, layer_counts=self.layer_counts(r + 1))
         # how the masked initialization does on the scored images: the round's record, like IMP's fit
         model = load_subnetwork(model, self.state.rewind_point, new_mask).to(self.device).eval()

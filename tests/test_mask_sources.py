@@ -235,3 +235,12 @@ def test_the_spectrum_is_an_evaluation_option(digits):
     json.dumps(sp)
     assert result_key(EvalHparams(lmc=False)) != result_key(ev)
     assert chain_cost(hp, ev, [1])["evaluation"].flops > chain_cost(hp, EvalHparams(lmc=False), [1])["evaluation"].flops
+
+
+def test_two_random_sources_of_one_seed_draw_independently(digits):
+    a = Chain(chain("random", scope="layerwise"), data=digits)
+    b = Chain(chain("random", scope="erk"), data=digits)
+    a.run()
+    b.run()
+    o = anatomy.overlap(a.mask, b.mask)
+    assert abs(o["excess_jaccard"]) < 0.05  # as two independent random masks of those densities
