@@ -40,8 +40,8 @@ def main(argv=None) -> int:
                         "paper's train loss at α=0.5)")
     p.add_argument("--flavour", choices=FLAVOURS, default=None,
                    help="Figures 3/4: the curves of the pairs after permutation alignment (aligned) or alignment + "
-                        "REPAIR (aligned_repair), recorded with evaluation.lmc_hparams.align; Figure 6 takes them "
-                        "as --barrier aligned_train_loss, aligned_repair_train_loss")
+                        "REPAIR (aligned_repair) (evaluation.lmc_hparams.align), or from a round's solution to the "
+                        "previous round's (previous_round); Figure 6 takes them as --barrier aligned_train_loss, ...")
     args = p.parse_args(argv)
     try:
         parse_barrier(args.barrier)

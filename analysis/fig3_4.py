@@ -39,7 +39,7 @@ def chain_curves(chain, res: FigureResult, flavour: Optional[str] = None) -> dic
         if flavour:
             if not d.get(flavour):
                 res.missing.append(f"fig3_4: {chain.describe()}: {lmc_artifact(r)} has no {flavour} curve "
-                                   "(evaluation.lmc_hparams.align)")
+                                   "(evaluation.lmc_hparams.align / previous_round)")
                 continue
             d = d[flavour]
         split = "train" if "train_loss" in d else "test"

@@ -201,6 +201,8 @@ def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
         for k in lh.spawn_epochs:  # a shared run to epoch k, then a pair that finishes the schedule, and its curve
             pairs = pairs + (1 - k / hp.training.epochs) * len(lh.seeds) * one + (k / hp.training.epochs) * one + plain
         cost = cost + (1 + len(ev.controls)) * pairs  # the pair and each control's
+        if lh.previous_round and at_round > 0:  # the previous round's subnetwork trained, and its line
+            cost = cost + one + plain
     if ev.landscape:
         lh = ev.landscape_hparams
         n_eval = min(n_train, lh.eval_examples or n_train)

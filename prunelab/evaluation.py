@@ -29,7 +29,7 @@ from .metrics import (CONTROLS, FLAVOURS, KINDS, SPECTRUM_TOP, SPECTRUM_TRACE, S
 from .models import build_model
 from .seeds import derive_seed, mask_seed
 from .spectrum import SpectrumHparams, spectrum_analysis
-from .stability import LMCHparams, instability, spawned_instability
+from .stability import LMCHparams, instability, previous_round_curves, spawned_instability
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class EvalHparams(Hparams):
 
 
 def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: dict, mask: Mask,
-                   round: int, device="cpu") -> dict:
+                   round: int, device="cpu", previous_mask: Optional[Mask] = None) -> dict:
     """Train the subnetwork `weights ⊙ mask` on real data and measure what `ev` asks for.
 
     Returns {"metrics": flat floats, "lmc": curve data or None, "landscape": grid data or None,
@@ -103,7 +103,7 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
     out = {"round": round, "lmc": None, "landscape": None, "hessian": None, "spectrum": None}
     trained = None
     if ev.lmc:
-        res = _instability(hp, data, weights, mask, ev.lmc_hparams, device)
+        res = _instability(hp, data, weights, mask, ev.lmc_hparams, device, previous_mask)
         copies = res["copies"]
         metrics.update(test_loss=sum(c["test_loss"] for c in copies) / len(copies),
                        train_loss=sum(c["train_loss"] for c in copies) / len(copies))
@@ -112,7 +112,7 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
         controls = {}
         for name in ev.controls:
             w, m = control_subnetwork(hp, data, weights, mask, name)
-            c = _instability(hp, data, w, m, ev.lmc_hparams, device)
+            c = _instability(hp, data, w, m, ev.lmc_hparams, device)  # a control has no previous round
             metrics.update(lmc_metrics(c, control=name))
             controls[name] = {k: v for k, v in c.items() if k not in ("models",)}
         if controls:
@@ -142,11 +142,18 @@ def evaluate_round(hp: ChainHparams, ev: EvalHparams, data: DataSplit, weights: 
     return out
 
 
-def _instability(hp: ChainHparams, data: DataSplit, weights: dict, mask: Mask, lmc_hp, device) -> dict:
-    """`stability.instability`, and with `lmc_hp.align` the same pair after alignment (`align.aligned_curves`)."""
-    res = instability(hp, data, weights, mask, lmc_hp, device, keep_models=lmc_hp.align)
+def _instability(hp: ChainHparams, data: DataSplit, weights: dict, mask: Mask, lmc_hp, device,
+                 previous_mask: Optional[Mask] = None) -> dict:
+    """`stability.instability`; with `lmc_hp.align` the same pair after alignment (`align.aligned_curves`),
+    with `lmc_hp.previous_round` copy A against the previous round's solution, with `spawn_epochs` the
+    pairs spawned later."""
+    previous = lmc_hp.previous_round and previous_mask is not None
+    res = instability(hp, data, weights, mask, lmc_hp, device, keep_models=lmc_hp.align or previous)
+    models = res.pop("models", None)
     if lmc_hp.align:
-        res.update(aligned_curves(*res.pop("models"), data, lmc_hp, device, mask))
+        res.update(aligned_curves(*models, data, lmc_hp, device, mask))
+    if previous:
+        res["previous_round"] = previous_round_curves(hp, data, weights, models[0], previous_mask, lmc_hp, device)
     if lmc_hp.spawn_epochs:
         res["spawn"] = {str(k): spawned_instability(hp, data, weights, mask, k, lmc_hp, device)
                         for k in sorted(lmc_hp.spawn_epochs)}

@@ -26,7 +26,10 @@ PRIMARY_BN_PARAM = "eval.bn_mode"  # the run param naming the BN mode of the pla
 CONTROLS = ("shuffled", "reinit")
 # the same pair measured after permutation alignment (lmc_hparams.align): weight matching with the mask
 # permuted along (both BN modes), and aligned + REPAIR (one measurement: REPAIR sets the statistics)
-FLAVOURS = ("aligned", "aligned_repair")
+FLAVOURS = ("aligned", "aligned_repair", "previous_round")
+# previous_round (lmc_hparams.previous_round): copy A of the round's subnetwork against a copy of the
+# previous round's subnetwork trained with the same data order: the barrier between consecutive rounds'
+# solutions (both BN modes)
 SPLITS = ("train", "test")
 MEASURES = ("loss", "error")
 KINDS = ("mid", "max")

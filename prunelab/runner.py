@@ -150,7 +150,10 @@ def _run_held(hp, ev, rounds, store, device, data, on_open, on_round, on_eval, r
                 if r > upto or store.load_eval(rkey, r) is not None:
                     continue
                 mask = store.mask_at(r, fallback=chain.state)
-                res = evaluate_round(hp, ev, data, chain.state.rewind_point, mask, r, device)
+                previous = None
+                if ev.lmc and ev.lmc_hparams.previous_round and r > chain.state.start_round:
+                    previous = store.mask_at(r - 1)
+                res = evaluate_round(hp, ev, data, chain.state.rewind_point, mask, r, device, previous_mask=previous)
                 _still_held(lease, store)
                 store.save_eval(rkey, r, res)
                 if on_eval:

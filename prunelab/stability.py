@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chain import load_subnetwork, rewind_start_step, train_subnetworks
+from .chain import load_subnetwork, rewind_start_step, train_subnetwork, train_subnetworks
 from .data import DataSplit, ImageData
 from .errors import ConfigError
 from .hparams import ChainHparams, Hparams, hp, require
@@ -59,6 +59,9 @@ class LMCHparams(Hparams):
     splits: tuple[str, ...] = hp(SPLITS, "splits evaluated along the line (paper: train; authors' code: test)")
     eval_examples: Optional[int] = hp(None, "evaluate on a fixed random subset of this many examples per split")
     eval_batch_size: int = hp(1024, "batch size for evaluation")
+    previous_round: bool = hp(False, "also the barrier between this round's solution and the previous round's "
+                                     "(copy A against the previous round's subnetwork trained with A's data order)",
+                              hashed_at_default=False)
     spawn_epochs: tuple[int, ...] = hp((), "also pairs spawned after k epochs of training both copies share, "
                                             "for each k (Frankle et al. 2020's instability analysis: the barrier "
                                             "against the spawn point)", hashed_at_default=False)
@@ -377,6 +380,18 @@ def spawned_instability(hp: ChainHparams, data: DataSplit, weights: dict[str, to
     res = instability(hp, data, shared, mask, lmc_hp.replace(spawn_epochs=(), align=False), device, start_step=stop)
     res["spawn_epoch"] = k
     return res
+
+
+def previous_round_curves(hp: ChainHparams, data: DataSplit, weights: dict[str, torch.Tensor], model_a: nn.Module,
+                          previous_mask: Mask, lmc_hp: LMCHparams = LMCHparams(), device="cpu") -> dict:
+    """The line from copy A of a round's subnetwork (`model_a`, trained with `lmc_hp.seeds[0]`) to the
+    previous round's subnetwork `weights ⊙ previous_mask` trained with the same data order: curves and
+    barriers in both BN modes (`bn_curves`), interpolated without a mask (each end keeps its own)."""
+    model_p, metrics = train_subnetwork(hp, data, weights, previous_mask, device=device,
+                                        seed=_lmc_seed(hp, lmc_hp.seeds[0]))
+    curve = bn_curves(model_a, model_p, data, lmc_hp, device, mask=None)
+    curve.update(previous_test_accuracy=metrics["test_accuracy"], previous_sparsity=previous_mask.sparsity)
+    return curve
 
 
 def flat_barriers(result: dict, prefix: str = "lmc_") -> dict[str, float]:

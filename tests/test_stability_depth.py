@@ -146,3 +146,26 @@ def test_the_deeper_stability_figures_come_out_of_a_sweep(tmp_path, capsys):
     spec = list(csv.DictReader(open(figs / "spectrum.csv")))
     assert spec and all(float(r["spectrum_top_eigenvalue_mean"]) > 0 for r in spec)
     assert (figs / "fig3_4_aligned_repair_barriers.csv").is_file()
+
+
+def test_the_barrier_between_consecutive_rounds(tmp_path, digits):
+    """lmc_hparams.previous_round: copy A of round r against round r−1's subnetwork trained with A's
+    data order, through the chain runner (which hands the previous round's mask over)."""
+    from prunelab.runner import run_chain
+    from prunelab.store import ChainStore
+
+    hp = ChainHparams.from_dict({**BASE, "pruning": {"rounds": 2}})
+    ev = EvalHparams.from_dict({"rounds": [0, 2], "lmc": True,
+                                "lmc_hparams": {"num_points": 3, "previous_round": True, "bn_batches": 2}})
+    store = ChainStore(tmp_path, hp)
+    run_chain(hp, ev, [0, 2], store, data=digits)
+    first, last = store.load_eval(result_key(ev), 0), store.load_eval(result_key(ev), 2)
+    assert "previous_round" not in first["lmc"]  # the dense network has no previous round
+    prev = last["lmc"]["previous_round"]
+    assert prev["previous_sparsity"] == pytest.approx(store.mask_at(1).sparsity)
+    # the line starts at copy A itself
+    assert prev["train_loss"][0] == pytest.approx(last["lmc"]["train_loss"][0], rel=1e-4)
+    assert last["metrics"][barrier_name("mid", "train", "loss", flavour="previous_round")] == prev["barrier_mid"]["train_loss"]
+    assert chain_cost(hp, ev, [2])["evaluation"].flops > chain_cost(
+        hp, EvalHparams.from_dict({"rounds": [2], "lmc": True, "lmc_hparams": {"num_points": 3, "bn_batches": 2}}),
+        [2])["evaluation"].flops
