@@ -53,6 +53,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None  # before a nested Hparams, whose from_dict would read None as "all defaults"
         errors = []
         for arg in typing.get_args(tp):
             try:

@@ -169,3 +169,13 @@ def test_the_barrier_between_consecutive_rounds(tmp_path, digits):
     assert chain_cost(hp, ev, [2])["evaluation"].flops > chain_cost(
         hp, EvalHparams.from_dict({"rounds": [2], "lmc": True, "lmc_hparams": {"num_points": 3, "bn_batches": 2}}),
         [2])["evaluation"].flops
+
+
+def test_an_evaluation_survives_its_round_trip_through_a_trial_spec():
+    """A trial rebuilds its evaluation from the spec's dict: an option left out (spectrum: null) stays
+    out, and the evaluation keeps its key."""
+    for raw in ({"lmc": True}, {"lmc": True, "spectrum": {"k": 3}}, {"lmc": False, "spectrum": None}):
+        ev = EvalHparams.from_dict(raw)
+        again = EvalHparams.from_dict(ev.to_dict())
+        assert again == ev and result_key(again) == result_key(ev)
+    assert EvalHparams.from_dict({"spectrum": None}).spectrum is None
