@@ -7,7 +7,8 @@ masks each chain logged (`masks/round_XX.pt`) and its LMC barrier:
 - `masks_overlap`: the overlap matrix of sources — Jaccard of two sources' masks of the same seed
   (same initialization) minus what two random masks of those per-layer densities share; the diagonal
   is a source's overlap with itself across seeds (how much of its mask the seed decides);
-- `masks_convergence`: Jaccard of each round's mask with the chain's last one, per source;
+- `masks_convergence`: Jaccard of each round's mask with the chain's last one, per source (for a chain
+  whose masks are nested, as IMP's are, this is the schedule's density ratio: the figure says so);
 - `masks_barrier`: the barrier against the mask's overlap with IMP's mask of the same seed and round
   (does a mask's stability follow its similarity to IMP's?).
 
@@ -43,6 +44,11 @@ def _mask(chain: Chain, rnd: int) -> Optional[Mask]:
     if path is None:
         return None
     return Mask((k, v.bool()) for k, v in torch.load(path, weights_only=True).items())
+
+
+def _nested(masks: list[Mask]) -> bool:
+    """True when each mask keeps only weights the one before it kept."""
+    return all(not (b[n] & ~a[n]).any() for a, b in zip(masks, masks[1:]) for n in a)
 
 
 def _barrier(chain: Chain, rnd: int, bn_mode: str) -> Optional[tuple[float, float]]:
@@ -160,6 +166,7 @@ def make(sweep: Sweep, out_dir: str, bn_mode: str = "interpolate") -> FigureResu
                                 capsize=2.5, label=f"{label} {sp} (n={xi.n})")
             # -- convergence across rounds ---------------------------------------------------------
             if t_i == 0:
+                nested_all: list[bool] = []
                 ax = axes[1, 0]
                 for i, label in enumerate(present):
                     curves: dict[int, list[float]] = {}
@@ -168,6 +175,7 @@ def make(sweep: Sweep, out_dir: str, bn_mode: str = "interpolate") -> FigureResu
                         series = {r: m for r in logged if r > 0 and (m := _mask(c, r)) is not None}
                         if len(series) < 2:
                             continue
+                        nested_all.append(_nested([series[r] for r in sorted(series)]))
                         for r, j in anatomy.convergence(series).items():
                             curves.setdefault(r, []).append(j)
                     if not curves:
@@ -182,6 +190,13 @@ def make(sweep: Sweep, out_dir: str, bn_mode: str = "interpolate") -> FigureResu
                                     color=COLORS[i % len(COLORS)], alpha=0.12)
                 ax.set(xlabel="round", ylabel="Jaccard with the last round's mask",
                        title="mask convergence across rounds (mean, 95% interval over seeds)")
+                if nested_all and all(nested_all):
+                    # each round's mask inside the previous one: Jaccard with the last is |m_last| / |m_r|
+                    note = ("every chain's masks are nested (each round's inside the previous round's): their "
+                            "convergence curve is the density ratio of the schedule, the same for every source")
+                    res.notes.append(f"masks: {ds}/{model}: {note}")
+                    ax.text(0.02, 0.98, "nested masks: the curve is the density ratio", transform=ax.transAxes,
+                            va="top", fontsize=8)
                 ax.legend(fontsize=7, ncol=2)
         ax = axes[1, 1]
         ax.set(xlabel="overlap with IMP's mask (Jaccard, same seed)", ylabel=f"barrier ({bn_mode} BN)",

@@ -140,6 +140,11 @@ def test_a_masks_sweep_draws_its_figures(tmp_path, capsys):
     imp = [r for r in barrier if r["source"] == "IMP (k=0)"]
     assert imp and all(float(r["overlap_imp_mean"]) == 1.0 for r in imp)
     assert {r["source"] for r in barrier} == sources
+    import analysis
+
+    again = analysis.run("masks", "prunelab-masks", f"sqlite:///{storage / 'mlflow.db'}", str(tmp_path / "again"),
+                         log_to_mlflow=False)
+    assert any("nested" in n for n in again["notes"])  # IMP's masks are: convergence is the density ratio
 
 
 def test_the_masks_presets_compare_every_source_at_both_sparsities():
