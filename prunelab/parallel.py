@@ -1,0 +1,215 @@
+"""Data-parallel training of one network by the processes of a torch.distributed group.
+
+`train_data_parallel` runs the schedule of `prunelab.train.train` at global batch `hp.batch_size`
+with `world_size` processes (gloo on CPU, nccl on GPU). Every rank draws the same global batch from
+the seeded `DataOrder` and the same augmentation of the whole batch (one generator stream), so the
+run does not depend on the worker count; it then takes its contiguous slice. A rank's loss is its
+slice's summed cross-entropy divided by the global batch's size, and the ranks' gradients are summed
+(one all_reduce before each optimizer step): the gradient of the global batch's mean loss, with each
+rank weighted by its slice (an epoch's last, partial batch splits unevenly). All ranks start from
+rank 0's weights and apply the same reduced gradient, optimizer step and mask, so they stay identical;
+this is checked at the end. Compared with one process the weights differ only by float rounding (the
+batch's sums are split and reduced in another order).
+
+Batch norm normalizes by the statistics of the batch it sees. On CUDA its layers are swapped for
+`torch.nn.SyncBatchNorm` while training (statistics of the global batch); on the CPU, where
+SyncBatchNorm does not run, each rank normalizes by its slice's statistics, so only networks without
+batch norm (ConvNet-3 uses instance norm) then match one worker, and the running statistics are
+averaged over the ranks at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from .data.base import ImageData
+from .data.stream import StreamingBatches, resident_batches, resident_fits
+from .errors import ConfigError
+from .hparams import TrainingHparams
+from .masks import Mask
+from .train import (EpochCallback, Loop, LossMeter, TrainResult, autocast, make_optimizer, masker, optimizer_step,
+                    prepare, resolve_device)
+
+
+def check_world_size(hp: TrainingHparams, world_size: int) -> None:
+    """Raise ConfigError unless the global batch splits evenly over `world_size` workers."""
+    if world_size < 1:
+        raise ConfigError("world_size", f"must be positive, got {world_size}")
+    if hp.batch_size % world_size:
+        lower = hp.batch_size // world_size * world_size
+        near = " or ".join(str(b) for b in (lower, lower + world_size) if b > 0)
+        raise ConfigError("training.batch_size", f"{hp.batch_size} does not split evenly over {world_size} workers",
+                          f"use a multiple of {world_size} (e.g. {near}), or a worker count that divides it")
+
+
+def _check_group(rank: int, world_size: int) -> None:
+    if not dist.is_initialized():
+        raise RuntimeError("train_data_parallel needs an initialized torch.distributed process group "
+                           "(prunelab.parallel.run_workers, or Ray Train's TorchTrainer, sets one up)")
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise ValueError(f"rank {rank} of {world_size} given, but the process group says rank "
+                         f"{dist.get_rank()} of {dist.get_world_size()}")
+
+
+def _all_reduce_(tensors: list[torch.Tensor]) -> None:
+    """Sum same-dtype tensors over the ranks in place, in one all_reduce."""
+    if tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        for t, s in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(s.view(t.shape))
+
+
+def _sum_grads_hook(params: list[nn.Parameter]):
+    """An optimizer pre-step hook summing the gradients over the ranks in one all_reduce. Every rank
+    runs the same graph (an empty slice included), so every rank has gradients for the same params."""
+    def hook(opt, args, kwargs):
+        _all_reduce_([p.grad for p in params if p.grad is not None])
+
+    return hook
+
+
+@contextmanager
+def _sync_batchnorm(model: nn.Module, on: bool):
+    """Batch-norm layers swapped for SyncBatchNorm while the block runs, then put back. The swapped-in
+    layers share the originals' parameters and buffers, so the originals keep what was learned."""
+    originals = {name: m for name, m in model.named_modules()
+                 if on and name and isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    def put(name: str, m: nn.Module) -> None:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, m)
+
+    for name, m in originals.items():
+        put(name, nn.SyncBatchNorm.convert_sync_batchnorm(m))
+    try:
+        yield
+    finally:
+        for name, m in originals.items():
+            put(name, m)
+
+
+def _check_identical(model: nn.Module) -> None:
+    """Raise unless every rank holds the same floating-point state (one all_reduce of per-tensor sums)."""
+    sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()])
+    both = torch.cat([sums, -sums])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.equal(both[:len(sums)], -both[len(sums):]):
+        raise RuntimeError("the ranks ended training with different weights: give every rank the same model, "
+                           "mask, data and hyperparameters")
+
+
+def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, *, rank: int, world_size: int,
+                        device="cpu", order_seed: int = 0, aug_seed: int = 0, mask: Optional[Mask] = None,
+                        start_step: int = 0, stop_step: Optional[int] = None,
+                        callback: Optional[EpochCallback] = None, sync_bn: Optional[bool] = None,
+                        stream: Optional[bool] = None, num_workers: int = 0) -> TrainResult:
+    """Train `model` in place like `train(model, data, hp, ...)`, as rank `rank` of `world_size`.
+
+    Call it on every rank of an initialized default process group with the same arguments (except
+    `rank`, and `device`: this rank's GPU); every rank returns with the same weights and result.
+    `hp.batch_size` is the global batch and must divide by `world_size` (ConfigError before the
+    process group is touched). The callback gets the global mean training loss after every epoch, on every rank
+    (identical metrics; guard side effects with `rank == 0`). `sync_bn` (default: on CUDA) swaps
+    batch norm for SyncBatchNorm while training; it needs CUDA. `stream` (default: when the set does
+    not fit, `resident_fits`) feeds batches from host memory through `StreamingBatches` with
+    `num_workers` loader processes; the batches are the same either way.
+    """
+    check_world_size(hp, world_size)
+    device = resolve_device(device)
+    sync_bn = device.type == "cuda" if sync_bn is None else sync_bn
+    if sync_bn and device.type != "cuda":
+        raise ConfigError("sync_bn", "SyncBatchNorm runs on CUDA only",
+                          "use sync_bn=False on the CPU (each rank then normalizes by its own slice)")
+    _check_group(rank, world_size)
+    stream = not resident_fits(data, device) if stream is None else stream
+    # a streamed set stays where it is (placing it on the CPU copies nothing); batches move per step
+    loop = Loop.make(data, hp, "cpu" if stream else device, stop_step)
+    loop = replace(loop, device=device)
+    model.to(device)  # before the swap: moving buffers later would leave the original layers' behind
+    with _sync_batchnorm(model, sync_bn):
+        net = prepare(model, hp, device)
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+        remask = masker(mask, model)
+        remask()
+        opt = make_optimizer(model, hp, device)
+        opt.register_step_pre_hook(_sum_grads_hook([p for p in model.parameters() if p.requires_grad]))
+        batches = (StreamingBatches(loop.data, hp, order_seed, aug_seed, start_step, stop_step=loop.stop,
+                                    device=device, num_workers=num_workers) if stream
+                   else resident_batches(loop, order_seed, aug_seed, start_step))
+        meter = LossMeter(1, device)
+
+        history: list[dict] = []
+        model.train()
+        step, last_loss = start_step, float("nan")
+        for xb, yb in batches:
+            lo, hi = rank * len(yb) // world_size, (rank + 1) * len(yb) // world_size
+            lr = loop.lr(step)
+            with autocast(hp, device):
+                # an empty slice (a last batch smaller than the world) still runs: collectives inside
+                # the forward (SyncBatchNorm) need every rank, and its gradients are zeros
+                loss = F.cross_entropy(net(loop.memory_format(xb[lo:hi])), yb[lo:hi], reduction="sum") / len(yb)
+            optimizer_step(opt, loss, lr, remask)
+            meter.add(loss)
+            step += 1
+            if loop.epoch_ends(step):
+                dist.all_reduce(meter.sum)
+                last_loss, = meter.take()
+                if not math.isfinite(last_loss):
+                    raise loop.divergence(last_loss, step, lr)
+                metrics = loop.record(step, last_loss, lr)
+                history.append(metrics)
+                if callback is not None:
+                    callback(int(math.ceil(metrics["epoch"])), metrics)
+    if not sync_bn and world_size > 1:  # per-rank batch-norm statistics: the ranks' mean
+        stats = [b for b in model.buffers() if b.is_floating_point()]
+        _all_reduce_(stats)
+        for b in stats:
+            b.div_(world_size)
+    _check_identical(model)
+    return TrainResult(steps=step, epochs=step / loop.spe, train_loss=last_loss, history=history)
+
+
+def _worker(rank: int, world_size: int, init_file: str, result_file: str, fn: Callable, args: tuple) -> None:
+    # the workers share the cores
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        if rank == 0:
+            torch.save(result, result_file)
+        dist.barrier()  # no rank closes its connections while another is still using them
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(fn: Callable[..., Any], world_size: int, *args) -> Any:
+    """Run `fn(rank, world_size, *args)` in `world_size` new processes joined in a gloo process group
+    (a file rendezvous in a temporary folder); returns rank 0's result. `fn` and `args` must be
+    picklable by reference (a module-level function); the result goes through `torch.save`. A
+    worker's exception ends all of them and is raised here (torch.multiprocessing.ProcessRaisedException).
+    A run whose worker was ended by a signal (gloo has been seen to abort a process at exit, rarely) is
+    run once more: the work is deterministic, so the second run gives the same result."""
+    for attempt in range(2):
+        with tempfile.TemporaryDirectory(prefix="prunelab-workers-") as tmp:
+            init_file, result_file = str(Path(tmp) / "rendezvous"), str(Path(tmp) / "result.pt")
+            try:
+                mp.spawn(_worker, args=(world_size, init_file, result_file, fn, args), nprocs=world_size, join=True)
+            except mp.ProcessExitedException:
+                if attempt:
+                    raise
+                continue
+            return torch.load(result_file, weights_only=False)
