@@ -50,8 +50,8 @@ from .masks import Mask, masked_state
 from .models.convnet import ConvNet
 from .models.resnet import BasicBlock, ResNet
 from .data import DataSplit
-from .metrics import SPLITS, barriers
-from .stability import (EvalSet, LMCHparams, bn_batches, bn_curves, interpolate_states, lmc_alphas)
+from .stability import (LMCHparams, bn_batches, bn_curves, curve_barriers, eval_sets, interpolate_states,
+                        lmc_alphas, measure_point)
 from .train import resolve_device
 
 # layers that act on each channel alone (or not at all): a permutation passes through them unchanged
@@ -579,22 +579,12 @@ def aligned_curves(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_
     aligned = bn_curves(a, b, data, lmc_hp, device, mask=None)
     spec = permutation_spec(a)
     batches = bn_batches(data.train, device, lmc_hp.bn_batches, lmc_hp.bn_batch_size)
-    sets = {"train": data.train, "test": data.test}
-    evals = {s: EvalSet(sets[s], device, lmc_hp.eval_batch_size, lmc_hp.eval_examples, seed=i)
-             for i, s in enumerate(SPLITS) if s in lmc_hp.splits}
+    evals = eval_sets(data, lmc_hp, device)
     alphas = lmc_alphas(lmc_hp.num_points)
-    curves: dict[str, list[float]] = {f"{s}_{m}": [] for s in evals for m in ("loss", "accuracy")}
+    curves: dict[str, list[float]] = {}
     for alpha in alphas:
-        net = repair(a, b, alpha, batches, spec).to(device).eval()
-        for s, ev in evals.items():
-            r = ev.evaluate(net)
-            curves[f"{s}_loss"].append(r["loss"])
-            curves[f"{s}_accuracy"].append(r["accuracy"])
-    mid, mx = {}, {}
-    for s in evals:
-        for name, vals in (("loss", curves[f"{s}_loss"]), ("error", [1 - x for x in curves[f"{s}_accuracy"]])):
-            bar = barriers(alphas, vals)
-            mid[f"{s}_{name}"], mx[f"{s}_{name}"] = bar["mid"], bar["max"]
+        measure_point(repair(a, b, alpha, batches, spec).to(device).eval(), evals, curves)
+    mid, mx = curve_barriers(alphas, curves, evals)
     keys = ["alphas"] + [k for k in aligned if k.endswith(("_loss", "_accuracy"))] + ["barrier_mid", "barrier_max",
                                                                                      "by_bn_mode"]
     moved = {g: int((p != torch.arange(p.numel(), device=p.device)).sum()) for g, p in perms.items()}

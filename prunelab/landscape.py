@@ -172,6 +172,17 @@ def combine_into(target: dict, states: Sequence[dict], w: torch.Tensor,
         target[n].mul_(m)
 
 
+def _grid(at, xs: Sequence[float], ys: Sequence[float]) -> tuple[list[list[float]], list[list[float]]]:
+    """Loss and accuracy of `at(x, y)` over the grid, as [iy][ix] nested lists."""
+    loss = [[0.0] * len(xs) for _ in ys]
+    acc = [[0.0] * len(xs) for _ in ys]
+    for iy, y in enumerate(ys):
+        for ix, x in enumerate(xs):
+            r = at(x, y)
+            loss[iy][ix], acc[iy][ix] = r["loss"], r["accuracy"]
+    return loss, acc
+
+
 def loss_landscape(models: Sequence[nn.Module], data: DataSplit, land_hp: LandscapeHparams = LandscapeHparams(),
                    device="cpu", mask: Optional[Mask] = None) -> dict:
     """Training loss (and accuracy) on a G×G grid in the plane of ≥ 3 trained copies.
@@ -212,12 +223,7 @@ def loss_landscape(models: Sequence[nn.Module], data: DataSplit, land_hp: Landsc
     g = land_hp.grid
     xs = torch.linspace(float(cx.min()) - pad, float(cx.max()) + pad, g, dtype=torch.float64).tolist()
     ys = torch.linspace(float(cy.min()) - pad, float(cy.max()) + pad, g, dtype=torch.float64).tolist()
-    loss = [[0.0] * g for _ in range(g)]
-    acc = [[0.0] * g for _ in range(g)]
-    for iy, y in enumerate(ys):
-        for ix, x in enumerate(xs):
-            r = at(x, y)
-            loss[iy][ix], acc[iy][ix] = r["loss"], r["accuracy"]
+    loss, acc = _grid(at, xs, ys)
 
     copies = []
     for i, m in enumerate(models):
@@ -286,12 +292,7 @@ def _filter_normalized_landscape(models: Sequence[nn.Module], data: DataSplit, l
 
     g = land_hp.grid
     axis = torch.linspace(-land_hp.span, land_hp.span, g, dtype=torch.float64).tolist()
-    loss = [[0.0] * g for _ in range(g)]
-    acc = [[0.0] * g for _ in range(g)]
-    for iy, y in enumerate(axis):
-        for ix, x in enumerate(axis):
-            r = at(x, y)
-            loss[iy][ix], acc[iy][ix] = r["loss"], r["accuracy"]
+    loss, acc = _grid(at, axis, axis)
     flat = lambda d: torch.cat([d[k].double().reshape(-1).cpu() for k in d1])  # noqa: E731
     basis = torch.stack([flat(d1), flat(d2)], 1)
     copies, states = [], [{k: v.detach().to(device) for k, v in m.state_dict().items()} for m in models]

@@ -245,6 +245,31 @@ def lmc_alphas(num_points: int) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 
 
+def eval_sets(data: DataSplit, lmc_hp: LMCHparams, device) -> dict[str, EvalSet]:
+    """The splits a line is measured on (`lmc_hp.splits`), each a fixed `EvalSet`."""
+    sets = {"train": data.train, "test": data.test}
+    return {s: EvalSet(sets[s], device, lmc_hp.eval_batch_size, lmc_hp.eval_examples, seed=i)
+            for i, s in enumerate(SPLITS) if s in lmc_hp.splits}
+
+
+def measure_point(model: nn.Module, evals: dict[str, EvalSet], curves: dict[str, list[float]]) -> None:
+    """Append `model`'s loss and accuracy on each split to `curves` (`<split>_loss`, `<split>_accuracy`)."""
+    for s, ev in evals.items():
+        r = ev.evaluate(model)
+        curves.setdefault(f"{s}_loss", []).append(r["loss"])
+        curves.setdefault(f"{s}_accuracy", []).append(r["accuracy"])
+
+
+def curve_barriers(alphas: Sequence[float], curves: dict[str, list[float]], splits) -> tuple[dict, dict]:
+    """(barrier_mid, barrier_max) of a line's curves: `<split>_loss` and `<split>_error` for each split."""
+    mid, mx = {}, {}
+    for s in splits:
+        for name, vals in (("loss", curves[f"{s}_loss"]), ("error", [1 - a for a in curves[f"{s}_accuracy"]])):
+            b = barriers(alphas, vals)
+            mid[f"{s}_{name}"], mx[f"{s}_{name}"] = b["mid"], b["max"]
+    return mid, mx
+
+
 def lmc_curve(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: LMCHparams = LMCHparams(),
               device="cpu", mask: Optional[Mask] = None) -> dict:
     """Loss and accuracy along the line between two trained models, and the barriers.
@@ -265,9 +290,7 @@ def lmc_curve(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: L
     target = work.state_dict()  # aliases the working model's tensors: writes go straight into it
     masks = device_mask(mask, target)
 
-    sets = {"train": data.train, "test": data.test}
-    evals = {s: EvalSet(sets[s], device, lmc_hp.eval_batch_size, lmc_hp.eval_examples, seed=i)
-             for i, s in enumerate(SPLITS) if s in lmc_hp.splits}
+    evals = eval_sets(data, lmc_hp, device)
     recompute = lmc_hp.bn_mode == "recompute" and bool(batchnorm_modules(work))
     bn_data = bn_batches(data.train, device, lmc_hp.bn_batches, lmc_hp.bn_batch_size) if recompute else []
 
@@ -281,16 +304,8 @@ def lmc_curve(model_a: nn.Module, model_b: nn.Module, data: DataSplit, lmc_hp: L
                 target[n].mul_(m)
         if recompute:
             recompute_bn_stats(work, bn_data)
-        for s, ev in evals.items():
-            r = ev.evaluate(work)
-            curves[f"{s}_loss"].append(r["loss"])
-            curves[f"{s}_accuracy"].append(r["accuracy"])
-
-    mid, mx = {}, {}
-    for s in evals:
-        for name, vals in (("loss", curves[f"{s}_loss"]), ("error", [1 - a for a in curves[f"{s}_accuracy"]])):
-            b = barriers(alphas, vals)
-            mid[f"{s}_{name}"], mx[f"{s}_{name}"] = b["mid"], b["max"]
+        measure_point(work, evals, curves)
+    mid, mx = curve_barriers(alphas, curves, evals)
     return {"alphas": alphas, **curves, "barrier_mid": mid, "barrier_max": mx,
             "bn_mode": lmc_hp.bn_mode, "bn_recomputed": recompute,
             "eval_examples": {s: ev.n for s, ev in evals.items()}, "wall_s": time.perf_counter() - t0}
