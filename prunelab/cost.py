@@ -198,10 +198,12 @@ def evaluation_cost(hp: ChainHparams, ev, at_round: int = 0) -> Cost:
             fix = forward_cost(lh.bn_batches * lh.bn_batch_size, f, lh.bn_batch_size)
             curve = curve * 2 + len(lmc_alphas(lh.num_points)) * (point(n_eval, lh.replace(bn_mode="interpolate")) + fix * 3)
         pairs = len(lh.seeds) * one + curve
+        left = max(1, hp.training.epochs - hp.pruning.rewind_epoch)  # the epochs `one` stands for
         for k in lh.spawn_epochs:  # a shared run to epoch k, then a pair that finishes the schedule, and its curve
-            pairs = pairs + (1 - k / hp.training.epochs) * len(lh.seeds) * one + (k / hp.training.epochs) * one + plain
+            pairs = pairs + (1 - k / left) * len(lh.seeds) * one + (k / left) * one + plain
         cost = cost + (1 + len(ev.controls)) * pairs  # the pair and each control's
-        if lh.previous_round and at_round > 0:  # the previous round's subnetwork trained, and its line
+        first = hp.start_round if hp.start_from is not None else 0
+        if lh.previous_round and at_round > first:  # the previous round's subnetwork trained, and its line
             cost = cost + one + plain
     if ev.landscape:
         lh = ev.landscape_hparams

@@ -180,8 +180,9 @@ def lmc_metrics(res: dict, control: str | None = None) -> dict[str, float]:
             for k, v in r[f"barrier_{kind}"].items():
                 split, measure = k.split("_")
                 out[barrier_name(kind, split, measure, mode, control)] = v
-    for k, r in res.get("spawn", {}).items():
-        out.update({spawn_name(int(k), n): v for n, v in lmc_metrics(r, control).items() if "barrier" in n})
+    for k, r in res.get("spawn", {}).items():  # control_<name>_spawn<k>_barrier_..., as the other flavours
+        out.update({with_control(spawn_name(int(k), n), control): v for n, v in lmc_metrics(r).items()
+                    if "barrier" in n})
     for flavour in FLAVOURS:
         f = res.get(flavour)
         if not f:

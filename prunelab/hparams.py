@@ -205,11 +205,12 @@ def _strip_unhashed(cls, values: dict) -> dict:
 
 
 def _strip_chain(values: dict) -> dict:
-    """`_strip_unhashed` of a ChainHparams dict, its `start_from` (a start chain's config kept as
-    plain data) stripped alike."""
+    """`_strip_unhashed` of a ChainHparams dict, its `start_from` and `allocation_from` (other chains'
+    configs kept as plain data) stripped alike."""
     out = _strip_unhashed(ChainHparams, values)
-    if isinstance(out.get("start_from"), dict):
-        out["start_from"] = _strip_chain(out["start_from"])
+    for key in ("start_from", "allocation_from"):
+        if isinstance(out.get(key), dict):
+            out[key] = _strip_chain(out[key])
     return out
 
 
@@ -511,8 +512,12 @@ class ChainHparams(Hparams):
                         "take the allocation of a chain on the same pruning schedule")
             require(other.model == self.model, p + "allocation_from.model", "another architecture",
                     "take the allocation of a chain of the same model")
-            require(other.allocation_from is None, p + "allocation_from.allocation_from",
-                    "an allocation taken from a chain that takes its own from another", "name that other chain")
+            require(other.allocation_from is None and other.start_from is None, p + "allocation_from",
+                    "an allocation taken from a chain that starts from, or takes its allocation from, another",
+                    "name a chain that starts dense")
+            require(other.dataset.replace(root=None) == self.dataset.replace(root=None), p + "allocation_from.dataset",
+                    f"{other.dataset.name} differs from this chain's {self.dataset.name} (or its split)",
+                    "take the allocation of a chain on the same data set")
         if self.pruning.method != "magnitude":
             require(self.pruning_data.kind == "real", p + "pruning_data.kind",
                     f"pruning.method={self.pruning.method!r} finds masks at initialization (scored on real data "

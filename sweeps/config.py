@@ -111,10 +111,11 @@ class SweepHparams(Hparams):
                     f"no variant named {v.start_from!r}", "use one of " + ", ".join(names))
             require(v.allocation_from is None or v.allocation_from in names, f"{p}variants[{i}].allocation_from",
                     f"no variant named {v.allocation_from!r}", "use one of " + ", ".join(names))
-            dependency = v.start_from or v.allocation_from
-            require(dependency is None or not (self.variant(dependency).start_from or self.variant(dependency).allocation_from),
-                    f"{p}variants[{i}]", f"{dependency!r} itself starts from or takes its allocation from another variant",
-                    "name that other variant")
+            for dependency in (v.start_from, v.allocation_from):
+                require(dependency is None or not (self.variant(dependency).start_from
+                                                   or self.variant(dependency).allocation_from),
+                        f"{p}variants[{i}]", f"{dependency!r} itself starts from or takes its allocation from "
+                        "another variant", "name that other variant")
             self.resources_for(v, f"{p}variants.{v.name}.resources")  # validates the merged values
 
     def variant(self, name: str) -> VariantHparams:

@@ -217,6 +217,18 @@ def test_an_allocation_needs_its_scope_and_a_chain_of_the_same_schedule():
         ChainHparams.from_dict({**BASE, "pruning": {"method": "snip", "scope": "chain"},
                                 "allocation_from": {**imp, "pruning": {"fraction": 0.5}}})
     assert e.value.field == "allocation_from.pruning.fraction"
+    with pytest.raises(ConfigError) as e:  # its masks would be found on other data than this chain's
+        ChainHparams.from_dict({**BASE, "pruning": {"method": "snip", "scope": "chain"},
+                                "allocation_from": {**imp, "dataset": {"name": "digits", "train_size": 500}}})
+    assert e.value.field == "allocation_from.dataset"
+    with pytest.raises(ConfigError) as e:  # a chain that starts from another: not an allocation source
+        ChainHparams.from_dict({**BASE, "pruning": {"method": "snip", "scope": "chain", "rounds": 5},
+                                "allocation_from": {**imp, "start_from": imp, "start_round": 1,
+                                                    "pruning": {"rounds": 5}}})
+    assert e.value.field == "allocation_from"
+    # the allocation chain's config is stripped of unhashed defaults like any chain's
+    a = ChainHparams.from_dict({**BASE, "pruning": {"method": "snip", "scope": "chain"}, "allocation_from": imp})
+    assert "score_examples" not in a.canonical_json().split('"allocation_from"')[1].split('"dataset"')[0]
 
 
 def test_the_spectrum_is_an_evaluation_option(digits):

@@ -101,13 +101,16 @@ def test_a_pair_spawned_after_k_epochs(digits):
     hp = ChainHparams.from_dict(BASE)
     c = Chain(hp, data=digits)
     c.step()
-    ev = EvalHparams.from_dict({"lmc": True, "lmc_hparams": {"num_points": 3, "spawn_epochs": [1], "bn_batches": 2}})
+    ev = EvalHparams.from_dict({"lmc": True, "lmc_hparams": {"num_points": 3, "spawn_epochs": [1], "bn_batches": 2},
+                                "controls": ["shuffled"]})
     res = evaluate_round(hp, ev, digits, c.state.rewind_point, c.mask, 1)
+    assert "control_shuffled_spawn1_barrier_mid_train_loss" in res["metrics"]  # named as the other flavours'
+    assert not any(k.startswith("spawn1_control") for k in res["metrics"])
     spawned = res["lmc"]["spawn"]["1"]
     assert spawned["spawn_epoch"] == 1 and all(cp["steps"] > 0 for cp in spawned["copies"])
     assert res["metrics"]["spawn1_barrier_mid_train_loss"] == spawned["barrier_mid"]["train_loss"]
-    assert result_key(ev) != result_key(EvalHparams.from_dict({"lmc": True, "lmc_hparams": {"num_points": 3,
-                                                                                            "bn_batches": 2}}))
+    assert result_key(ev) != result_key(EvalHparams.from_dict({"lmc": True, "controls": ["shuffled"],
+                                                               "lmc_hparams": {"num_points": 3, "bn_batches": 2}}))
     from prunelab.errors import ConfigError
 
     late = EvalHparams.from_dict({"lmc": True, "rounds": [1], "lmc_hparams": {"spawn_epochs": [2]}})
