@@ -96,12 +96,15 @@ def make(sweep: Sweep, out_dir: str, bn_mode: str = "interpolate") -> FigureResu
             sp = f"{100 * target:.0f}%"
             # -- per-layer density ------------------------------------------------------------
             layer_names = list(next(iter(masks[present[0]].values())))
+            # label -> layer -> each seed's density, computed once per mask
+            density = {label: {n: [d[n] for d in map(anatomy.layer_density, masks[label].values())]
+                               for n in layer_names} for label in present}
             if t_i == len(evaluated) - 1:
                 ax = axes[0, 0]
                 width = 0.8 / len(present)
                 for i, label in enumerate(present):
-                    dens = [[anatomy.layer_density(m)[n] for m in masks[label].values()] for n in layer_names]
-                    ax.bar(np.arange(len(layer_names)) + i * width, [100 * float(np.mean(d)) for d in dens],
+                    ax.bar(np.arange(len(layer_names)) + i * width,
+                           [100 * float(np.mean(density[label][n])) for n in layer_names],
                            width, color=COLORS[i % len(COLORS)], label=f"{label} (n={len(masks[label])})")
                 ax.set_xticks(np.arange(len(layer_names)) + 0.4 - width / 2,
                               [n.removesuffix(".weight") for n in layer_names], rotation=60, ha="right", fontsize=7)
@@ -109,8 +112,7 @@ def make(sweep: Sweep, out_dir: str, bn_mode: str = "interpolate") -> FigureResu
                 ax.legend(fontsize=7, ncol=2)
             for label in present:
                 for n in layer_names:
-                    overall = [anatomy.layer_density(m)[n] for m in masks[label].values()]
-                    density_rows.append([ds, model, target, label, n] + _interval_cells(overall))
+                    density_rows.append([ds, model, target, label, n] + _interval_cells(density[label][n]))
             # -- overlap matrix: same seed across sources, across seeds on the diagonal ------
             excess = np.full((len(present), len(present)), np.nan)
             for i, a in enumerate(present):

@@ -45,13 +45,13 @@ def sync_run(run: ChainRun, store: ChainStore, history: list[dict], rkey: str, r
     are not read again; a round joins it once its artifacts and metrics are in (artifacts go to fixed
     paths, so a sync cut short logs them again harmlessly). A round's mask is logged with its
     evaluation, or with the round itself when `masks_every_round`."""
+    done = run.logged_steps(schema.ROUND_SENTINEL)
     if masks_every_round:
-        done = run.logged_steps(schema.ROUND_SENTINEL)
         with tempfile.TemporaryDirectory() as d:
             for h in history:
                 if h["round"] not in done:  # before the round's metrics: a sync cut short logs it again
                     log_mask(run, store, h["round"] + 1, Path(d))
-    run.log_steps(((h["round"], round_metrics(h)) for h in history), sentinel=schema.ROUND_SENTINEL)
+    run.log_steps(((h["round"], round_metrics(h)) for h in history), sentinel=schema.ROUND_SENTINEL, done=done)
     new = [(r, res) for r in rounds if r not in logged and (res := store.load_eval(rkey, r)) is not None]
     for r, res in new:
         log_eval_artifacts(run, store, res, r)

@@ -262,12 +262,13 @@ class ChainRun:
     def logged_steps(self, key: str) -> set[int]:
         return {m.step for m in self._call(self.c.get_metric_history, self.run_id, key)}
 
-    def log_steps(self, records: Iterable[tuple[int, dict]], sentinel: str) -> int:
-        """Log each (step, metrics) whose `sentinel` metric is not yet logged at that step; the
-        sentinel goes in the same batch, so a step is either fully logged or not at all."""
+    def log_steps(self, records: Iterable[tuple[int, dict]], sentinel: str, done: Optional[set[int]] = None) -> int:
+        """Log each (step, metrics) whose `sentinel` metric is not yet logged at that step (`done`, when
+        the caller has just read them); the sentinel goes in the same batch, so a step is either fully
+        logged or not at all."""
         from mlflow.entities import Metric  # mlflow is loaded by client(); see there why not at the top
 
-        done = self.logged_steps(sentinel)
+        done = self.logged_steps(sentinel) if done is None else done
         n = 0
         now = int(time.time() * 1000)
         for step, metrics in records:
