@@ -24,4 +24,11 @@ run benchmarks/packing.py --device cuda --procs 1 2 4 8 --precision bf16 --chann
     --out "$out/packing.json"
 run benchmarks/imp_round.py --device cuda --precision bf16 --channels-last --distilled-epochs 300 \
     --real-epochs 3 --workers 8 --out "$out/imp_round.json"
+# one chain's training over data-parallel workers: N above the GPUs present is skipped (N=1 against
+# plain train() still gives the data-parallel path's own overhead on a one-GPU machine)
+run benchmarks/data_parallel.py --device cuda --model resnet18_bn --image-size 32 --batch-size 512 \
+    --precision bf16 --channels-last --workers 1 2 4 8 --out "$out/data_parallel_resnet18.json"
+run benchmarks/data_parallel.py --device cuda --model resnet50_bn --image-size 224 --classes 1000 --train-size 16384 \
+    --batch-size 256 --precision bf16 --channels-last --stream on --loader-workers 4 --workers 1 2 4 8 \
+    --out "$out/data_parallel_resnet50_streamed.json"
 # python benchmarks/idc_distiller.py --dataset cifar10 --root /abs/cifar --device cuda --out "$out/idc_distiller.json"  # needs CIFAR-10 at /abs/cifar; hours (IDC's full budget), so outside run's timeout

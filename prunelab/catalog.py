@@ -41,9 +41,11 @@ DATASETS = {
     "shapes": DataSetFacts(3, 32, 10, 10_000, 2_000, resizable=True),
     "imagenet10": DataSetFacts(3, 224, 10, 13_000, 500, resizable=True,
                                layout=tuple(f"{s}/{w}" for s in ("train", "val") for w in IMAGENET10_WNIDS)),
+    # ILSVRC-2012 (ImageNet-1k): 1,281,167 training images, the 50,000 validation images as the test set
+    "imagenet": DataSetFacts(3, 224, 1000, 1_281_167, 50_000, resizable=True, layout=("train", "val")),
 }
 
-MODELS = ("convnet3", "resnet10_bn", "resnet18_bn")
+MODELS = ("convnet3", "resnet10_bn", "resnet18_bn", "resnet50_bn")
 
 DISTILLERS = ("idc", "dm")  # pruning_data.kind = distilled, pruning_data.method = one of these
 CORESETS = ("random_subset", "herding")  # pruning_data.kind = one of these

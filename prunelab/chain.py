@@ -29,7 +29,7 @@ from .seeds import derive_seed, mask_seed
 from .sources import DATA_FREE, find_mask
 from .stacked import train_copies
 from .synthetic import load_pruning_data
-from .train import evaluate, examples_drawn, resolve_device, steps_per_epoch, train
+from .train import evaluate, examples_drawn, is_delegated, resolve_device, steps_per_epoch, train
 
 STATE_MAGIC = b"PRUNELAB-CHAIN-1\n"
 
@@ -131,8 +131,9 @@ def train_subnetworks(hp: ChainHparams, data: DataSplit, weights: dict[str, torc
     Copy i is `train_subnetwork(..., seed=seeds[i])`. With `stacked`, the copies train together as
     one stacked network (`prunelab.stacked.train_copies`): the same batches, augmentation and
     schedule, equal to the one-by-one copies up to float rounding, and faster at small batch on a GPU.
+    Inside a data-parallel chain (`prunelab.parallel`) the copies train one by one, each on every worker.
     """
-    if not stacked:
+    if not stacked or is_delegated():
         runs = [train_subnetwork(hp, data, weights, mask, device=device, seed=s, training=training,
                                  start_step=start_step) for s in seeds]
         return [m for m, _ in runs], [m for _, m in runs]

@@ -3,6 +3,7 @@
     python -m prunelab run                              # IMP on digits, evaluated at 0%, 59%, 87%
     python -m prunelab run --set pruning_data.kind=distilled pruning_data.method=dm pruning_data.ipc=10
     python -m prunelab run --config chain.yaml --eval-rounds 0,4,9 --out results/
+    python -m prunelab run --device cuda --workers 4   # one chain data-parallel on 4 GPUs
     python -m prunelab describe                         # every hyperparameter with its help
 """
 
@@ -16,12 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from .checkpoint import CHECKPOINT_EVERY_S
+from .data import load_dataset
 from .errors import ConfigError
 from .evaluation import EvalHparams, result_key
 from .hparams import ChainHparams, set_path
+from .parallel import Leader, check_world_size, follow, run_workers
 from .runner import run_chain
 from .store import ChainStore
 from .train import resolve_device
@@ -67,6 +71,36 @@ def cmd_run(args) -> int:
     if bad:
         raise ConfigError("--eval-rounds", f"rounds {bad} exceed pruning.rounds={hp.pruning.rounds}",
                           "evaluate at rounds up to pruning.rounds")
+    if args.workers == 1:
+        return _run(args, hp, eval_rounds, resolve_device(args.device))
+    device = resolve_device(args.device)
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {args.workers}", "e.g. --workers 2")
+    for name in ("training", "pruning_training"):
+        try:
+            check_world_size(getattr(hp, name), args.workers)
+        except ConfigError as e:
+            raise ConfigError(f"{name}.batch_size", e.problem, f"{e.fix} (--workers)") from None
+    if device.type == "cuda" and args.workers > torch.cuda.device_count():
+        raise ConfigError("--workers", f"{args.workers} workers, one GPU each, but {torch.cuda.device_count()} GPUs here",
+                          f"use --workers {torch.cuda.device_count()} or fewer")
+    return run_workers(_data_parallel_run, args.workers, args, hp, eval_rounds,
+                       backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _data_parallel_run(rank: int, world: int, args, hp: ChainHparams, eval_rounds: list[int]) -> int:
+    """`prunelab run --workers N` as rank `rank`: rank 0 runs the chain as one process would, inside
+    `prunelab.parallel.Leader`; the others follow its trainings (GPU r for rank r on CUDA)."""
+    device = torch.device(f"cuda:{rank}") if resolve_device(args.device).type == "cuda" else torch.device("cpu")
+    data = load_dataset(hp.dataset)
+    if rank:
+        follow(rank, world, device, {"train": data.train})
+        return 0
+    with Leader(world, device, {"train": data.train}):
+        return _run(args, hp, eval_rounds, device, data)
+
+
+def _run(args, hp: ChainHparams, eval_rounds: list[int], device, data=None) -> int:
     out = Path(args.out).resolve() if args.out else None
     # the subnetwork of each evaluation round trained once on real data (no LMC pair)
     ev = EvalHparams(rounds=tuple(eval_rounds), lmc=False)
@@ -89,7 +123,7 @@ def cmd_run(args) -> int:
         # with --out the store lives there (a second run resumes it); else it is temporary
         root = args.store or (out / "store" if out else Path(stack.enter_context(tempfile.TemporaryDirectory())))
         store = ChainStore(root, hp)
-        chain = run_chain(hp, ev, eval_rounds, store, device=resolve_device(args.device),
+        chain = run_chain(hp, ev, eval_rounds, store, device=device, data=data,
                           on_open=opened, on_round=stepped, on_eval=evaluated,
                           checkpoint_every_s=CHECKPOINT_EVERY_S if out or args.store else None)  # resumable
         # every evaluation, those reused from an earlier run with the same --out included
@@ -116,6 +150,9 @@ def main(argv=None) -> int:
     r.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="override config values")
     r.add_argument("--eval-rounds", default="0,4,9", help="rounds whose subnetwork is trained on real data")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    r.add_argument("--workers", type=int, default=1,
+                   help="train the chain data-parallel in this many processes (one GPU each with --device cuda; "
+                   "the global batch is split, the masks are those of one process up to float rounding)")
     r.add_argument("--out", help="directory for the final mask, results.json and the chain's store "
                    "(run again with the same --out to resume or reuse it)")
     r.add_argument("--store", help="the result store instead of OUT/store: a folder or a bucket (s3://bucket/prefix, "

@@ -14,7 +14,7 @@ fraction of the bf16 rate: the estimate orders chains and sizes a plan, it does 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from functools import lru_cache
 from typing import Optional
 
@@ -52,29 +52,36 @@ GPU_FP32_SLOWDOWN = 4.0
 @dataclass
 class Cost:
     """Optimizer steps (and other small-batch passes) and floating-point operations, of which
-    `bf16_flops` run under bf16 autocast (the rest in fp32)."""
+    `bf16_flops` run under bf16 autocast (the rest in fp32). Of these, `shared_flops` and
+    `shared_bf16_flops` are training, which a data-parallel chain splits over its workers."""
 
     steps: float = 0.0
     flops: float = 0.0
     bf16_flops: float = 0.0
+    shared_flops: float = 0.0
+    shared_bf16_flops: float = 0.0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.steps + other.steps, self.flops + other.flops, self.bf16_flops + other.bf16_flops)
+        return Cost(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
     def __mul__(self, k: float) -> "Cost":
-        return Cost(self.steps * k, self.flops * k, self.bf16_flops * k)
+        return Cost(*(a * k for a in astuple(self)))
 
     __rmul__ = __mul__
 
-    def seconds(self, device: str = "cpu", threads: float = 1.0) -> float:
+    def seconds(self, device: str = "cpu", threads: float = 1.0, workers: int = 1) -> float:
         """A rough time on `device` ("cpu" with `threads` threads, or "gpu": fp32 at a fraction of
-        the bf16 rate)."""
+        the bf16 rate). With `workers` data-parallel workers (each one such device), each takes its
+        share of the training arithmetic; every worker still takes every step, and what is not
+        training (evaluation, measurements along a line) stays with one worker. Communication is not
+        counted: `benchmarks/data_parallel.py` measures the efficiency on a real machine."""
+        saved = 1.0 - 1.0 / max(1, workers)
+        flops, bf16 = self.flops - saved * self.shared_flops, self.bf16_flops - saved * self.shared_bf16_flops
         if device != "gpu":
             step_s, rate = DEVICE_SPEED["cpu"]
-            return self.steps * step_s + self.flops / (rate * max(1.0, threads))
+            return self.steps * step_s + flops / (rate * max(1.0, threads))
         step_s, rate = DEVICE_SPEED["gpu"]
-        fp32 = self.flops - self.bf16_flops
-        return self.steps * step_s + self.bf16_flops / rate + fp32 * GPU_FP32_SLOWDOWN / rate
+        return self.steps * step_s + bf16 / rate + (flops - bf16) * GPU_FP32_SLOWDOWN / rate
 
 
 @lru_cache(maxsize=64)
@@ -113,7 +120,8 @@ def training_cost(hp: TrainingHparams, n: int, flops: float, start_step: int = 0
     """`hp`'s training over a set of `n` images with a model of `flops` per forward pass, in its precision."""
     steps = max(0, total_steps(hp, n) - start_step)
     total = steps * min(hp.batch_size, n) * 3 * flops
-    return Cost(steps, total, total if hp.precision == "bf16" else 0.0)
+    bf16 = total if hp.precision == "bf16" else 0.0
+    return Cost(steps, total, bf16, total, bf16)
 
 
 def forward_cost(n: int, flops: float, batch_size: int) -> Cost:

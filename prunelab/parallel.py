@@ -20,9 +20,11 @@ averaged over the ranks at the end.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -35,12 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.base import ImageData
-from .data.stream import StreamingBatches, resident_batches, resident_fits
-from .errors import ConfigError
+from .data.stream import StreamingBatches, resident_fits
+from .checkpoint import to_cpu
+from .errors import ConfigError, DivergenceError
 from .hparams import TrainingHparams
 from .masks import Mask
-from .train import (EpochCallback, Loop, LossMeter, TrainResult, autocast, make_optimizer, masker, optimizer_step,
-                    prepare, resolve_device)
+from .train import (EpochCallback, Loop, LossMeter, TrainResult, autocast, delegated, evaluate, make_optimizer,
+                    masker, optimizer_step, prepare, resolve_device)
 
 
 def check_world_size(hp: TrainingHparams, world_size: int) -> None:
@@ -114,15 +117,21 @@ def _check_identical(model: nn.Module) -> None:
 def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, *, rank: int, world_size: int,
                         device="cpu", order_seed: int = 0, aug_seed: int = 0, mask: Optional[Mask] = None,
                         start_step: int = 0, stop_step: Optional[int] = None,
-                        callback: Optional[EpochCallback] = None, sync_bn: Optional[bool] = None,
-                        stream: Optional[bool] = None, num_workers: int = 0) -> TrainResult:
+                        eval_data: Optional[ImageData] = None, eval_every: int = 0,
+                        callback: Optional[EpochCallback] = None, resume: Optional[dict] = None,
+                        checkpoint: Optional[Callable[[dict], None]] = None, checkpoint_every_s: float = 0.0,
+                        sync_bn: Optional[bool] = None, stream: Optional[bool] = None,
+                        num_workers: int = 0) -> TrainResult:
     """Train `model` in place like `train(model, data, hp, ...)`, as rank `rank` of `world_size`.
 
     Call it on every rank of an initialized default process group with the same arguments (except
-    `rank`, and `device`: this rank's GPU); every rank returns with the same weights and result.
-    `hp.batch_size` is the global batch and must divide by `world_size` (ConfigError before the
-    process group is touched). The callback gets the global mean training loss after every epoch, on every rank
-    (identical metrics; guard side effects with `rank == 0`). `sync_bn` (default: on CUDA) swaps
+    `rank`, `device` (this rank's GPU), and what only rank 0 needs: `callback`, `checkpoint`,
+    `eval_data`); every rank returns with the same weights. `hp.batch_size` is the global batch and
+    must divide by `world_size` (ConfigError before the process group is touched). The callback gets
+    the global mean training loss after every epoch (and, with `eval_data` and `eval_every`, rank 0's
+    test metrics). `resume` / `checkpoint` / `checkpoint_every_s` are `train`'s mid-run checkpoints
+    with the same payload (either function resumes the other's); the time to checkpoint is rank 0's
+    to judge, and every rank must be given the same `resume`. `sync_bn` (default: on CUDA) swaps
     batch norm for SyncBatchNorm while training; it needs CUDA. `stream` (default: when the set does
     not fit, `resident_fits`) feeds batches from host memory through `StreamingBatches` with
     `num_workers` loader processes; the batches are the same either way.
@@ -138,6 +147,9 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
     # a streamed set stays where it is (placing it on the CPU copies nothing); batches move per step
     loop = Loop.make(data, hp, "cpu" if stream else device, stop_step)
     loop = replace(loop, device=device)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        start_step = int(resume["step"])
     model.to(device)  # before the swap: moving buffers later would leave the original layers' behind
     with _sync_batchnorm(model, sync_bn):
         net = prepare(model, hp, device)
@@ -146,15 +158,22 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
         remask = masker(mask, model)
         remask()
         opt = make_optimizer(model, hp, device)
+        if resume is not None:
+            opt.load_state_dict(resume["optimizer"])
         opt.register_step_pre_hook(_sum_grads_hook([p for p in model.parameters() if p.requires_grad]))
-        batches = (StreamingBatches(loop.data, hp, order_seed, aug_seed, start_step, stop_step=loop.stop,
-                                    device=device, num_workers=num_workers) if stream
-                   else resident_batches(loop, order_seed, aug_seed, start_step))
+        aug_state = resume["aug_rng"] if resume is not None else None
+        if stream:
+            batches = StreamingBatches(loop.data, hp, order_seed, aug_seed, start_step, stop_step=loop.stop,
+                                       device=device, num_workers=num_workers, aug_state=aug_state)
+        else:
+            batches = _Resident(loop, order_seed, aug_seed, start_step, aug_state)
         meter = LossMeter(1, device)
 
-        history: list[dict] = []
+        history: list[dict] = list(resume["history"]) if resume is not None else []
         model.train()
-        step, last_loss = start_step, float("nan")
+        step = start_step
+        last_loss = float(resume["last_loss"]) if resume is not None else float("nan")
+        saved_at = time.monotonic()
         for xb, yb in batches:
             lo, hi = rank * len(yb) // world_size, (rank + 1) * len(yb) // world_size
             lr = loop.lr(step)
@@ -168,12 +187,22 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
             if loop.epoch_ends(step):
                 dist.all_reduce(meter.sum)
                 last_loss, = meter.take()
-                if not math.isfinite(last_loss):
+                if not math.isfinite(last_loss):  # every rank sees the same loss, and raises
                     raise loop.divergence(last_loss, step, lr)
                 metrics = loop.record(step, last_loss, lr)
+                epoch = metrics["epoch"]
+                if eval_data is not None and eval_every and (round(epoch) % eval_every == 0 or step == loop.stop):
+                    ev = evaluate(model, eval_data, device=device, batch_size=hp.eval_batch_size)
+                    metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+                    model.train()
                 history.append(metrics)
+                if checkpoint is not None and step < loop.stop and time.monotonic() - saved_at >= checkpoint_every_s:
+                    # per-rank batch-norm statistics would be rank 0's here: a resumed run starts from them
+                    checkpoint({"step": step, "model": to_cpu(model.state_dict()), "optimizer": to_cpu(opt.state_dict()),
+                                "aug_rng": batches.gen.get_state(), "history": list(history), "last_loss": last_loss})
+                    saved_at = time.monotonic()
                 if callback is not None:
-                    callback(int(math.ceil(metrics["epoch"])), metrics)
+                    callback(int(math.ceil(epoch)), metrics)
     if not sync_bn and world_size > 1:  # per-rank batch-norm statistics: the ranks' mean
         stats = [b for b in model.buffers() if b.is_floating_point()]
         _all_reduce_(stats)
@@ -183,10 +212,131 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
     return TrainResult(steps=step, epochs=step / loop.spe, train_loss=last_loss, history=history)
 
 
-def _worker(rank: int, world_size: int, init_file: str, result_file: str, fn: Callable, args: tuple) -> None:
+class _Resident:
+    """The batches of `resident_batches`, with the augmentation stream (`gen`) at hand for a checkpoint
+    and set to `aug_state` on a resumed run."""
+
+    def __init__(self, loop: Loop, order_seed: int, aug_seed: int, start_step: int, aug_state=None):
+        self.loop, self.start = loop, start_step
+        self.order, self.gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
+        if aug_state is not None:
+            self.gen.set_state(aug_state)
+
+    def __iter__(self):
+        for step in range(self.start, self.loop.stop):
+            yield self.loop.batch(self.order.indices(step), self.gen)
+
+
+# ------------------------------------------------------------------------------------------------
+# A whole chain data-parallel: rank 0 (the leader) runs the chain runner as one process would, and
+# each `train` call it makes is broadcast to the other ranks (the followers), which take their part.
+
+_TRAIN, _STOP = "train", "stop"
+# train()'s arguments a follower needs too (callbacks, checkpoints and evaluation stay with the leader)
+_SHARED = ("order_seed", "aug_seed", "mask", "start_step", "stop_step", "resume")
+
+
+def _broadcast(message: Optional[dict], device: torch.device) -> dict:
+    """Rank 0's `message` on every rank (tensors on the CPU; torch.save's pickling, so masks and
+    modules travel as they are)."""
+    box = [None]
+    if message is not None:
+        buf = io.BytesIO()
+        torch.save(message, buf)
+        box = [buf.getvalue()]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return torch.load(io.BytesIO(box[0]), map_location="cpu", weights_only=False)
+
+
+class Leader:
+    """Rank 0 of a data-parallel chain: inside `with Leader(...)`, every `prunelab.train.train` call
+    (a round, the rewinding, an evaluation's or an LMC copy's training) runs data-parallel over the
+    `world_size` ranks, whose other ranks run `follow`. The model, hyperparameters, seeds, mask and
+    resume state of each call are sent to the followers; a training set is sent by name when it is one
+    of `datasets` (each rank loads its own, e.g. the real training set), else whole (a distilled set).
+    Everything else (the store, evaluations' measurements, logging) is the leader's alone. `call(op,
+    payload)` runs a follower handler on every follower (e.g. a collective report) between trainings.
+    Leaving the block stops the followers, unless it is left by an exception raised inside a training
+    (the followers are then inside collectives: the launcher ends them, as it does any failed group)."""
+
+    def __init__(self, world_size: int, device, datasets: Optional[dict[str, ImageData]] = None, *,
+                 sync_bn: Optional[bool] = None, stream: Optional[bool] = None, num_workers: int = 0):
+        self.world_size, self.device = world_size, resolve_device(device)
+        self.datasets = datasets or {}
+        self.options = {"sync_bn": sync_bn, "stream": stream, "num_workers": num_workers}
+        self._training = False
+        self._scope = None
+
+    def __enter__(self) -> "Leader":
+        _check_group(0, self.world_size)
+        self._scope = delegated(self.train)
+        self._scope.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._scope.__exit__(*exc)
+        if not self._training:
+            self._send({"op": _STOP})
+
+    def _send(self, message: dict) -> None:
+        if self.world_size > 1:
+            _broadcast(message, self.device)
+
+    def call(self, op: str, payload: Any = None) -> None:
+        """Run follower handler `op` with `payload` on every follower (see `follow`)."""
+        self._send({"op": op, "payload": payload})
+
+    def train(self, model: nn.Module, data: ImageData, hp: TrainingHparams, *, device=None, **kw) -> TrainResult:
+        """`prunelab.train.train` data-parallel (the delegate `train` calls inside the block). The
+        leader's device is the one given at construction."""
+        name = next((n for n, d in self.datasets.items() if d is data), None)
+        self._send({"op": _TRAIN, "model": model, "data": name if name is not None else data, "hp": hp,
+                    **{k: kw.get(k) for k in _SHARED}})
+        self._training = True
+        try:
+            result = train_data_parallel(model, data, hp, rank=0, world_size=self.world_size, device=self.device,
+                                         **kw, **self.options)
+        except DivergenceError:
+            self._training = False  # every rank saw the same loss and left the training: they are listening
+            raise
+        self._training = False
+        return result
+
+
+def follow(rank: int, world_size: int, device, datasets: Optional[dict[str, ImageData]] = None, *,
+           handlers: Optional[dict[str, Callable[[Any], None]]] = None, sync_bn: Optional[bool] = None,
+           stream: Optional[bool] = None, num_workers: int = 0) -> None:
+    """Rank `rank`'s part of a data-parallel chain whose rank 0 runs inside `Leader`: take part in
+    each training the leader starts, run `handlers[op](payload)` for each `Leader.call`, return
+    when the leader leaves its block. `datasets` are this rank's sets of the names the leader uses."""
+    device, datasets, handlers = resolve_device(device), datasets or {}, handlers or {}
+    while True:
+        message = _broadcast(None, device)
+        op = message.pop("op")
+        if op == _STOP:
+            return
+        if op != _TRAIN:
+            if op not in handlers:
+                raise RuntimeError(f"the leader called {op!r}, which this follower has no handler for")
+            handlers[op](message["payload"])
+            continue
+        data = message.pop("data")
+        if isinstance(data, str):
+            data = datasets[data]
+        try:
+            train_data_parallel(message.pop("model"), data, message.pop("hp"), rank=rank, world_size=world_size,
+                                device=device, sync_bn=sync_bn, stream=stream, num_workers=num_workers, **message)
+        except DivergenceError:
+            pass  # the leader saw the same loss at the same step and decides what follows
+
+
+def _worker(rank: int, world_size: int, init_file: str, result_file: str, fn: Callable, args: tuple,
+            backend: str = "gloo") -> None:
     # the workers share the cores
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    if backend == "nccl":  # rank r on GPU r
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         if rank == 0:
@@ -196,9 +346,10 @@ def _worker(rank: int, world_size: int, init_file: str, result_file: str, fn: Ca
         dist.destroy_process_group()
 
 
-def run_workers(fn: Callable[..., Any], world_size: int, *args) -> Any:
-    """Run `fn(rank, world_size, *args)` in `world_size` new processes joined in a gloo process group
-    (a file rendezvous in a temporary folder); returns rank 0's result. `fn` and `args` must be
+def run_workers(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo") -> Any:
+    """Run `fn(rank, world_size, *args)` in `world_size` new processes joined in a process group of
+    `backend` (gloo; nccl puts rank r on GPU r) with a file rendezvous in a temporary folder; returns
+    rank 0's result. `fn` and `args` must be
     picklable by reference (a module-level function); the result goes through `torch.save`. A
     worker's exception ends all of them and is raised here (torch.multiprocessing.ProcessRaisedException).
     A run whose worker was ended by a signal (gloo has been seen to abort a process at exit, rarely) is
@@ -207,7 +358,8 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args) -> Any:
         with tempfile.TemporaryDirectory(prefix="prunelab-workers-") as tmp:
             init_file, result_file = str(Path(tmp) / "rendezvous"), str(Path(tmp) / "result.pt")
             try:
-                mp.spawn(_worker, args=(world_size, init_file, result_file, fn, args), nprocs=world_size, join=True)
+                mp.spawn(_worker, args=(world_size, init_file, result_file, fn, args, backend), nprocs=world_size,
+                         join=True)
             except mp.ProcessExitedException:
                 if attempt:
                     raise

@@ -53,7 +53,8 @@ FAILURE_TAG = "prunelab.failure"  # the reason a chain failed
 FAILURE_MAX_CHARS = 5000
 REUSED_BY_TAG = "prunelab.reused_by"  # on a chain run: the latest sweep run that reused it without computing
 NODE_ID_TAG = "prunelab.node_id"  # the Ray node of the latest attempt
-RESOURCES_TAG = "prunelab.resources"  # JSON: the Ray resources it was given
+RESOURCES_TAG = "prunelab.resources"  # JSON: the Ray resources it was given (one worker's, when data-parallel)
+WORKERS_TAG = "prunelab.workers"  # the data-parallel workers (Ray Train's world size) of the latest attempt
 UNKNOWN_COMMIT = "unknown"
 
 

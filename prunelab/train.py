@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -262,6 +264,27 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, re
     remask()
 
 
+# what `train` hands its calls to inside `delegated` (prunelab.parallel's data-parallel leader)
+_delegate: ContextVar[Optional[Callable[..., "TrainResult"]]] = ContextVar("prunelab_train_delegate", default=None)
+
+
+@contextmanager
+def delegated(fn: Callable[..., "TrainResult"]):
+    """Inside the block (in this thread), every `train(model, data, hp, **keywords)` call returns
+    `fn(model, data, hp, **keywords)` instead: how `prunelab.parallel` makes every training of a
+    chain (rounds, rewinding, evaluations, LMC copies) data-parallel without a parameter through each caller."""
+    token = _delegate.set(fn)
+    try:
+        yield
+    finally:
+        _delegate.reset(token)
+
+
+def is_delegated() -> bool:
+    """Whether `train` calls go to a delegate here (see `delegated`)."""
+    return _delegate.get() is not None
+
+
 def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu", order_seed: int = 0,
           aug_seed: int = 0, mask: Optional[Mask] = None, start_step: int = 0, stop_step: Optional[int] = None,
           eval_data: Optional[ImageData] = None, eval_every: int = 0,
@@ -281,6 +304,11 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
     `resume=payload` continues from it, and on the same device ends with the same weights as a run
     that was never interrupted (the data order of an epoch is a function of the step).
     """
+    delegate = _delegate.get()
+    if delegate is not None:
+        return delegate(model, data, hp, device=device, order_seed=order_seed, aug_seed=aug_seed, mask=mask,
+                        start_step=start_step, stop_step=stop_step, eval_data=eval_data, eval_every=eval_every,
+                        callback=callback, resume=resume, checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s)
     loop = Loop.make(data, hp, device, stop_step)
     device = loop.device
     if resume is not None:

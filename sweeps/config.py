@@ -59,7 +59,7 @@ class VariantHparams(Hparams):
                 "must be >= 1 with start_from", "e.g. 8 for the paper's 83% synthetic subnetwork")
 
 
-PER_VARIANT_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "memory_fraction")
+PER_VARIANT_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "memory_fraction", "workers_per_trial")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ class ResourcesHparams(Hparams):
     cpus_per_trial: float = hp(1.0, "CPUs reserved per chain")
     gpus_per_trial: float = hp(0.0, "GPUs per chain; a fraction (0.25) packs chains on one GPU")
     memory_fraction: Optional[float] = hp(None, "cap of GPU memory per chain (default: gpus_per_trial)")
+    workers_per_trial: int = hp(1, "data-parallel workers per chain (Ray Train), each with cpus_per_trial CPUs "
+                                   "and, with gpus_per_trial: 1, a GPU of its own; the global batch is split")
     max_concurrent: int = hp(0, "most chains at once (0: as many as resources allow)")
     max_failures: int = hp(2, "retries of a failed chain, each from its last checkpoint")
     checkpoint_minutes: float = hp(CHECKPOINT_EVERY_S / 60, "store a round's training state part-way this often (0: every epoch), "
@@ -84,6 +86,10 @@ class ResourcesHparams(Hparams):
             require(float(g).is_integer(), p + "gpus_per_trial", f"must be a whole number above 1, got {g}")
         m = self.memory_fraction
         require(m is None or 0 < m <= 1, p + "memory_fraction", f"must be in (0, 1], got {m}")
+        n = self.workers_per_trial
+        require(n >= 1, p + "workers_per_trial", f"must be >= 1, got {n}")
+        require(n == 1 or g in (0, 1), p + "gpus_per_trial", f"{g:g} with workers_per_trial: {n}: each "
+                "data-parallel worker holds one whole GPU", "use gpus_per_trial: 1 (or 0 on CPUs)")
         require(self.max_concurrent >= 0, p + "max_concurrent", "must be >= 0")
         require(self.max_failures >= 0, p + "max_failures", "must be >= 0")
         require(self.checkpoint_minutes >= 0, p + "checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}",
@@ -160,7 +166,8 @@ class Trial:
             reached, evaluated = ChainStore(store, self.chain).progress(result_key(self.evaluation), self.rounds)
         total = chain_cost(self.chain, self.evaluation, self.rounds, reached, evaluated)["total"]
         r = self.resources
-        return total.seconds("gpu" if r.gpus_per_trial > 0 else "cpu", threads=r.cpus_per_trial)
+        return total.seconds("gpu" if r.gpus_per_trial > 0 else "cpu", threads=r.cpus_per_trial,
+                             workers=r.workers_per_trial)
 
     def label(self) -> str:
         short = {v: k for k, v in AXIS_ALIASES.items() if k != "seeds"}  # seed=0, not seeds=0

@@ -76,7 +76,9 @@ def parse_args(figure: str, argv=None) -> argparse.Namespace:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite file next to the results)")
     p.add_argument("--experiment", help=f"MLflow experiment name (default: {experiment_name(figure)})")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per chain; fractions (0.25) pack chains on a GPU")
-    p.add_argument("--cpus-per-trial", type=float, help="CPUs per chain")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per chain (per worker with --workers-per-trial)")
+    p.add_argument("--workers-per-trial", type=int,
+                   help="train each chain data-parallel on this many Ray Train workers (GPUs with --gpus-per-trial 1)")
     p.add_argument("--max-concurrent", type=int, help="most chains at once")
     p.add_argument("--max-failures", type=int, help="retries of a failed chain")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
@@ -115,6 +117,7 @@ def _overrides(args) -> list:
     """--set and the resource flags, as (key, value) overrides of the preset."""
     out = parse_overrides(args.set)
     for flag, key in (("gpus_per_trial", "resources.gpus_per_trial"), ("cpus_per_trial", "resources.cpus_per_trial"),
+                      ("workers_per_trial", "resources.workers_per_trial"),
                       ("max_concurrent", "resources.max_concurrent"), ("max_failures", "resources.max_failures")):
         if getattr(args, flag) is not None:
             out.append((key, getattr(args, flag)))
@@ -156,6 +159,7 @@ def run_sweep(figure: str, args, started_ray: Optional[list] = None) -> int:
     # 1. everything that can be checked without Ray
     sweep, raw = load_sweep(figure, args.preset, _overrides(args), args.config)
     trials = expand(sweep, figure)
+    preflight.check_workers(trials)
     problems = plan.data_problems(trials, keep_going=args.dry_run)  # without --dry-run the first one raises
     storage = preflight.storage_path(args.storage_path)
     preflight.check_storage(storage, args.address)

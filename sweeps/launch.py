@@ -53,13 +53,23 @@ def trial_spec(t: Trial, figure: str, local: Path, extra: dict, store: Optional[
             "store": store or str(local / "store"), "synthetic_store": synthetic,
             # beside a shared storage path; with a bucket, each node's own cache (the driver's is not there)
             "cache_dir": None if store and is_uri(store) else str(local / "cache"),
-            "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial, "checkpoint_minutes": res.checkpoint_minutes,
+            "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial, "workers": res.workers_per_trial,
+            "checkpoint_minutes": res.checkpoint_minutes,
             "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None), **extra}
 
 
+# What the Tune trial of a data-parallel chain reserves: no CPU or GPU (its Ray Train workers hold
+# those in a placement group of their own), and Ray takes no empty request, so the memory of the
+# process that launches them and waits
+DRIVER_MEMORY = 512 * 2**20
+
+
 def trial_resources(config: dict) -> dict:
-    """Ray resources of one trial (variants may pack their chains more densely than others)."""
+    """Ray resources of one trial (variants may pack their chains more densely than others). A
+    data-parallel trial's workers hold theirs themselves (sweeps.trainable)."""
     spec = config["spec"]
+    if int(spec.get("workers", 1)) > 1:
+        return {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY}
     return {"cpu": spec["cpus"], "gpu": spec.get("gpus", 0)}
 
 
@@ -83,9 +93,10 @@ def run_trials(figure, args, todo, res, storage, local, tracking_uri, exp_id, pa
              "fault": fault}
     reopen = latest_trial_runs(tracking_uri, exp_id)
     store, synthetic = preflight.store_root(storage, local), preflight.synthetic_root(storage)
+    ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
+    extra["train_storage"] = f"{ray_dir}/train"  # Ray Train's own records of data-parallel trials
     specs = [trial_spec(t, figure, local, {**extra, "run_id": reopen.get(t.key)}, store, synthetic)
              for t in todo]  # longest first
-    ray_dir = storage.rstrip("/") + "/ray" if is_uri(storage) else str(local / "ray")
     name = RUN_NAME_FORMAT.format(figure=figure, preset=args.preset)
     print(f"trial logs (stdout, stderr of each chain): {ray_dir}/{name}/<chain>_<key>/")
     results = _tuner(specs, ray_dir, name, res, args.resume).fit()

@@ -86,7 +86,8 @@ def longest_first(trials: list[Trial], est: Optional[dict] = None) -> list[Trial
 # -- what is printed --------------------------------------------------------------------------------
 
 def _each(res) -> str:
-    return f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU"
+    one = f"{res.cpus_per_trial:g} CPU + {res.gpus_per_trial:g} GPU"
+    return one if res.workers_per_trial == 1 else f"{res.workers_per_trial} workers × ({one})"
 
 
 def _duration(seconds: float) -> str:
@@ -117,13 +118,16 @@ def print_trials(trials: list[Trial], res, skipped: set, est: dict) -> None:
 
 def plan_totals(trials: list[Trial], skipped: set, est: dict) -> str:
     """The plan in one line: trials, chain-hours (the sum of the estimates), GPU-hours after packing
-    (a trial holds its gpus_per_trial share of a GPU while it runs), CPU-hours of the CPU-only trials
-    (their CPUs × time), and the largest trial."""
+    (a trial holds its gpus_per_trial share of a GPU, on each of its workers, while it runs), CPU-hours
+    of the CPU-only trials (their CPUs × workers × time), and the largest trial."""
     todo = [t for t in trials if t.key not in skipped]
     hours = {t.key: est[t.key] / 3600 for t in todo if est.get(t.key) is not None}
     known = [t for t in todo if t.key in hours]
-    gpu = sum(t.resources.gpus_per_trial * hours[t.key] for t in known if t.resources.gpus_per_trial > 0)
-    cpu = sum(t.resources.cpus_per_trial * hours[t.key] for t in known if t.resources.gpus_per_trial == 0)
+    def held(t, per_worker: float) -> float:
+        return per_worker * t.resources.workers_per_trial * hours[t.key]
+
+    gpu = sum(held(t, t.resources.gpus_per_trial) for t in known if t.resources.gpus_per_trial > 0)
+    cpu = sum(held(t, t.resources.cpus_per_trial) for t in known if t.resources.gpus_per_trial == 0)
     parts = [f"total: {len(trials)} trials ({len(todo)} to run), {_hours(sum(hours.values()))} chain-hours"
              + (f" ({len(todo) - len(known)} without estimate)" if len(known) < len(todo) else "")]
     if any(t.resources.gpus_per_trial > 0 for t in known):

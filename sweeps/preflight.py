@@ -13,10 +13,12 @@ from typing import Callable, Optional
 import torch
 
 from prunelab.blobs import is_uri, join, open_root
-from prunelab.data import check_root
+from prunelab.cost import pruning_set_size
+from prunelab.data import check_root, dataset_sizes
 from prunelab.files import cache_dir
 from prunelab.errors import ConfigError, DataNotFoundError, first_line
 from prunelab.hparams import ChainHparams
+from prunelab.parallel import check_world_size
 from prunelab.synthetic.idc import check_idc_file
 
 from . import autoscaler
@@ -130,27 +132,57 @@ def check_each_kind(trials: list[Trial], check: Callable) -> None:
 
 
 def check_one_device(res) -> None:
-    """A chain trains on one device: a trial holding more GPUs would leave all but one idle."""
+    """A chain's worker trains on one device: a trial holding more GPUs per worker would leave all
+    but one idle."""
     if res.gpus_per_trial > 1:
+        n = int(res.gpus_per_trial)
         raise ConfigError("resources.gpus_per_trial",
-                          f"{res.gpus_per_trial:g} GPUs per trial, but a chain trains on one device (the others "
-                          "would stay idle)", "use 1, or a fraction to pack chains on a GPU (0.25: four per GPU)")
+                          f"{res.gpus_per_trial:g} GPUs per trial, but a chain's worker trains on one device (the "
+                          "others would stay idle)", f"use workers_per_trial: {n} with gpus_per_trial: 1 to train "
+                          f"each chain data-parallel on {n} GPUs, or 1, or a fraction to pack chains on a GPU "
+                          "(0.25: four per GPU)")
+
+
+def check_workers(trials: list[Trial]) -> None:
+    """Data-parallel chains (`resources.workers_per_trial` > 1) can use their workers: every training of
+    the chain has a global batch that splits evenly over them, with at least one example per worker."""
+    for t in trials:
+        n = t.resources.workers_per_trial
+        if n == 1:
+            continue
+        where = f"variants.{t.variant}.resources.workers_per_trial"
+        for name, training, size in (("training", t.chain.training, dataset_sizes(t.chain.dataset)[0]),
+                                     ("pruning_training", t.chain.pruning_training, pruning_set_size(t.chain))):
+            try:
+                check_world_size(training, n)
+            except ConfigError as e:
+                raise ConfigError(f"{name}.batch_size", f"{e.problem} ({t.label()})",
+                                  f"{e.fix}, or set {where}") from None
+            if min(training.batch_size, size) < n:
+                raise ConfigError(where, f"{n} workers but a step of {t.label()}'s {name} has "
+                                  f"{min(training.batch_size, size)} examples: some workers would have none",
+                                  f"use at most {min(training.batch_size, size)} workers for this variant "
+                                  "(workers_per_trial: 1 suits small distilled sets)")
 
 
 def check_local_resources(res, num_cpus=None) -> None:
     """Before starting a local Ray: the chains' requests fit this machine (its GPUs, its CPUs or
     --num-cpus), so an impossible request stops here instead of leaving trials pending."""
+    n = res.workers_per_trial
+    workers = f" ({n} workers of {res.gpus_per_trial:g} GPU and {res.cpus_per_trial:g} CPU)" if n > 1 else ""
     if res.gpus_per_trial > 0:
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if res.gpus_per_trial > have:
-            raise ConfigError("resources.gpus_per_trial",
-                              f"each chain asks for {res.gpus_per_trial:g} GPU but this machine has {have}",
-                              "lower --gpus-per-trial (0 runs on the CPU), or join a GPU cluster with --address")
+        if res.gpus_per_trial * n > have:
+            raise ConfigError("resources.workers_per_trial" if n > 1 and res.gpus_per_trial <= have
+                              else "resources.gpus_per_trial",
+                              f"each chain asks for {res.gpus_per_trial * n:g} GPU{workers} but this machine has {have}",
+                              "lower --gpus-per-trial (0 runs on the CPU) or --workers-per-trial, or join a GPU "
+                              "cluster with --address")
     cpus = num_cpus if num_cpus else (os.cpu_count() or 1)
-    if res.cpus_per_trial > cpus:
+    if res.cpus_per_trial * n > cpus:
         raise ConfigError("resources.cpus_per_trial",
-                          f"each chain asks for {res.cpus_per_trial:g} CPUs but the local Ray has {cpus}",
-                          "lower --cpus-per-trial" + (" or raise --num-cpus" if num_cpus else ""))
+                          f"each chain asks for {res.cpus_per_trial * n:g} CPUs{workers} but the local Ray has {cpus}",
+                          "lower --cpus-per-trial or --workers-per-trial" + (" or raise --num-cpus" if num_cpus else ""))
 
 
 def resolve_ray_address(address: str, timeout: float = 3.0) -> str:
@@ -205,6 +237,11 @@ def check_cluster(res, address, storage: str) -> None:
                               f"each chain asks for {res.gpus_per_trial:g} GPU but no node has that many "
                               f"(cluster total: {total.get('GPU', 0):g})",
                               "lower --gpus-per-trial, or add GPU nodes to the cluster")
+        if res.workers_per_trial * res.gpus_per_trial > total.get("GPU", 0):
+            raise ConfigError("resources.workers_per_trial",
+                              f"each chain asks for {res.workers_per_trial} workers of {res.gpus_per_trial:g} GPU but "
+                              f"the cluster has {total.get('GPU', 0):g} GPUs",
+                              "lower --workers-per-trial, or add GPU nodes to the cluster")
     best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     if res.cpus_per_trial > best_cpu:
         raise ConfigError("resources.cpus_per_trial",

@@ -97,6 +97,38 @@ def test_imagenet10_reads_an_imagefolder(tmp_path, monkeypatch):
         load_dataset(DatasetHparams(name="imagenet10", root=str(tmp_path / "in"), image_size=16))
 
 
+def test_imagenet_1k_is_decoded_once_into_a_memory_mapped_folder(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from prunelab.data.stream import resident_fits
+
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    for split, per_class in (("train", 2), ("val", 1)):
+        for i, w in enumerate(wnids):
+            (tmp_path / "in" / split / w).mkdir(parents=True)
+            for j in range(per_class):
+                Image.new("RGB", (20, 12), (i % 256, j * 100, 0)).save(tmp_path / "in" / split / w / f"{j}.png")
+    hp = DatasetHparams(name="imagenet", root=str(tmp_path / "in"), image_size=8)
+    d = load_dataset(hp)
+    assert d.train.x.shape == (2000, 3, 8, 8) and d.test.x.shape == (1000, 3, 8, 8)
+    assert d.train.y.tolist() == [c for c in range(1000) for _ in range(2)]  # class index = sorted WordNet ids
+    assert int(d.train.x[2 * 200 + 1, 0, 4, 4]) == 200 and int(d.train.x[2 * 200 + 1, 1, 4, 4]) == 100
+    folders = list((tmp_path / "cache" / "imagenet").iterdir())
+    assert sorted(f.name.count(".partial") for f in folders) == [0, 0]  # whole folders, no leftovers
+    # a set larger than the byte budget is streamed rather than placed on the device
+    assert not resident_fits(d.train, "cpu", budget_bytes=d.train.nbytes)
+    # mapped again, not decoded again
+    (tmp_path / "in" / "train" / wnids[5] / "0.png").unlink()
+    assert torch.equal(load_dataset(hp).train.x[10], d.train.x[10])
+    # not ImageNet-1k: refused with the fix
+    (tmp_path / "in" / "train" / wnids[7] / "0.png").unlink()
+    (tmp_path / "in" / "train" / wnids[7] / "1.png").unlink()
+    (tmp_path / "in" / "train" / wnids[7]).rmdir()
+    with pytest.raises(DataNotFoundError, match=r"999 class folders.*imagenet10"):
+        load_dataset(hp)
+
+
 def test_imagedata_rejects_bad_shapes():
     with pytest.raises(ValueError):
         ImageData(torch.zeros(3, 8, 8), torch.zeros(3, dtype=torch.long), 10, (0.0,), (1.0,))

@@ -58,6 +58,28 @@ def test_paper_preset_plans_without_data_roots(tmp_path, capsys, monkeypatch, no
     assert not storage.exists(), "a dry run wrote to the storage path"
 
 
+def test_the_imagenet_scale_preset_plans_its_workers(tmp_path, capsys, monkeypatch, no_ray):  # noqa: F811
+    # fig7's paper+: ResNet-50 on ImageNet-1k, each chain on 8 data-parallel workers of one GPU each
+    monkeypatch.delenv("PRUNELAB_STORE", raising=False)
+    capsys.readouterr()
+    assert main("fig7", ["--dry-run", "--preset", "paper+", "--storage-path", str(tmp_path / "runs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith("warning: dataset.root: imagenet needs a local data directory") for ln in lines)
+    assert any(ln.endswith("each 8 workers × (8 CPU + 1 GPU); longest first (~ a rough time left per chain, "
+                           "from its config and what the store holds):") for ln in lines), lines[:3]
+    trials = expand(load_sweep("fig7", "paper+", [])[0], "fig7")
+    assert {(t.chain.model.name, t.chain.dataset.name, t.chain.pruning.rewind_epoch) for t in trials} == {
+        ("resnet50_bn", "imagenet", 0), ("resnet50_bn", "imagenet", 6)}
+    est = estimates(trials)
+    (total,) = [m for m in map(TOTALS.match, lines) if m]
+    gpu_shown = float(re.search(r"([\d.]+) GPU-hours", total.group(4)).group(1))
+    assert gpu_shown == pytest.approx(sum(8 * est[t.key] / 3600 for t in trials), rel=0.01)  # every worker's GPU
+    # the recipe's schedule: 5 warm-up epochs at batch 1024, x0.1 at epochs 30, 60, 80 of 90
+    tr = trials[0].chain.training
+    assert tr.warmup_steps == 5 * -(-1_281_167 // 1024) and tr.batch_size == 1024
+    assert [round(m * tr.epochs) for m in tr.milestones] == [30, 60, 80]
+
+
 def test_demo_dry_run_has_no_warnings(tmp_path, capsys, monkeypatch, no_ray):
     rc, lines, err = dry_run(capsys, monkeypatch, "--storage-path", str(tmp_path / "runs"))
     assert rc == 0, err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..catalog import IMAGENET10_WNIDS
 from ..errors import ConfigError, DataNotFoundError
 from ..files import cache_dir
 from .base import DataSplit, ImageData
+from .folder import FolderWriter, open_folder
 
 # IDC's normalization constants (distilled IDC images are normalized with the same ones)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -137,15 +139,17 @@ def load_cifar100(hp) -> DataSplit:
     return _load_cifar(hp, "CIFAR100", "cifar-100-python", 100, CIFAR100_MEAN, CIFAR100_STD)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.suffix.lower() in (".jpeg", ".jpg", ".png")]
+
+
 def _decode_folder(folder: Path, size: int) -> torch.Tensor:
     """Every image of one class folder, resized (shorter side size*8/7) and center-cropped to size."""
     from PIL import Image  # only decoding ImageNet needs it
 
     resize = int(round(size * 8 / 7))
     out = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() not in (".jpeg", ".jpg", ".png"):
-            continue
+    for p in _image_files(folder):
         with Image.open(p) as im:
             im = im.convert("RGB")
             w, h = im.size
@@ -192,6 +196,55 @@ def load_imagenet10(hp) -> DataSplit:
             os.replace(tmp, cached)
         splits[split] = ImageData(x, y, num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                   name="imagenet10", crop_pad=size // 8)
+    return DataSplit(_limit(splits["train"], hp.train_size, "train_size", hp.split_seed),
+                     _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))
+
+
+def _decode_to_folder(split: Path, classes: list[str], size: int, folder: Path) -> None:
+    """Every image of `split`'s class folders decoded as `_decode_folder`, class by class in parallel
+    processes, into the streaming folder `folder` (class index = position in `classes`)."""
+    counts = [len(_image_files(split / w)) for w in classes]
+    writer = FolderWriter(folder, sum(counts), (3, size, size))
+    print(f"prunelab: decoding {sum(counts):,} images of {split} into {folder} (once)", flush=True)
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        decoded = pool.map(_decode_folder, [split / w for w in classes], [size] * len(classes))
+        for c, (x, n) in enumerate(zip(decoded, counts)):
+            if len(x) != n:
+                raise DataNotFoundError("dataset.root", f"{split / classes[c]} changed while it was decoded",
+                                        "decode it again from a root nobody is writing to")
+            writer.add(x, torch.full((n,), c, dtype=torch.int64))
+    writer.finish(len(classes), IMAGENET_MEAN, IMAGENET_STD, "imagenet", crop_pad=size // 8)
+
+
+def load_imagenet(hp) -> DataSplit:
+    """ImageNet-1k (ILSVRC-2012) from an ImageFolder root: train/<wnid>/ and val/<wnid>/ (the
+    validation images sorted into one folder per WordNet id), class index = the sorted ids.
+
+    Images are decoded once, as ImageNet-10's (resized, center-cropped to `image_size`, default 224),
+    into a memory-mapped streaming folder under the prunelab cache directory (`prunelab.data.folder`;
+    about 193 GB at 224 px), then mapped: a training set this size is streamed from host memory
+    (`prunelab.data.stream`), not held on the device.
+    """
+    facts = FACTS["imagenet"]
+    root = _require_root(hp, "ImageNet", "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
+    size = hp.image_size or facts.size
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if len(classes) != facts.classes:
+        raise DataNotFoundError("dataset.root", f"{root / 'train'} has {len(classes)} class folders, ImageNet-1k "
+                                f"{facts.classes}", "give the root of the ILSVRC-2012 ImageFolder (train/ and val/, "
+                                "one folder per WordNet id), or use imagenet10 for IDC's 10 classes")
+    splits = {}
+    for split in ("train", "val"):
+        missing = [w for w in classes if not (root / split / w).is_dir()]
+        if missing:
+            raise DataNotFoundError("dataset.root", f"{root / split} lacks {len(missing)} class folders "
+                                    f"({missing[0]}, ...)", "sort the validation images into one folder per "
+                                    "WordNet id, as train/ is")
+        key = hashlib.sha256(f"{root.resolve()}|{split}|{size}".encode()).hexdigest()[:16]
+        folder = cache_dir() / "imagenet" / key
+        if not (folder / "meta.json").is_file():
+            _decode_to_folder(root / split, classes, size, folder)
+        splits[split] = open_folder(folder)
     return DataSplit(_limit(splits["train"], hp.train_size, "train_size", hp.split_seed),
                      _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))
 
@@ -250,6 +303,7 @@ DATASETS = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagenet10": load_imagenet10,
+    "imagenet": load_imagenet,
 }
 
 

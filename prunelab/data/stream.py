@@ -4,24 +4,23 @@
 `prunelab.train.train` draws): the same `DataOrder` index list at every step, gathered in host memory
 by a DataLoader (in worker processes if asked), moved to the device and augmented there with the
 same generator stream, so a run gets the same batches whichever path feeds it. A set can also live in
-a folder of memory-mapped arrays (`save_folder` / `open_folder`), so the host does not hold it either.
+a folder of memory-mapped arrays (`prunelab.data.folder`), so the host does not hold it either.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Iterator, Optional, Union
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import DataNotFoundError
 from ..hparams import TrainingHparams
 from ..train import RESIDENT_FRACTION, DataOrder, Loop, make_augment, resolve_device, total_steps
 from .base import ImageData
+from .folder import open_folder, save_folder
+
+__all__ = ["StreamingBatches", "OrderSampler", "open_folder", "resident_batches", "resident_fits", "save_folder"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,32 +44,6 @@ def resident_batches(loop: Loop, order_seed: int, aug_seed: int, start_step: int
     order, gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
     for step in range(start_step, loop.stop):
         yield loop.batch(order.indices(step), gen)
-
-
-def save_folder(data: ImageData, folder: Union[str, os.PathLike]) -> Path:
-    """Write `data` as a streaming folder: x.npy, y.npy and meta.json (the normalization and
-    augmentation spec; `data.meta` is not kept). meta.json is written last: it marks a whole folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "x.npy", data.x.cpu().numpy())
-    np.save(folder / "y.npy", data.y.cpu().numpy())
-    spec = {"num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std), "name": data.name,
-            "crop_pad": data.crop_pad, "flip": data.flip}
-    (folder / "meta.json").write_text(json.dumps(spec))
-    return folder
-
-
-def open_folder(folder: Union[str, os.PathLike]) -> ImageData:
-    """The set of a streaming folder with memory-mapped pixels and labels: a batch reads only its pages."""
-    folder = Path(folder)
-    if not (folder / "meta.json").is_file():
-        raise DataNotFoundError("data", f"{folder} is not a streaming folder (it has no meta.json)",
-                                "write one with prunelab.data.stream.save_folder(data, folder)")
-    spec = json.loads((folder / "meta.json").read_text())
-    # copy-on-write mapping: writable for torch, nothing read before it is indexed
-    x, y = (torch.from_numpy(np.load(folder / f, mmap_mode="c")) for f in ("x.npy", "y.npy"))
-    return ImageData(x, y, spec["num_classes"], tuple(spec["mean"]), tuple(spec["std"]), name=spec["name"],
-                     crop_pad=spec["crop_pad"], flip=spec["flip"])
 
 
 class OrderSampler(Sampler):
@@ -110,12 +83,13 @@ class StreamingBatches:
     `start_step`: the batch of a step holds the same examples, in the same order, with the same
     augmentation draws. `stop_step` defaults to the end of the schedule (`hp.epochs` or `hp.steps`).
     Batches are gathered by a DataLoader (`num_workers` processes; 0 = in this process), pinned
-    when the device is CUDA, and augmented on the device. Every iteration starts the streams afresh.
+    when the device is CUDA, and augmented on the device. Every iteration starts the streams afresh
+    (the augmentation's at `aug_state` when given: a run resumed part-way); `gen` is the running one's.
     """
 
     def __init__(self, data_or_folder: Union[ImageData, str, os.PathLike], hp: TrainingHparams,
                  order_seed: int = 0, aug_seed: int = 0, start_step: int = 0, *, stop_step: Optional[int] = None,
-                 device="cpu", num_workers: int = 0):
+                 device="cpu", num_workers: int = 0, aug_state: Optional[torch.Tensor] = None):
         data = data_or_folder if isinstance(data_or_folder, ImageData) else open_folder(data_or_folder)
         self.data = data if data.x.device.type == "cpu" else data.to("cpu")
         self.device = resolve_device(device)
@@ -124,7 +98,8 @@ class StreamingBatches:
         self.sampler = OrderSampler(order_seed, n, hp.batch_size, start_step,
                                     total if stop_step is None else min(stop_step, total))
         self.augment = make_augment(hp.augment, self.data, hp.cutmix_prob)
-        self.aug_seed, self.num_workers = aug_seed, num_workers
+        self.aug_seed, self.aug_state, self.num_workers = aug_seed, aug_state, num_workers
+        self.gen: Optional[torch.Generator] = None  # the augmentation stream of the running iteration
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -133,7 +108,9 @@ class StreamingBatches:
         data, device = self.data, self.device
         loader = DataLoader(_Gather(data), sampler=self.sampler, batch_size=None, num_workers=self.num_workers,
                             pin_memory=device.type == "cuda")
-        gen = torch.Generator(device=device).manual_seed(self.aug_seed)  # as Loop.aug_generator
+        gen = self.gen = torch.Generator(device=device).manual_seed(self.aug_seed)  # as Loop.aug_generator
+        if self.aug_state is not None:  # a run resumed part-way (see prunelab.train.train)
+            gen.set_state(self.aug_state)
         for x, y in loader:
             xb = data.pixels(x.to(device, non_blocking=True))
             yb = y.to(device, non_blocking=True)

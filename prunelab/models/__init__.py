@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .convnet import ConvNet
-from .resnet import ResNet
+from .resnet import Bottleneck, ResNet
 
 
 def default_convnet_depth(image_size: int) -> int:
@@ -31,7 +31,11 @@ def _resnet18(c, s, k, width=None, depth=None):
     return ResNet([2, 2, 2, 2], c, s, k, width=width or 64)
 
 
-MODELS = {"convnet3": _convnet3, "resnet10_bn": _resnet10, "resnet18_bn": _resnet18}
+def _resnet50(c, s, k, width=None, depth=None):
+    return ResNet([3, 4, 6, 3], c, s, k, width=width or 64, block=Bottleneck)
+
+
+MODELS = {"convnet3": _convnet3, "resnet10_bn": _resnet10, "resnet18_bn": _resnet18, "resnet50_bn": _resnet50}
 
 
 def build_model(hp, shape: tuple[int, int, int], num_classes: int, seed: int) -> nn.Module:
