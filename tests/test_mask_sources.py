@@ -112,7 +112,7 @@ def test_a_masks_sweep_draws_its_figures(tmp_path, capsys):
     from sweeps.driver import main
 
     preset = {
-        "base": BASE,
+        "base": {**BASE, "pruning": {"rounds": 2}},  # the rounds evaluated, no more
         "grid": {"seed": [0, 1]},
         "variants": {"imp": {}, "snip": {"set": {"pruning": {"method": "snip"}}},
                      "random_erk": {"set": {"pruning": {"method": "random", "scope": "erk"}}},
