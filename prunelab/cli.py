@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -21,11 +22,11 @@ import torch
 import yaml
 
 from .checkpoint import CHECKPOINT_EVERY_S
-from .data import load_dataset
+from .data import check_root, load_dataset
 from .errors import ConfigError
 from .evaluation import EvalHparams, result_key
 from .hparams import ChainHparams, set_path
-from .parallel import Leader, check_world_size, follow, run_workers
+from .parallel import Leader, check_chain_workers, follow, run_workers
 from .runner import run_chain
 from .store import ChainStore
 from .train import resolve_device
@@ -76,11 +77,8 @@ def cmd_run(args) -> int:
     device = resolve_device(args.device)
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}", "e.g. --workers 2")
-    for name in ("training", "pruning_training"):
-        try:
-            check_world_size(getattr(hp, name), args.workers)
-        except ConfigError as e:
-            raise ConfigError(f"{name}.batch_size", e.problem, f"{e.fix} (--workers)") from None
+    check_chain_workers(hp, args.workers, "--workers")
+    check_root(hp.dataset)  # a missing data root named here, not in a worker's traceback
     if device.type == "cuda" and args.workers > torch.cuda.device_count():
         raise ConfigError("--workers", f"{args.workers} workers, one GPU each, but {torch.cuda.device_count()} GPUs here",
                           f"use --workers {torch.cuda.device_count()} or fewer")
@@ -93,10 +91,12 @@ def _data_parallel_run(rank: int, world: int, args, hp: ChainHparams, eval_round
     `prunelab.parallel.Leader`; the others follow its trainings (GPU r for rank r on CUDA)."""
     device = torch.device(f"cuda:{rank}") if resolve_device(args.device).type == "cuda" else torch.device("cpu")
     data = load_dataset(hp.dataset)
+    # a set streamed from host memory (too large for the device) is gathered by this rank's share of the CPUs
+    loaders = max(0, (os.cpu_count() or 1) // world - 1)
     if rank:
-        follow(rank, world, device, {"train": data.train})
+        follow(rank, world, device, {"train": data.train}, num_workers=loaders)
         return 0
-    with Leader(world, device, {"train": data.train}):
+    with Leader(world, device, {"train": data.train}, num_workers=loaders):
         return _run(args, hp, eval_rounds, device, data)
 
 
@@ -152,7 +152,8 @@ def main(argv=None) -> int:
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     r.add_argument("--workers", type=int, default=1,
                    help="train the chain data-parallel in this many processes (one GPU each with --device cuda; "
-                   "the global batch is split, the masks are those of one process up to float rounding)")
+                   "the global batch is split; on GPUs, and for networks without batch norm on the CPU, the "
+                   "masks are those of one process up to float rounding)")
     r.add_argument("--out", help="directory for the final mask, results.json and the chain's store "
                    "(run again with the same --out to resume or reuse it)")
     r.add_argument("--store", help="the result store instead of OUT/store: a folder or a bucket (s3://bucket/prefix, "

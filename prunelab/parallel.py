@@ -1,4 +1,14 @@
-"""Data-parallel training of one network by the processes of a torch.distributed group.
+"""Data-parallel training of one network, and of a whole chain, by the processes of a torch.distributed
+group.
+
+A chain: rank 0 runs the chain runner (`prunelab.runner.run_chain`) inside `Leader`, which makes
+every `prunelab.train.train` call of the chain (rewinding, rounds, evaluations, LMC copies) a call of
+`train_data_parallel` on every rank; the other ranks run `follow`, which takes part in each training
+the leader starts. Everything else (the store, measurements along a line, logging) is rank 0's alone.
+`run_workers` starts such a group of processes on one machine; Ray Train's TorchTrainer starts one
+across a cluster (`sweeps.trainable`).
+
+One training:
 
 `train_data_parallel` runs the schedule of `prunelab.train.train` at global batch `hp.batch_size`
 with `world_size` processes (gloo on CPU, nccl on GPU). Every rank draws the same global batch from
@@ -27,6 +37,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,8 +50,10 @@ from torch import nn
 from .data.base import ImageData
 from .data.stream import StreamingBatches, resident_fits
 from .checkpoint import to_cpu
+from .cost import pruning_set_size
+from .data import dataset_sizes
 from .errors import ConfigError, DivergenceError
-from .hparams import TrainingHparams
+from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask
 from .train import (EpochCallback, Loop, LossMeter, TrainResult, autocast, delegated, evaluate, make_optimizer,
                     masker, optimizer_step, prepare, resolve_device)
@@ -55,6 +68,24 @@ def check_world_size(hp: TrainingHparams, world_size: int) -> None:
         near = " or ".join(str(b) for b in (lower, lower + world_size) if b > 0)
         raise ConfigError("training.batch_size", f"{hp.batch_size} does not split evenly over {world_size} workers",
                           f"use a multiple of {world_size} (e.g. {near}), or a worker count that divides it")
+
+
+def check_chain_workers(hp: ChainHparams, world_size: int, workers_field: str = "workers") -> None:
+    """Raise ConfigError unless a chain of `hp` can use `world_size` data-parallel workers: every
+    training of the chain has a global batch that splits evenly over them and at least one example
+    a worker each step (a distilled set of 10 images cannot feed 16). `workers_field` is what the
+    caller calls the worker count (named in the error)."""
+    for name, training, size in (("training", hp.training, dataset_sizes(hp.dataset)[0]),
+                                 ("pruning_training", hp.pruning_training, pruning_set_size(hp))):
+        try:
+            check_world_size(training, world_size)
+        except ConfigError as e:
+            raise ConfigError(f"{name}.batch_size", e.problem, f"{e.fix}, or change {workers_field}") from None
+        step = min(training.batch_size, size)
+        if step < world_size:
+            raise ConfigError(workers_field, f"{world_size} workers but a step of the chain's {name} has {step} "
+                              "examples: some workers would have none",
+                              f"use at most {step} workers (one suits small distilled sets)")
 
 
 def _check_group(rank: int, world_size: int) -> None:
@@ -191,18 +222,24 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
                     raise loop.divergence(last_loss, step, lr)
                 metrics = loop.record(step, last_loss, lr)
                 epoch = metrics["epoch"]
-                if eval_data is not None and eval_every and (round(epoch) % eval_every == 0 or step == loop.stop):
-                    ev = evaluate(model, eval_data, device=device, batch_size=hp.eval_batch_size)
-                    metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-                    model.train()
-                history.append(metrics)
-                if checkpoint is not None and step < loop.stop and time.monotonic() - saved_at >= checkpoint_every_s:
-                    # per-rank batch-norm statistics would be rank 0's here: a resumed run starts from them
-                    checkpoint({"step": step, "model": to_cpu(model.state_dict()), "optimizer": to_cpu(opt.state_dict()),
-                                "aug_rng": batches.gen.get_state(), "history": list(history), "last_loss": last_loss})
-                    saved_at = time.monotonic()
-                if callback is not None:
-                    callback(int(math.ceil(epoch)), metrics)
+                failure = None
+                try:  # what only rank 0 is given to do: its failure must end every rank's training
+                    if eval_data is not None and eval_every and (round(epoch) % eval_every == 0 or step == loop.stop):
+                        ev = evaluate(model, eval_data, device=device, batch_size=hp.eval_batch_size)
+                        metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+                        model.train()
+                    history.append(metrics)
+                    if checkpoint is not None and step < loop.stop and time.monotonic() - saved_at >= checkpoint_every_s:
+                        # per-rank batch-norm statistics (the CPU, no SyncBatchNorm) would be rank 0's here
+                        checkpoint({"step": step, "model": to_cpu(model.state_dict()),
+                                    "optimizer": to_cpu(opt.state_dict()), "aug_rng": batches.gen.get_state(),
+                                    "history": list(history), "last_loss": last_loss})
+                        saved_at = time.monotonic()
+                    if callback is not None:
+                        callback(int(math.ceil(epoch)), metrics)
+                except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
+                    failure = e
+                _leave_together(failure, device)
     if not sync_bn and world_size > 1:  # per-rank batch-norm statistics: the ranks' mean
         stats = [b for b in model.buffers() if b.is_floating_point()]
         _all_reduce_(stats)
@@ -210,6 +247,29 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
             b.div_(world_size)
     _check_identical(model)
     return TrainResult(steps=step, epochs=step / loop.spe, train_loss=last_loss, history=history)
+
+
+class LeaderFailed(RuntimeError):
+    """Rank 0 failed in its own part of a training (a callback, a checkpoint, an evaluation): every
+    other rank left that training with this, rank 0 with its own exception."""
+
+
+_TOGETHER = "_prunelab_left_together"  # set on an exception every rank of the group left a training by
+
+
+def _left_together(e: BaseException) -> bool:
+    return isinstance(e, DivergenceError) or getattr(e, _TOGETHER, False)
+
+
+def _leave_together(failure: Optional[Exception], device: torch.device) -> None:
+    """At an epoch's end: whether rank 0's part failed, on every rank (one all_reduce); raise if so, so
+    that no rank is left waiting in the next step's collectives."""
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
+    dist.all_reduce(flag)
+    if flag.item():
+        failure = failure if failure is not None else LeaderFailed("rank 0 failed in its part of the training")
+        setattr(failure, _TOGETHER, True)
+        raise failure
 
 
 class _Resident:
@@ -256,8 +316,11 @@ class Leader:
     of `datasets` (each rank loads its own, e.g. the real training set), else whole (a distilled set).
     Everything else (the store, evaluations' measurements, logging) is the leader's alone. `call(op,
     payload)` runs a follower handler on every follower (e.g. a collective report) between trainings.
-    Leaving the block stops the followers, unless it is left by an exception raised inside a training
-    (the followers are then inside collectives: the launcher ends them, as it does any failed group)."""
+    A failure in rank 0's own part of a training (its callback, checkpoint or evaluation; a lost lease)
+    ends that training on every rank at the epoch's end, so the group stays in step whatever the runner
+    does with the error. Leaving the block stops the followers, unless rank 0 left a training on an
+    error the others did not see (inside the computation itself): they are then inside a collective,
+    and the launcher ends them, as it does any failed group."""
 
     def __init__(self, world_size: int, device, datasets: Optional[dict[str, ImageData]] = None, *,
                  sync_bn: Optional[bool] = None, stream: Optional[bool] = None, num_workers: int = 0):
@@ -275,10 +338,18 @@ class Leader:
 
     def __exit__(self, *exc) -> None:
         self._scope.__exit__(*exc)
-        if not self._training:
+        if self._training:  # the others are inside a training this process left: the launcher ends them
+            return
+        try:
             self._send({"op": _STOP})
+        except Exception:  # noqa: BLE001 - the error the block raised, if any, is the one to see
+            if exc[0] is None:
+                raise
 
     def _send(self, message: dict) -> None:
+        if self._training:
+            raise RuntimeError("the data-parallel group is out of step: rank 0 left a training on an error the "
+                               "other ranks did not see; start the group again (the chain goes on from the store)")
         if self.world_size > 1:
             _broadcast(message, self.device)
 
@@ -296,8 +367,10 @@ class Leader:
         try:
             result = train_data_parallel(model, data, hp, rank=0, world_size=self.world_size, device=self.device,
                                          **kw, **self.options)
-        except DivergenceError:
-            self._training = False  # every rank saw the same loss and left the training: they are listening
+        except BaseException as e:
+            # every rank left together (a divergence, a failure of rank 0's callback or checkpoint): they
+            # are listening again; else they are inside a collective this process has left, for good
+            self._training = not _left_together(e)
             raise
         self._training = False
         return result
@@ -326,8 +399,16 @@ def follow(rank: int, world_size: int, device, datasets: Optional[dict[str, Imag
         try:
             train_data_parallel(message.pop("model"), data, message.pop("hp"), rank=rank, world_size=world_size,
                                 device=device, sync_bn=sync_bn, stream=stream, num_workers=num_workers, **message)
-        except DivergenceError:
-            pass  # the leader saw the same loss at the same step and decides what follows
+        except Exception as e:  # noqa: BLE001
+            if not _left_together(e):
+                raise
+            # the leader left this training at the same step (a divergence, or its own part failed): it
+            # decides what follows
+
+
+# How long a rank waits in a collective: followers wait while rank 0 works alone (distilling a set,
+# measuring along a line, waiting for a chain another process computes), far past torch's defaults
+GROUP_TIMEOUT_S = 24 * 3600
 
 
 def _worker(rank: int, world_size: int, init_file: str, result_file: str, fn: Callable, args: tuple,
@@ -336,7 +417,8 @@ def _worker(rank: int, world_size: int, init_file: str, result_file: str, fn: Ca
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if backend == "nccl":  # rank r on GPU r
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=GROUP_TIMEOUT_S))
     try:
         result = fn(rank, world_size, *args)
         if rank == 0:

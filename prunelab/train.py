@@ -8,6 +8,7 @@ built), so two copies that differ only in data order are one argument apart. The
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -67,13 +68,16 @@ def make_augment(kind: str, data: ImageData, cutmix_prob: float = CUTMIX_PROB) -
 
 
 def place(data: ImageData, device: torch.device) -> ImageData:
-    """Move the set onto the device if it fits comfortably; otherwise keep it in (pinned) host memory
-    and let the loop stream uint8 batches."""
+    """Move the set onto the device if it fits comfortably; otherwise keep it in host memory and let
+    the loop stream uint8 batches: pinned when that also fits comfortably there, else where it is (a
+    memory-mapped set such as ImageNet-1k is read a batch's pages at a time)."""
     if device.type != "cuda" or data.x.device == device:
         return data.to(device) if device.type != "cuda" else data
     free, _ = torch.cuda.mem_get_info(device)
     if data.nbytes <= RESIDENT_FRACTION * free:
         return data.to(device)
+    if data.nbytes > RESIDENT_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+        return data
     return ImageData(**{**data.__dict__, "x": data.x.cpu().pin_memory(), "y": data.y.cpu().pin_memory()})
 
 

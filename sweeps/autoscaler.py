@@ -232,6 +232,15 @@ def check_node_types(res, address=None, types: Optional[dict] = None, source: st
     live = [t for t in types.values() if t.can_exist()]
     verdicts = [t.fits(res.cpus_per_trial, res.gpus_per_trial) for t in live]
     if any(v is True for v in verdicts):
+        n = res.workers_per_trial
+        most = worker_capacity(live, res.cpus_per_trial, res.gpus_per_trial)
+        if n > 1 and most is not None and most < n:
+            where = f" (node types from {source})" if source else ""
+            raise ConfigError("resources.workers_per_trial",
+                              f"each chain asks for {n} workers of {res.cpus_per_trial:g} CPU + "
+                              f"{res.gpus_per_trial:g} GPU but the node types the cluster can start hold at most "
+                              f"{most}{where}: " + "; ".join(t.describe() for t in types.values()),
+                              f"use --workers-per-trial {most} or fewer, or raise max_workers of a node type")
         return types
     if any(v is None for v in verdicts):
         return None  # some node type's resources are only known at launch: not decidable here
@@ -249,6 +258,26 @@ def check_node_types(res, address=None, types: Optional[dict] = None, source: st
                       + (f" with {res.gpus_per_trial:g} GPU" if res.gpus_per_trial else "")
                       + f" but no node type the cluster can start has that many{where}: {kinds}",
                       "lower --cpus-per-trial, or give a node type more CPUs")
+
+
+def worker_capacity(types, cpus: float, gpus: float) -> Optional[int]:
+    """The most data-parallel workers of `cpus` CPUs and `gpus` GPUs that the node types `types` can
+    hold at once, every type at its max_workers (the head once); None when that is unbounded or unknown."""
+    total = 0
+    for t in types:
+        fits = t.fits(cpus, gpus)
+        if fits is None:
+            return None
+        if not fits:
+            continue
+        count = 1 if t.head else t.max_workers
+        if count < 0:
+            return None
+        r = t.resources
+        per = min(int(r["CPU"] // cpus) if cpus and "CPU" in r else 1 << 30,
+                  int(r.get("GPU", 0) // gpus) if gpus else 1 << 30)
+        total += per * count
+    return total
 
 
 def check_cluster(res, address, storage: str) -> None:

@@ -16,7 +16,7 @@ from prunelab.blobs import is_uri
 from prunelab.errors import ConfigError
 from prunelab.schema import RUN_NAME_FORMAT, SPARSITY, TEST_ACCURACY
 
-from . import preflight, sync
+from . import autoscaler, preflight, sync
 from .autoscaler import auth_hint, enable_token_auth_if_available
 from .config import Trial
 from .tracking import git_commit, latest_trial_runs, source_tags
@@ -99,7 +99,7 @@ def run_trials(figure, args, todo, res, storage, local, tracking_uri, exp_id, pa
              for t in todo]  # longest first
     name = RUN_NAME_FORMAT.format(figure=figure, preset=args.preset)
     print(f"trial logs (stdout, stderr of each chain): {ray_dir}/{name}/<chain>_<key>/")
-    results = _tuner(specs, ray_dir, name, res, args.resume).fit()
+    results = _tuner(specs, ray_dir, name, res, args.resume, concurrency(todo, res, args.address)).fit()
     errors, pending = [], []
     for r in results:
         spec = r.config["spec"] if r.config else {}
@@ -127,7 +127,26 @@ def progress_table() -> tune.CLIReporter:
         max_column_length=40, max_report_frequency=30, sort_by_metric=False)
 
 
-def _tuner(specs: list[dict], ray_dir: str, name: str, res, resume: bool) -> tune.Tuner:
+def concurrency(todo: list[Trial], res, address=None) -> Optional[int]:
+    """Tune's max_concurrent_trials: the sweep's `max_concurrent`; else, for a sweep of data-parallel
+    chains alone on a cluster that cannot grow, as many as its GPUs (CPUs) hold at once. Such trials
+    hold no Tune resources (their Ray Train workers do), so Tune would start them all at once, and
+    the longest-first order would be lost among their workers' pending placement groups. A cluster
+    that can add nodes gets them all: their pending workers are what makes it grow."""
+    if res.max_concurrent:
+        return res.max_concurrent
+    if not todo or any(t.resources.workers_per_trial == 1 for t in todo) or autoscaler.multi_host(address):
+        return None
+    kind = "GPU" if any(t.resources.gpus_per_trial > 0 for t in todo) else "CPU"
+    need = max(t.resources.workers_per_trial * (t.resources.gpus_per_trial if kind == "GPU"
+                                                  else t.resources.cpus_per_trial) for t in todo)
+    most = max(1, int(ray.cluster_resources().get(kind, 0) // need))
+    print(f"data-parallel chains: at most {most} at once ({kind}s of the cluster; --max-concurrent to change)")
+    return most
+
+
+def _tuner(specs: list[dict], ray_dir: str, name: str, res, resume: bool, max_concurrent: Optional[int] = None
+           ) -> tune.Tuner:
     """The Tuner of one trial per spec: restored with --resume when Tune has this sweep's
     bookkeeping, else new (an earlier run's bookkeeping moved aside)."""
     trainable = tune.with_resources(chain_trial, trial_resources)
@@ -150,7 +169,7 @@ def _tuner(specs: list[dict], ray_dir: str, name: str, res, resume: bool) -> tun
             old, n = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
         os.replace(path, old)
     return tune.Tuner(trainable, param_space={"spec": tune.grid_search(specs)},
-                      tune_config=tune.TuneConfig(max_concurrent_trials=res.max_concurrent or None,
+                      tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent,
                                                   trial_dirname_creator=_dirname,
                                                   trial_name_creator=_trial_name),
                       run_config=run_config)

@@ -13,12 +13,11 @@ from typing import Callable, Optional
 import torch
 
 from prunelab.blobs import is_uri, join, open_root
-from prunelab.cost import pruning_set_size
-from prunelab.data import check_root, dataset_sizes
+from prunelab.data import check_root
 from prunelab.files import cache_dir
 from prunelab.errors import ConfigError, DataNotFoundError, first_line
 from prunelab.hparams import ChainHparams
-from prunelab.parallel import check_world_size
+from prunelab.parallel import check_chain_workers
 from prunelab.synthetic.idc import check_idc_file
 
 from . import autoscaler
@@ -144,25 +143,15 @@ def check_one_device(res) -> None:
 
 
 def check_workers(trials: list[Trial]) -> None:
-    """Data-parallel chains (`resources.workers_per_trial` > 1) can use their workers: every training of
-    the chain has a global batch that splits evenly over them, with at least one example per worker."""
+    """Data-parallel chains (`resources.workers_per_trial` > 1) can use their workers
+    (`prunelab.parallel.check_chain_workers`)."""
     for t in trials:
-        n = t.resources.workers_per_trial
-        if n == 1:
-            continue
-        where = f"variants.{t.variant}.resources.workers_per_trial"
-        for name, training, size in (("training", t.chain.training, dataset_sizes(t.chain.dataset)[0]),
-                                     ("pruning_training", t.chain.pruning_training, pruning_set_size(t.chain))):
+        if t.resources.workers_per_trial > 1:
             try:
-                check_world_size(training, n)
+                check_chain_workers(t.chain, t.resources.workers_per_trial,
+                                    f"variants.{t.variant}.resources.workers_per_trial")
             except ConfigError as e:
-                raise ConfigError(f"{name}.batch_size", f"{e.problem} ({t.label()})",
-                                  f"{e.fix}, or set {where}") from None
-            if min(training.batch_size, size) < n:
-                raise ConfigError(where, f"{n} workers but a step of {t.label()}'s {name} has "
-                                  f"{min(training.batch_size, size)} examples: some workers would have none",
-                                  f"use at most {min(training.batch_size, size)} workers for this variant "
-                                  "(workers_per_trial: 1 suits small distilled sets)")
+                raise ConfigError(e.field, f"{e.problem} ({t.label()})", e.fix) from None
 
 
 def check_local_resources(res, num_cpus=None) -> None:
@@ -242,6 +231,11 @@ def check_cluster(res, address, storage: str) -> None:
                               f"each chain asks for {res.workers_per_trial} workers of {res.gpus_per_trial:g} GPU but "
                               f"the cluster has {total.get('GPU', 0):g} GPUs",
                               "lower --workers-per-trial, or add GPU nodes to the cluster")
+    if res.workers_per_trial * res.cpus_per_trial > total.get("CPU", 0):
+        raise ConfigError("resources.workers_per_trial",
+                          f"each chain asks for {res.workers_per_trial} workers of {res.cpus_per_trial:g} CPU but "
+                          f"the cluster has {total.get('CPU', 0):g} CPUs",
+                          "lower --workers-per-trial or --cpus-per-trial, or add nodes to the cluster")
     best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     if res.cpus_per_trial > best_cpu:
         raise ConfigError("resources.cpus_per_trial",

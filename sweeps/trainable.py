@@ -19,7 +19,7 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import ray
 import ray.train
@@ -35,7 +35,7 @@ from prunelab.errors import DivergenceError
 from prunelab.data import load_dataset
 from prunelab.evaluation import EvalHparams
 from prunelab.hparams import ChainHparams
-from prunelab.parallel import Leader, follow
+from prunelab.parallel import GROUP_TIMEOUT_S, Leader, follow
 from prunelab.runner import run_chain
 from prunelab.store import ChainStore
 from prunelab.synthetic.store import ENV as SYNTHETIC_ENV
@@ -60,11 +60,10 @@ def trial_device(spec: dict) -> str:
 PROGRESS_EVERY_S = 10.0  # the most often a trial reports its progress inside a round to Tune
 
 
-def round_hook(spec: dict, r: int, log: Optional[TrialLog] = None,
-               report: Optional[Callable[[dict], None]] = tune.report):
+def round_hook(spec: dict, r: int, log: Optional[TrialLog] = None, to_tune: bool = True):
     """The training callback of round r: a progress report (epoch and loss of the training on the
-    pruning data, at most every PROGRESS_EVERY_S seconds) to `report` (Tune's; None: none) and to the
-    chain's MLflow run, then the spec's injected fault."""
+    pruning data, at most every PROGRESS_EVERY_S seconds) to the chain's MLflow run and, `to_tune`, to
+    Tune, then the spec's injected fault."""
     fault = fault_hook(spec, r)
     last = [time.monotonic()]
     per_round = ChainHparams.from_dict(spec["chain"]).pruning_training.epochs
@@ -73,8 +72,8 @@ def round_hook(spec: dict, r: int, log: Optional[TrialLog] = None,
         if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
             last[0] = time.monotonic()
             loss = float(metrics.get("train_loss", float("nan")))
-            if report is not None:
-                report({"round": r, "epoch": epoch, "epoch_train_loss": loss})
+            if to_tune:
+                tune.report({"round": r, "epoch": epoch, "epoch_train_loss": loss})
             if log is not None:
                 log.progress({schema.PROGRESS_TRAIN_LOSS: loss, schema.PROGRESS_ROUND: r}, r * per_round + epoch)
         if fault is not None:
@@ -87,7 +86,7 @@ class TuneReports:
     """What a one-device trial tells Tune: results, a round's end with a small checkpoint (round,
     MLflow run id), progress inside a round."""
 
-    progress = staticmethod(tune.report)
+    in_round = True
 
     @staticmethod
     def result(metrics: dict) -> None:
@@ -110,7 +109,7 @@ class TrainReports:
     round (the followers are inside the training's collectives then); the chain's MLflow run still
     gets its progress. No checkpoint: a retried trial finds its MLflow run by the chain's key."""
 
-    progress = None
+    in_round = False
 
     def __init__(self, leader: Leader):
         self.leader = leader
@@ -164,11 +163,6 @@ def _trial(spec: dict, hp: ChainHparams, ev: EvalHparams, device, reports, run_i
                 monitor.finish()
 
 
-# A data-parallel group waits in its collectives while rank 0 alone measures (an LMC curve, a Hessian):
-# on a large model, longer than torch.distributed's 30-minute default
-GROUP_TIMEOUT_S = 24 * 3600
-
-
 def _data_parallel_trial(spec: dict) -> None:
     """A trial of `spec["workers"]` data-parallel workers: a Ray Train TorchTrainer launched from the
     Tune trial (Ray's Tune + Train pattern), rank 0's results passed on to Tune. The trial itself
@@ -197,10 +191,12 @@ def _chain_worker(config: dict) -> None:
     hp = ChainHparams.from_dict(spec["chain"])
     data = load_dataset(hp.dataset)
     sets = {"train": data.train}  # each worker reads the real training set itself; other sets travel
+    # a set streamed from host memory (too large for the device) is gathered by the worker's other CPUs
+    loaders = max(0, int(float(spec.get("cpus", 1))) - 1)
     if rank:
-        follow(rank, world, device, sets, handlers={REPORT: ray.train.report})
+        follow(rank, world, device, sets, handlers={REPORT: ray.train.report}, num_workers=loaders)
         return
-    with Leader(world, device, sets) as leader:
+    with Leader(world, device, sets, num_workers=loaders) as leader:
         _trial(spec, hp, EvalHparams.from_dict(spec["eval"]), device, TrainReports(leader), data=data, workers=world)
 
 
@@ -236,7 +232,7 @@ def _run(spec: dict, hp: ChainHparams, ev: EvalHparams, device, log: TrialLog, r
     try:
         chain = run_chain(hp, ev, spec["rounds"], ChainStore(spec["store"], hp), device=device, data=data,
                           on_open=opened, on_round=stepped, on_eval=evaluated,
-                          round_callback=lambda r: round_hook(spec, r, log, reports.progress),
+                          round_callback=lambda r: round_hook(spec, r, log, reports.in_round),
                           checkpoint_every_s=60.0 * float(spec.get("checkpoint_minutes", 10.0)),
                           on_corrupt=lambda msg: log.note(msg, schema.CORRUPT_STATE_NOTE))
         log.finish(chain.state.history, "FINISHED")

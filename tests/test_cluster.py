@@ -415,6 +415,25 @@ def test_check_cluster_uses_node_types_then_storage_rule(tmp_path, monkeypatch):
     assert preflight.check_cluster is not autoscaler.check_cluster
 
 
+def test_data_parallel_workers_are_judged_against_what_the_node_types_hold():
+    from sweeps.config import ResourcesHparams
+
+    gpu = autoscaler.NodeType("gpu", {"CPU": 16, "GPU": 4}, max_workers=1)
+    cpu = autoscaler.NodeType("cpu", {"CPU": 8}, max_workers=3)
+    head = autoscaler.NodeType("head", {"CPU": 2}, head=True)
+    types = {t.name: t for t in (gpu, cpu, head)}
+    assert autoscaler.worker_capacity(types.values(), 4, 1) == 4  # one GPU node of 4, CPUs to spare
+    assert autoscaler.worker_capacity(types.values(), 2, 0) == 8 + 3 * 4 + 1
+    assert autoscaler.worker_capacity([autoscaler.NodeType("any", {"GPU": 8})], 1, 1) is None  # unbounded
+    assert autoscaler.check_node_types(ResourcesHparams(cpus_per_trial=4, gpus_per_trial=1, workers_per_trial=4),
+                                       types=types) is types
+    with pytest.raises(ConfigError) as e:
+        autoscaler.check_node_types(ResourcesHparams(cpus_per_trial=4, gpus_per_trial=1, workers_per_trial=8),
+                                    types=types)
+    assert e.value.field == "resources.workers_per_trial" and "at most 4" in e.value.problem
+    assert "--workers-per-trial 4" in e.value.fix
+
+
 def test_token_auth_helpers(tmp_path, monkeypatch):
     refreshed = []
     # keep the Ray config of this process as it is

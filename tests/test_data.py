@@ -110,12 +110,15 @@ def test_imagenet_1k_is_decoded_once_into_a_memory_mapped_folder(tmp_path, monke
             for j in range(per_class):
                 Image.new("RGB", (20, 12), (i % 256, j * 100, 0)).save(tmp_path / "in" / split / w / f"{j}.png")
     hp = DatasetHparams(name="imagenet", root=str(tmp_path / "in"), image_size=8)
+    from prunelab.data import sets
+
+    monkeypatch.setattr(sets, "DECODE_IN_PROCESSES_FROM", 1500)  # train/ by a pool of processes, val/ here
     d = load_dataset(hp)
     assert d.train.x.shape == (2000, 3, 8, 8) and d.test.x.shape == (1000, 3, 8, 8)
     assert d.train.y.tolist() == [c for c in range(1000) for _ in range(2)]  # class index = sorted WordNet ids
     assert int(d.train.x[2 * 200 + 1, 0, 4, 4]) == 200 and int(d.train.x[2 * 200 + 1, 1, 4, 4]) == 100
-    folders = list((tmp_path / "cache" / "imagenet").iterdir())
-    assert sorted(f.name.count(".partial") for f in folders) == [0, 0]  # whole folders, no leftovers
+    names = sorted(f.name for f in (tmp_path / "cache" / "imagenet").iterdir())
+    assert len(names) == 4 and not [n for n in names if ".partial" in n]  # two whole folders, their locks
     # a set larger than the byte budget is streamed rather than placed on the device
     assert not resident_fits(d.train, "cpu", budget_bytes=d.train.nbytes)
     # mapped again, not decoded again
@@ -127,6 +130,25 @@ def test_imagenet_1k_is_decoded_once_into_a_memory_mapped_folder(tmp_path, monke
     (tmp_path / "in" / "train" / wnids[7]).rmdir()
     with pytest.raises(DataNotFoundError, match=r"999 class folders.*imagenet10"):
         load_dataset(hp)
+
+
+def test_a_folder_is_written_whole_under_its_lock(tmp_path):
+    from prunelab.data.folder import FolderWriter, exclusive, open_folder
+
+    folder = tmp_path / "set"
+    (tmp_path / "set.partial4242").mkdir()  # left by a writer killed part-way
+    with exclusive(folder):
+        w = FolderWriter(folder, 3, (3, 2, 2))
+        assert not (tmp_path / "set.partial4242").exists()
+        w.add(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]))
+        with pytest.raises(RuntimeError, match="2 of 3"):
+            w.finish(2, (0.5,) * 3, (0.2,) * 3, "toy", crop_pad=0)
+        assert not folder.exists()  # nothing a reader could map
+        w.add(torch.full((1, 3, 2, 2), 7, dtype=torch.uint8), torch.tensor([1]))
+        w.finish(2, (0.5,) * 3, (0.2,) * 3, "toy", crop_pad=0)
+    d = open_folder(folder)
+    assert d.y.tolist() == [0, 1, 1] and int(d.x[2].max()) == 7 and d.num_classes == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "set.lock"]
 
 
 def test_imagedata_rejects_bad_shapes():

@@ -117,7 +117,7 @@ def test_a_masks_sweep_draws_its_figures(tmp_path, capsys):
         "variants": {"imp": {}, "snip": {"set": {"pruning": {"method": "snip"}}},
                      "random_erk": {"set": {"pruning": {"method": "random", "scope": "erk"}}},
                      "synflow": {"set": {"pruning": {"method": "synflow", "synflow_iterations": 10}}}},
-        "evaluation": {"rounds": [1, 2], "lmc": True, "lmc_hparams": {"num_points": 3}, "masks_every_round": True},
+        "evaluation": {"rounds": [2], "lmc": True, "lmc_hparams": {"num_points": 3}, "masks_every_round": True},
         "resources": {"cpus_per_trial": 1, "max_failures": 0},
     }
     config = write_config(tmp_path, {"figure": "masks", "description": "A tiny masks sweep.", "presets": {"demo": preset}})

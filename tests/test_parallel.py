@@ -262,3 +262,44 @@ def test_the_chain_cli_runs_data_parallel(tmp_path, capsys):
     assert cli.main(["run", "--out", str(tmp_path / "one"), *small]) == 0
     # ConvNet-3 (no batch norm): one process's mask (float rounding apart, as above)
     assert Mask.load(tmp_path / "two" / "mask.pt").equal(Mask.load(tmp_path / "one" / "mask.pt"))
+
+
+class _Fault(RuntimeError):
+    pass
+
+
+def _leader_fails_worker(rank, world_size, state, hp):
+    """Rank 0's epoch callback raises in a first training; then a second training runs whole."""
+    torch.set_num_threads(1)
+    data = load_dataset(ChainHparams.from_dict(DP_CHAIN).dataset)
+    if rank:
+        follow(rank, world_size, "cpu", {"train": data.train})
+        return None
+    with Leader(world_size, "cpu", {"train": data.train}):
+        model = _model(data.train)
+        model.load_state_dict(state)
+
+        def fail(epoch, metrics):
+            raise _Fault(f"rank 0's callback failed at epoch {epoch}")
+
+        try:
+            train(model, data.train, hp, order_seed=ORDER_SEED, callback=fail)
+        except _Fault as e:
+            caught = str(e)
+        model.load_state_dict(state)
+        train(model, data.train, hp, order_seed=ORDER_SEED)
+    return caught, model.state_dict()
+
+
+def test_a_failure_in_rank_0s_part_of_a_training_ends_it_on_every_rank(digits):
+    # e.g. its mid-round checkpoint finding the chain's lease taken over: the runner goes on, so the
+    # followers must have left that training too, and listen for the next one
+    hp = _hp(augment="none")
+    init = _model(digits.train).state_dict()
+    caught, weights = run_workers(_leader_fails_worker, 2, init, hp)
+    assert caught == "rank 0's callback failed at epoch 1"
+    ref = _model(digits.train)
+    ref.load_state_dict(init)
+    train(ref, digits.train, hp, order_seed=ORDER_SEED)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=RTOL, atol=ATOL, msg=k)

@@ -5,9 +5,11 @@ about 193 GB) is read a batch's pages at a time. `save_folder` writes one from a
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
@@ -48,15 +50,31 @@ def open_folder(folder: Union[str, os.PathLike]) -> ImageData:
                      crop_pad=spec["crop_pad"], flip=spec["flip"])
 
 
+@contextmanager
+def exclusive(folder: Union[str, os.PathLike]):
+    """Hold the lock of `folder` (an flock on `<folder>.lock` beside it) while the block runs: one
+    process of a machine makes a folder, the others wait, then find it made."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class FolderWriter:
     """A streaming folder of `n` images of `shape` (uint8) filled part by part in a temporary folder
     beside `folder`, which `finish` moves into place whole (meta.json written last): a reader never
-    maps a half-written set, and a writer killed part-way leaves only the temporary folder."""
+    maps a half-written set. Write under `exclusive(folder)`: the temporary folders a killed writer
+    left are then nobody's, and are removed first."""
 
     def __init__(self, folder: Union[str, os.PathLike], n: int, shape: tuple[int, int, int]):
         self.folder = Path(folder)
+        for stale in self.folder.parent.glob(f"{self.folder.name}.partial*"):
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp = self.folder.with_name(f"{self.folder.name}.partial{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.x = np.lib.format.open_memmap(self.tmp / "x.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
         self.y = np.lib.format.open_memmap(self.tmp / "y.npy", mode="w+", dtype=np.int64, shape=(n,))

@@ -7,8 +7,10 @@ ImageNet are read from a local root the user gives.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from ..catalog import IMAGENET10_WNIDS
 from ..errors import ConfigError, DataNotFoundError
 from ..files import cache_dir
 from .base import DataSplit, ImageData
-from .folder import FolderWriter, open_folder
+from .folder import FolderWriter, exclusive, open_folder
 
 # IDC's normalization constants (distilled IDC images are normalized with the same ones)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -200,19 +202,37 @@ def load_imagenet10(hp) -> DataSplit:
                      _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))
 
 
+DECODE_IN_PROCESSES_FROM = 20_000  # images of a split decoded by a pool of processes
+
+
 def _decode_to_folder(split: Path, classes: list[str], size: int, folder: Path) -> None:
     """Every image of `split`'s class folders decoded as `_decode_folder`, class by class in parallel
     processes, into the streaming folder `folder` (class index = position in `classes`)."""
     counts = [len(_image_files(split / w)) for w in classes]
     writer = FolderWriter(folder, sum(counts), (3, size, size))
     print(f"prunelab: decoding {sum(counts):,} images of {split} into {folder} (once)", flush=True)
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = pool.map(_decode_folder, [split / w for w in classes], [size] * len(classes))
-        for c, (x, n) in enumerate(zip(decoded, counts)):
-            if len(x) != n:
+    workers = os.cpu_count() or 1
+    # processes for a large split (spawned, not forked: the caller may be a threaded process, a Ray
+    # worker or one with CUDA initialized); a small one is decoded here, sooner than processes start
+    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            if sum(counts) >= DECODE_IN_PROCESSES_FROM else ThreadPoolExecutor(max_workers=1))
+    with pool:
+        pending: deque = deque()
+
+        def write_oldest() -> None:
+            c, future = pending.popleft()
+            x = future.result()
+            if len(x) != counts[c]:
                 raise DataNotFoundError("dataset.root", f"{split / classes[c]} changed while it was decoded",
                                         "decode it again from a root nobody is writing to")
-            writer.add(x, torch.full((n,), c, dtype=torch.int64))
+            writer.add(x, torch.full((len(x),), c, dtype=torch.int64))
+
+        for c, w in enumerate(classes):  # a few classes in flight, not all 1,000 decoded sets in memory
+            pending.append((c, pool.submit(_decode_folder, split / w, size)))
+            if len(pending) > 2 * workers:
+                write_oldest()
+        while pending:
+            write_oldest()
     writer.finish(len(classes), IMAGENET_MEAN, IMAGENET_STD, "imagenet", crop_pad=size // 8)
 
 
@@ -243,7 +263,9 @@ def load_imagenet(hp) -> DataSplit:
         key = hashlib.sha256(f"{root.resolve()}|{split}|{size}".encode()).hexdigest()[:16]
         folder = cache_dir() / "imagenet" / key
         if not (folder / "meta.json").is_file():
-            _decode_to_folder(root / split, classes, size, folder)
+            with exclusive(folder):  # the workers of a node load it at once: one decodes, the others wait
+                if not (folder / "meta.json").is_file():
+                    _decode_to_folder(root / split, classes, size, folder)
         splits[split] = open_folder(folder)
     return DataSplit(_limit(splits["train"], hp.train_size, "train_size", hp.split_seed),
                      _limit(splits["val"], hp.test_size, "test_size", hp.split_seed + 1))

@@ -25,7 +25,7 @@ CONFIG_ERRORS = {
     "gpus beyond the machine": (dict(resources={"cpus_per_trial": 1, "gpus_per_trial": 1}), [],
                                 "resources.gpus_per_trial"),
     "more than one GPU per trial": (dict(resources={"cpus_per_trial": 1, "gpus_per_trial": 2}), [],
-                                    "resources.gpus_per_trial: 2 GPUs per trial, but a chain trains on one device"),
+                                    "resources.gpus_per_trial: 2 GPUs per trial, but a chain's worker trains on one device"),
     "gpus not a fraction of one": (dict(resources={"gpus_per_trial": 0.3}), [], "resources.gpus_per_trial"),
     "cpus beyond --num-cpus": (dict(resources={"cpus_per_trial": 3}), ["--num-cpus", "2"],
                                "resources.cpus_per_trial"),
