@@ -404,6 +404,17 @@ def test_check_cluster_uses_node_types_then_storage_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})
     with pytest.raises(ConfigError, match="no node has that many"):
         autoscaler.check_cluster(res(1, 1), None, str(tmp_path))
+    # two alive nodes and a local storage path: refused unless declared shared
+    worker = {"Alive": True, "Resources": {"CPU": 2.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [head, worker])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError) as e:
+        autoscaler.check_cluster(res(1, 0), None, str(tmp_path))
+    assert e.value.field == "--storage-path" and "2 nodes" in e.value.problem
+    monkeypatch.setenv("PRUNELAB_SHARED_STORAGE", "1")
+    autoscaler.check_cluster(res(1, 0), None, str(tmp_path))
+    monkeypatch.delenv("PRUNELAB_SHARED_STORAGE")
+    monkeypatch.setattr(ray, "nodes", lambda: [head])
     # node types with a GPU worker type: the same request passes, but local storage does not
     monkeypatch.setenv(autoscaler.CLUSTER_CONFIG_ENV, str(CLUSTER / "aws.yaml"))
     with pytest.raises(ConfigError) as e:

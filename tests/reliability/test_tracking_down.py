@@ -26,7 +26,7 @@ from sweeptools import BASE, FIGURE, ROOT, MlflowServer, cache_dir, write_config
 ROUNDS = 6
 EVAL_ROUND = 2
 # rounds of a few seconds each, so that most of a chain is still ahead when the server goes away
-CHAIN_BASE = {**BASE, "pruning": {"rounds": ROUNDS}, "pruning_training": {"epochs": 8, "lr": 0.1},
+CHAIN_BASE = {**BASE, "pruning": {"rounds": ROUNDS}, "pruning_training": {"epochs": 5, "lr": 0.1},
               "training": {"epochs": 2, "lr": 0.1}}
 # where what happens after the server is gone does not matter (it never comes back), shorter rounds
 SHORT_BASE = {**CHAIN_BASE, "pruning_training": {"epochs": 2, "lr": 0.1}}
