@@ -96,3 +96,22 @@ def test_the_plan_counts_every_worker(tmp_path, capsys, no_ray):  # noqa: F811
     one_s = replace(trial, resources=ResourcesHparams(gpus_per_trial=1)).estimated_s()
     # two workers split the training arithmetic, not the per-step overhead nor the measurements
     assert one_s / 2 < two_s < one_s
+
+
+def test_data_parallel_trials_start_no_more_than_the_cluster_holds(tmp_path, monkeypatch, capsys):
+    # they hold no Tune resources themselves: without a bound Tune would start every one at once
+    import ray
+
+    from sweeps import autoscaler, launch
+
+    doc = sweep_doc(base=DP_BASE, grid={"seed": [0, 1, 2, 3, 4]}, variants={"imp": {}},
+                    resources={**DP_RESOURCES, "gpus_per_trial": 1, "workers_per_trial": 4}, evaluation=DP_EVAL)
+    sweep, _ = load_sweep("fig6", "demo", [], write_config(tmp_path, doc))
+    trials = expand(sweep, "fig6")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    monkeypatch.setattr(autoscaler, "multi_host", lambda address=None: "")
+    assert launch.concurrency(trials, sweep.resources) == 2  # 8 GPUs, 4 a chain
+    assert "at most 2 at once" in capsys.readouterr().out
+    assert launch.concurrency(trials, replace(sweep.resources, max_concurrent=3)) == 3  # the user's bound
+    monkeypatch.setattr(autoscaler, "multi_host", lambda address=None: "it can add worker nodes")
+    assert launch.concurrency(trials, sweep.resources) is None  # pending workers make it grow
