@@ -29,7 +29,7 @@ from .seeds import derive_seed, mask_seed
 from .sources import DATA_FREE, find_mask
 from .stacked import train_copies
 from .synthetic import load_pruning_data
-from .train import evaluate, examples_drawn, is_delegated, resolve_device, steps_per_epoch, train
+from .train import evaluate, examples_drawn, is_delegated, resolve_device, steps_per_epoch, train, train_each
 
 STATE_MAGIC = b"PRUNELAB-CHAIN-1\n"
 
@@ -131,12 +131,19 @@ def train_subnetworks(hp: ChainHparams, data: DataSplit, weights: dict[str, torc
     Copy i is `train_subnetwork(..., seed=seeds[i])`. With `stacked`, the copies train together as
     one stacked network (`prunelab.stacked.train_copies`): the same batches, augmentation and
     schedule, equal to the one-by-one copies up to float rounding, and faster at small batch on a GPU.
-    Inside a data-parallel chain (`prunelab.parallel`) the copies train one by one, each on every worker.
+    Otherwise they train through `train_each`: inside a data-parallel chain (`prunelab.parallel`) the
+    group splits into parts that train the copies at once (the pair of an LMC on two workers, one each).
     """
     if not stacked or is_delegated():
-        runs = [train_subnetwork(hp, data, weights, mask, device=device, seed=s, training=training,
-                                 start_step=start_step) for s in seeds]
-        return [m for m, _ in runs], [m for _, m in runs]
+        jobs, models = [], []
+        for s in seeds:
+            model, tr, start = _subnetwork_setup(hp, data, weights, mask, training, start_step)
+            order_seed, aug_seed = _copy_seeds(s)
+            jobs.append((model, data.train, tr, {"device": device, "order_seed": order_seed, "aug_seed": aug_seed,
+                                                 "mask": mask, "start_step": start}))
+            models.append(model)
+        results = train_each(jobs)
+        return models, [_subnetwork_metrics(m, data, r, job[2], device) for m, r, job in zip(models, results, jobs)]
     model, training, start_step = _subnetwork_setup(hp, data, weights, mask, training, start_step)
     models, results = train_copies(model, data.train, training, device=device,
                                    seeds=[_copy_seeds(s) for s in seeds], mask=mask, start_step=start_step)

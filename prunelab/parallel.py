@@ -2,9 +2,10 @@
 group.
 
 A chain: rank 0 runs the chain runner (`prunelab.runner.run_chain`) inside `Leader`, which makes
-every `prunelab.train.train` call of the chain (rewinding, rounds, evaluations, LMC copies) a call of
-`train_data_parallel` on every rank; the other ranks run `follow`, which takes part in each training
-the leader starts. Everything else (the store, measurements along a line, logging) is rank 0's alone.
+every `prunelab.train.train` call of the chain (rewinding, rounds, evaluations) a call of
+`train_data_parallel` on every rank, and each `prunelab.train.train_each` (the copies of an LMC pair or
+a landscape) one on each part of the ranks, the parts at once; the other ranks run `follow`, which
+takes part in each training the leader starts. Everything else (the store, measurements along a line, logging) is rank 0's alone.
 `run_workers` starts such a group of processes on one machine; Ray Train's TorchTrainer starts one
 across a cluster (`sweeps.trainable`).
 
@@ -55,8 +56,8 @@ from .data import dataset_sizes
 from .errors import ConfigError, DivergenceError
 from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask
-from .train import (EpochCallback, Loop, LossMeter, TrainResult, autocast, delegated, evaluate, make_optimizer,
-                    masker, optimizer_step, prepare, resolve_device)
+from .train import (EpochCallback, Job, Loop, LossMeter, TrainResult, autocast, delegated, evaluate,
+                    make_optimizer, masker, optimizer_step, prepare, resolve_device)
 
 
 def check_world_size(hp: TrainingHparams, world_size: int) -> None:
@@ -88,35 +89,35 @@ def check_chain_workers(hp: ChainHparams, world_size: int, workers_field: str = 
                               f"use at most {step} workers (one suits small distilled sets)")
 
 
-def _check_group(rank: int, world_size: int) -> None:
+def _check_group(rank: int, world_size: int, group=None) -> None:
     if not dist.is_initialized():
         raise RuntimeError("train_data_parallel needs an initialized torch.distributed process group "
                            "(prunelab.parallel.run_workers, or Ray Train's TorchTrainer, sets one up)")
-    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+    if (dist.get_rank(group), dist.get_world_size(group)) != (rank, world_size):
         raise ValueError(f"rank {rank} of {world_size} given, but the process group says rank "
-                         f"{dist.get_rank()} of {dist.get_world_size()}")
+                         f"{dist.get_rank(group)} of {dist.get_world_size(group)}")
 
 
-def _all_reduce_(tensors: list[torch.Tensor]) -> None:
-    """Sum same-dtype tensors over the ranks in place, in one all_reduce."""
+def _all_reduce_(tensors: list[torch.Tensor], group=None) -> None:
+    """Sum same-dtype tensors over the ranks (of `group`) in place, in one all_reduce."""
     if tensors:
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=group)
         for t, s in zip(tensors, flat.split([t.numel() for t in tensors])):
             t.copy_(s.view(t.shape))
 
 
-def _sum_grads_hook(params: list[nn.Parameter]):
+def _sum_grads_hook(params: list[nn.Parameter], group=None):
     """An optimizer pre-step hook summing the gradients over the ranks in one all_reduce. Every rank
     runs the same graph (an empty slice included), so every rank has gradients for the same params."""
     def hook(opt, args, kwargs):
-        _all_reduce_([p.grad for p in params if p.grad is not None])
+        _all_reduce_([p.grad for p in params if p.grad is not None], group)
 
     return hook
 
 
 @contextmanager
-def _sync_batchnorm(model: nn.Module, on: bool):
+def _sync_batchnorm(model: nn.Module, on: bool, group=None):
     """Batch-norm layers swapped for SyncBatchNorm while the block runs, then put back. The swapped-in
     layers share the originals' parameters and buffers, so the originals keep what was learned."""
     originals = {name: m for name, m in model.named_modules()
@@ -127,7 +128,7 @@ def _sync_batchnorm(model: nn.Module, on: bool):
         setattr(model.get_submodule(parent), attr, m)
 
     for name, m in originals.items():
-        put(name, nn.SyncBatchNorm.convert_sync_batchnorm(m))
+        put(name, nn.SyncBatchNorm.convert_sync_batchnorm(m, process_group=group))
     try:
         yield
     finally:
@@ -135,11 +136,11 @@ def _sync_batchnorm(model: nn.Module, on: bool):
             put(name, m)
 
 
-def _check_identical(model: nn.Module) -> None:
+def _check_identical(model: nn.Module, group=None) -> None:
     """Raise unless every rank holds the same floating-point state (one all_reduce of per-tensor sums)."""
     sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()])
     both = torch.cat([sums, -sums])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     if not torch.equal(both[:len(sums)], -both[len(sums):]):
         raise RuntimeError("the ranks ended training with different weights: give every rank the same model, "
                            "mask, data and hyperparameters")
@@ -152,7 +153,7 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
                         callback: Optional[EpochCallback] = None, resume: Optional[dict] = None,
                         checkpoint: Optional[Callable[[dict], None]] = None, checkpoint_every_s: float = 0.0,
                         sync_bn: Optional[bool] = None, stream: Optional[bool] = None,
-                        num_workers: int = 0) -> TrainResult:
+                        num_workers: int = 0, group=None) -> TrainResult:
     """Train `model` in place like `train(model, data, hp, ...)`, as rank `rank` of `world_size`.
 
     Call it on every rank of an initialized default process group with the same arguments (except
@@ -165,7 +166,8 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
     to judge, and every rank must be given the same `resume`. `sync_bn` (default: on CUDA) swaps
     batch norm for SyncBatchNorm while training; it needs CUDA. `stream` (default: when the set does
     not fit, `resident_fits`) feeds batches from host memory through `StreamingBatches` with
-    `num_workers` loader processes; the batches are the same either way.
+    `num_workers` loader processes; the batches are the same either way. `group` (a subgroup of the
+    default group; `rank` and `world_size` then within it) trains on part of the ranks.
     """
     check_world_size(hp, world_size)
     device = resolve_device(device)
@@ -173,7 +175,8 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
     if sync_bn and device.type != "cuda":
         raise ConfigError("sync_bn", "SyncBatchNorm runs on CUDA only",
                           "use sync_bn=False on the CPU (each rank then normalizes by its own slice)")
-    _check_group(rank, world_size)
+    _check_group(rank, world_size, group)
+    src = dist.get_global_rank(group, 0) if group is not None else 0  # the group's first rank
     stream = not resident_fits(data, device) if stream is None else stream
     # a streamed set stays where it is (placing it on the CPU copies nothing); batches move per step
     loop = Loop.make(data, hp, "cpu" if stream else device, stop_step)
@@ -182,16 +185,16 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
         model.load_state_dict(resume["model"])
         start_step = int(resume["step"])
     model.to(device)  # before the swap: moving buffers later would leave the original layers' behind
-    with _sync_batchnorm(model, sync_bn):
+    with _sync_batchnorm(model, sync_bn, group):
         net = prepare(model, hp, device)
         for t in model.state_dict().values():
-            dist.broadcast(t, src=0)
+            dist.broadcast(t, src=src, group=group)
         remask = masker(mask, model)
         remask()
         opt = make_optimizer(model, hp, device)
         if resume is not None:
             opt.load_state_dict(resume["optimizer"])
-        opt.register_step_pre_hook(_sum_grads_hook([p for p in model.parameters() if p.requires_grad]))
+        opt.register_step_pre_hook(_sum_grads_hook([p for p in model.parameters() if p.requires_grad], group))
         aug_state = resume["aug_rng"] if resume is not None else None
         if stream:
             batches = StreamingBatches(loop.data, hp, order_seed, aug_seed, start_step, stop_step=loop.stop,
@@ -216,7 +219,7 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
             meter.add(loss)
             step += 1
             if loop.epoch_ends(step):
-                dist.all_reduce(meter.sum)
+                dist.all_reduce(meter.sum, group=group)
                 last_loss, = meter.take()
                 if not math.isfinite(last_loss):  # every rank sees the same loss, and raises
                     raise loop.divergence(last_loss, step, lr)
@@ -239,13 +242,13 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
                         callback(int(math.ceil(epoch)), metrics)
                 except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
                     failure = e
-                _leave_together(failure, device)
+                _leave_together(failure, device, group)
     if not sync_bn and world_size > 1:  # per-rank batch-norm statistics: the ranks' mean
         stats = [b for b in model.buffers() if b.is_floating_point()]
-        _all_reduce_(stats)
+        _all_reduce_(stats, group)
         for b in stats:
             b.div_(world_size)
-    _check_identical(model)
+    _check_identical(model, group)
     return TrainResult(steps=step, epochs=step / loop.spe, train_loss=last_loss, history=history)
 
 
@@ -261,11 +264,11 @@ def _left_together(e: BaseException) -> bool:
     return isinstance(e, DivergenceError) or getattr(e, _TOGETHER, False)
 
 
-def _leave_together(failure: Optional[Exception], device: torch.device) -> None:
+def _leave_together(failure: Optional[Exception], device: torch.device, group=None) -> None:
     """At an epoch's end: whether rank 0's part failed, on every rank (one all_reduce); raise if so, so
     that no rank is left waiting in the next step's collectives."""
     flag = torch.tensor([0.0 if failure is None else 1.0], device=device)
-    dist.all_reduce(flag)
+    dist.all_reduce(flag, group=group)
     if flag.item():
         failure = failure if failure is not None else LeaderFailed("rank 0 failed in its part of the training")
         setattr(failure, _TOGETHER, True)
@@ -291,9 +294,14 @@ class _Resident:
 # A whole chain data-parallel: rank 0 (the leader) runs the chain runner as one process would, and
 # each `train` call it makes is broadcast to the other ranks (the followers), which take their part.
 
-_TRAIN, _STOP = "train", "stop"
+_TRAIN, _TRAIN_EACH, _STOP = "train", "train_each", "stop"
 # train()'s arguments a follower needs too (callbacks, checkpoints and evaluation stay with the leader)
 _SHARED = ("order_seed", "aug_seed", "mask", "start_step", "stop_step", "resume")
+
+
+def _shared(kw: dict) -> dict:
+    """The keywords of a training that every rank needs (those given)."""
+    return {k: kw[k] for k in _SHARED if k in kw}
 
 
 def _broadcast(message: Optional[dict], device: torch.device) -> dict:
@@ -329,10 +337,11 @@ class Leader:
         self.options = {"sync_bn": sync_bn, "stream": stream, "num_workers": num_workers}
         self._training = False
         self._scope = None
+        self.trained_in_parts = 0  # train_each calls the group split for
 
     def __enter__(self) -> "Leader":
         _check_group(0, self.world_size)
-        self._scope = delegated(self.train)
+        self._scope = delegated(self)
         self._scope.__enter__()
         return self
 
@@ -362,7 +371,7 @@ class Leader:
         leader's device is the one given at construction."""
         name = next((n for n, d in self.datasets.items() if d is data), None)
         self._send({"op": _TRAIN, "model": model, "data": name if name is not None else data, "hp": hp,
-                    **{k: kw.get(k) for k in _SHARED}})
+                    **_shared(kw)})
         self._training = True
         try:
             result = train_data_parallel(model, data, hp, rank=0, world_size=self.world_size, device=self.device,
@@ -374,6 +383,76 @@ class Leader:
             raise
         self._training = False
         return result
+
+    def train_each(self, jobs: list[Job]) -> list[TrainResult]:
+        """`prunelab.train.train_each` (the delegate inside the block): with k = min(jobs, ranks) > 1
+        dividing the ranks, the group splits into k parts of world_size/k ranks, part i trains jobs
+        i, i+k, ... data-parallel at the same global batch, all parts at once (an LMC pair on two
+        workers: one copy each), and the trained weights come back to rank 0's models. Else the jobs
+        train one after the other on every rank."""
+        k = min(len(jobs), self.world_size)
+        if k < 2 or self.world_size % k:
+            return [self.train(model, data, hp, **kw) for model, data, hp, kw in jobs]
+        self._send({"op": _TRAIN_EACH, "jobs": [self._job(model, data, hp, kw) for model, data, hp, kw in jobs]})
+        self.trained_in_parts += 1
+        self._training = True
+        try:
+            done = _train_parts(0, self.world_size, self.device, [(m, d, hp, _shared(kw))
+                                                                  for m, d, hp, kw in jobs], self.options)
+        except BaseException as e:
+            self._training = not _left_together(e)
+            raise
+        self._training = False
+        for (model, *_), (state, _) in zip(jobs, done):
+            if state is not None:  # trained by another part: its weights into rank 0's model
+                model.load_state_dict(state)
+        return [res for _, res in done]
+
+    def _job(self, model: nn.Module, data: ImageData, hp: TrainingHparams, kw: dict) -> dict:
+        name = next((n for n, d in self.datasets.items() if d is data), None)
+        return {"model": model, "data": name if name is not None else data, "hp": hp,
+                **_shared(kw)}
+
+
+_PARTS: dict[tuple[int, int], list] = {}  # (world size, parts) -> the subgroups, made once per process
+
+
+def _parts(world_size: int, k: int) -> list:
+    """The k subgroups of consecutive ranks, made by every rank in the same order (torch.distributed's rule)."""
+    if (world_size, k) not in _PARTS:
+        size = world_size // k
+        _PARTS[world_size, k] = [dist.new_group(list(range(i * size, (i + 1) * size))) for i in range(k)]
+    return _PARTS[world_size, k]
+
+
+def _train_parts(rank: int, world_size: int, device: torch.device, jobs: list[Job], options: dict
+                 ) -> list[tuple[Optional[dict], TrainResult]]:
+    """This rank's part of `Leader.train_each`: the jobs of its part trained data-parallel within the
+    part, then every job's (weights, result) from its part's first rank on every rank (weights None
+    where this rank trained the job itself). A divergence in any part ends it on every rank."""
+    k = len(_parts(world_size, min(len(jobs), world_size)))
+    size = world_size // k
+    part, group = rank // size, _parts(world_size, k)[rank // size]
+    mine, diverged = {}, None
+    for j in range(part, len(jobs), k):
+        model, data, hp, kw = jobs[j]
+        try:
+            mine[j] = train_data_parallel(model, data, hp, rank=rank % size, world_size=size, device=device,
+                                          group=group, **kw, **options)
+        except DivergenceError as e:
+            diverged = str(e)
+            break
+    said = [None] * world_size
+    dist.all_gather_object(said, diverged)
+    if any(said):
+        raise DivergenceError(next(m for m in said if m))
+    out = []
+    for j, (model, *_) in enumerate(jobs):
+        src = (j % k) * size
+        box = [(to_cpu(model.state_dict()), mine[j]) if rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
+        out.append((None if j in mine else box[0][0], box[0][1]))
+    return out
 
 
 def follow(rank: int, world_size: int, device, datasets: Optional[dict[str, ImageData]] = None, *,
@@ -388,14 +467,21 @@ def follow(rank: int, world_size: int, device, datasets: Optional[dict[str, Imag
         op = message.pop("op")
         if op == _STOP:
             return
+        if op == _TRAIN_EACH:
+            jobs = [(job.pop("model"), _named(job.pop("data"), datasets), job.pop("hp"), job)
+                    for job in message["jobs"]]
+            try:
+                _train_parts(rank, world_size, device, jobs, {"sync_bn": sync_bn, "stream": stream,
+                                                              "num_workers": num_workers})
+            except DivergenceError:
+                pass  # every part saw it, the leader too: it decides what follows
+            continue
         if op != _TRAIN:
             if op not in handlers:
                 raise RuntimeError(f"the leader called {op!r}, which this follower has no handler for")
             handlers[op](message["payload"])
             continue
-        data = message.pop("data")
-        if isinstance(data, str):
-            data = datasets[data]
+        data = _named(message.pop("data"), datasets)
         try:
             train_data_parallel(message.pop("model"), data, message.pop("hp"), rank=rank, world_size=world_size,
                                 device=device, sync_bn=sync_bn, stream=stream, num_workers=num_workers, **message)
@@ -404,6 +490,11 @@ def follow(rank: int, world_size: int, device, datasets: Optional[dict[str, Imag
                 raise
             # the leader left this training at the same step (a divergence, or its own part failed): it
             # decides what follows
+
+
+def _named(data, datasets: dict[str, ImageData]) -> ImageData:
+    """A set the leader sent by name (this rank's own copy), or whole."""
+    return datasets[data] if isinstance(data, str) else data
 
 
 # How long a rank waits in a collective: followers wait while rank 0 works alone (distilling a set,

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -268,16 +268,25 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, re
     remask()
 
 
-# what `train` hands its calls to inside `delegated` (prunelab.parallel's data-parallel leader)
-_delegate: ContextVar[Optional[Callable[..., "TrainResult"]]] = ContextVar("prunelab_train_delegate", default=None)
+# what `train` (and `train_each`) hand their calls to inside `delegated` (prunelab.parallel's leader)
+_delegate: ContextVar[Optional["Trainer"]] = ContextVar("prunelab_train_delegate", default=None)
+
+
+class Trainer(Protocol):
+    """What `delegated` takes: `train`'s signature, and `train_each` over jobs."""
+
+    def train(self, model: nn.Module, data: ImageData, hp: TrainingHparams, **kwargs) -> "TrainResult": ...
+
+    def train_each(self, jobs: list["Job"]) -> list["TrainResult"]: ...
 
 
 @contextmanager
-def delegated(fn: Callable[..., "TrainResult"]):
+def delegated(trainer: Trainer):
     """Inside the block (in this thread), every `train(model, data, hp, **keywords)` call returns
-    `fn(model, data, hp, **keywords)` instead: how `prunelab.parallel` makes every training of a
-    chain (rounds, rewinding, evaluations, LMC copies) data-parallel without a parameter through each caller."""
-    token = _delegate.set(fn)
+    `trainer.train(model, data, hp, **keywords)` instead, and `train_each(jobs)` returns
+    `trainer.train_each(jobs)`: how `prunelab.parallel` makes every training of a chain (rounds,
+    rewinding, evaluations, LMC copies) data-parallel without a parameter through each caller."""
+    token = _delegate.set(trainer)
     try:
         yield
     finally:
@@ -287,6 +296,20 @@ def delegated(fn: Callable[..., "TrainResult"]):
 def is_delegated() -> bool:
     """Whether `train` calls go to a delegate here (see `delegated`)."""
     return _delegate.get() is not None
+
+
+# one training of `train_each`: the model (trained in place), the data, the hyperparameters and
+# `train`'s other keywords (seeds, mask, start_step, ...)
+Job = tuple[nn.Module, ImageData, TrainingHparams, dict]
+
+
+def train_each(jobs: list[Job]) -> list["TrainResult"]:
+    """`train(model, data, hp, **keywords)` for each job, one after the other; inside `delegated`,
+    the delegate's `train_each`, which may train them at once (a data-parallel group split in parts)."""
+    delegate = _delegate.get()
+    if delegate is not None:
+        return delegate.train_each(jobs)
+    return [train(model, data, hp, **kw) for model, data, hp, kw in jobs]
 
 
 def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu", order_seed: int = 0,
@@ -310,7 +333,7 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
     """
     delegate = _delegate.get()
     if delegate is not None:
-        return delegate(model, data, hp, device=device, order_seed=order_seed, aug_seed=aug_seed, mask=mask,
+        return delegate.train(model, data, hp, device=device, order_seed=order_seed, aug_seed=aug_seed, mask=mask,
                         start_step=start_step, stop_step=stop_step, eval_data=eval_data, eval_every=eval_every,
                         callback=callback, resume=resume, checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s)
     loop = Loop.make(data, hp, device, stop_step)

@@ -20,7 +20,7 @@ from prunelab.models import build_model
 from prunelab.parallel import Leader, _sync_batchnorm, check_world_size, follow, run_workers, train_data_parallel
 from prunelab.runner import run_chain
 from prunelab.store import ChainStore
-from prunelab.train import DataOrder, Loop, steps_per_epoch, train
+from prunelab.train import DataOrder, Loop, steps_per_epoch, train, train_each
 
 ORDER_SEED, AUG_SEED = 7, 11
 # the batch's float32 sums are split over two ranks and reduced in another order than one process's,
@@ -206,9 +206,10 @@ def _chain_worker(rank, world_size, root, kill_dir=None):
     if kill_dir is not None:
         hooks = {"round_callback": _kill_once(Path(kill_dir) / "killed", Path(kill_dir) / "seen"),
                  "checkpoint_every_s": 0}
-    with Leader(world_size, "cpu", {"train": data.train}):
+    with Leader(world_size, "cpu", {"train": data.train}) as leader:
         chain = run_chain(hp, ev, ev.rounds, ChainStore(root, hp), data=data, **hooks)
-    return {"mask": chain.mask, "rewind": chain.state.rewind, "eval": ChainStore(root, hp).load_eval(result_key(ev), 2)}
+    return {"mask": chain.mask, "rewind": chain.state.rewind, "eval": ChainStore(root, hp).load_eval(result_key(ev), 2),
+            "pairs_in_parts": leader.trained_in_parts}
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +228,7 @@ def test_a_chain_trained_by_two_workers_matches_one_process(tmp_path, one_proces
     # differ by float rounding only (measured: at most ~1e-6 here), and a mask could differ only where two
     # magnitudes at the pruning threshold lie within that of each other (none did in this run).
     out = run_workers(_chain_worker, 2, str(tmp_path))
+    assert out["pairs_in_parts"] == 1  # the LMC pair: one copy on each worker, at once
     ref = one_process_chain
     for k, v in ref["rewind"].items():
         torch.testing.assert_close(out["rewind"][k], v, rtol=RTOL, atol=ATOL, msg=k)
@@ -303,3 +305,34 @@ def test_a_failure_in_rank_0s_part_of_a_training_ends_it_on_every_rank(digits):
     train(ref, digits.train, hp, order_seed=ORDER_SEED)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(weights[k], v, rtol=RTOL, atol=ATOL, msg=k)
+
+
+def _pair_worker(rank, world_size, state, hp):
+    """Two copies of one network, two data orders, through `train_each` inside a Leader of 2 ranks."""
+    torch.set_num_threads(1)
+    data = load_dataset(ChainHparams.from_dict(DP_CHAIN).dataset)
+    if rank:
+        follow(rank, world_size, "cpu", {"train": data.train})
+        return None
+    with Leader(world_size, "cpu", {"train": data.train}) as leader:
+        models = [_model(data.train) for _ in range(2)]
+        for m in models:
+            m.load_state_dict(state)
+        results = train_each([(m, data.train, hp, {"order_seed": s, "aug_seed": s + 1}) for s, m in zip((3, 5), models)])
+    return [m.state_dict() for m in models], results, leader.trained_in_parts
+
+
+def test_two_copies_train_at_once_on_two_workers(digits):
+    # each copy on one worker at the full global batch: one process's copies up to float rounding
+    hp = _hp()
+    init = _model(digits.train).state_dict()
+    weights, results, in_parts = run_workers(_pair_worker, 2, init, hp)
+    assert in_parts == 1
+    for s, w, res in zip((3, 5), weights, results):
+        ref = _model(digits.train)
+        ref.load_state_dict(init)
+        want = train(ref, digits.train, hp, order_seed=s, aug_seed=s + 1)
+        assert res.steps == want.steps and res.train_loss == pytest.approx(want.train_loss, rel=1e-5)
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(w[k], v, rtol=RTOL, atol=ATOL, msg=f"seed {s}: {k}")
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))  # two orders
