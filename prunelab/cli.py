@@ -78,9 +78,11 @@ def cmd_run(args) -> int:
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}", "e.g. --workers 2")
     check_chain_workers(hp, args.workers, "--workers")
-    check_root(hp.dataset)  # a missing data root named here, not in a worker's traceback
+    if not hp.dataset.root or Path(hp.dataset.root).is_absolute():  # the workers share this directory
+        check_root(hp.dataset)  # a missing data root named here, not in a worker's traceback
     if device.type == "cuda" and args.workers > torch.cuda.device_count():
-        raise ConfigError("--workers", f"{args.workers} workers, one GPU each, but {torch.cuda.device_count()} GPUs here",
+        raise ConfigError("--workers", f"{args.workers} workers, one GPU each, but "
+                          f"{torch.cuda.device_count()} GPUs here",
                           f"use --workers {torch.cuda.device_count()} or fewer")
     return run_workers(_data_parallel_run, args.workers, args, hp, eval_rounds,
                        backend="nccl" if device.type == "cuda" else "gloo")

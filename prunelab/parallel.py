@@ -5,7 +5,8 @@ A chain: rank 0 runs the chain runner (`prunelab.runner.run_chain`) inside `Lead
 every `prunelab.train.train` call of the chain (rewinding, rounds, evaluations) a call of
 `train_data_parallel` on every rank, and each `prunelab.train.train_each` (the copies of an LMC pair or
 a landscape) one on each part of the ranks, the parts at once; the other ranks run `follow`, which
-takes part in each training the leader starts. Everything else (the store, measurements along a line, logging) is rank 0's alone.
+takes part in each training the leader starts. Everything else (the store, measurements along a
+line, logging) is rank 0's alone.
 `run_workers` starts such a group of processes on one machine; Ray Train's TorchTrainer starts one
 across a cluster (`sweeps.trainable`).
 
@@ -58,6 +59,11 @@ from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask
 from .train import (EpochCallback, Job, Loop, LossMeter, TrainResult, autocast, delegated, evaluate,
                     make_optimizer, masker, optimizer_step, prepare, resolve_device)
+
+
+# How long a rank waits in a collective: followers wait while rank 0 works alone (distilling a set,
+# measuring along a line, waiting for a chain another process computes), far past torch's defaults
+GROUP_TIMEOUT_S = 24 * 3600
 
 
 def check_world_size(hp: TrainingHparams, world_size: int) -> None:
@@ -156,7 +162,7 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
                         num_workers: int = 0, group=None) -> TrainResult:
     """Train `model` in place like `train(model, data, hp, ...)`, as rank `rank` of `world_size`.
 
-    Call it on every rank of an initialized default process group with the same arguments (except
+    Call it on every rank of an initialized process group (the default one, or `group`) with the same arguments (except
     `rank`, `device` (this rank's GPU), and what only rank 0 needs: `callback`, `checkpoint`,
     `eval_data`); every rank returns with the same weights. `hp.batch_size` is the global batch and
     must divide by `world_size` (ConfigError before the process group is touched). The callback gets
@@ -232,7 +238,8 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
                         metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
                         model.train()
                     history.append(metrics)
-                    if checkpoint is not None and step < loop.stop and time.monotonic() - saved_at >= checkpoint_every_s:
+                    due = time.monotonic() - saved_at >= checkpoint_every_s
+                    if checkpoint is not None and step < loop.stop and due:
                         # per-rank batch-norm statistics (the CPU, no SyncBatchNorm) would be rank 0's here
                         checkpoint({"step": step, "model": to_cpu(model.state_dict()),
                                     "optimizer": to_cpu(opt.state_dict()), "aug_rng": batches.gen.get_state(),
@@ -318,8 +325,9 @@ def _broadcast(message: Optional[dict], device: torch.device) -> dict:
 
 class Leader:
     """Rank 0 of a data-parallel chain: inside `with Leader(...)`, every `prunelab.train.train` call
-    (a round, the rewinding, an evaluation's or an LMC copy's training) runs data-parallel over the
-    `world_size` ranks, whose other ranks run `follow`. The model, hyperparameters, seeds, mask and
+    (a round, the rewinding, an evaluation's training) runs data-parallel over the `world_size` ranks,
+    whose other ranks run `follow`, and `prunelab.train.train_each` (an LMC pair's copies) on parts of
+    them at once (see `train_each`). The model, hyperparameters, seeds, mask and
     resume state of each call are sent to the followers; a training set is sent by name when it is one
     of `datasets` (each rank loads its own, e.g. the real training set), else whole (a distilled set).
     Everything else (the store, evaluations' measurements, logging) is the leader's alone. `call(op,
@@ -331,8 +339,10 @@ class Leader:
     and the launcher ends them, as it does any failed group."""
 
     def __init__(self, world_size: int, device, datasets: Optional[dict[str, ImageData]] = None, *,
-                 sync_bn: Optional[bool] = None, stream: Optional[bool] = None, num_workers: int = 0):
+                 sync_bn: Optional[bool] = None, stream: Optional[bool] = None, num_workers: int = 0,
+                 split_copies: bool = True):
         self.world_size, self.device = world_size, resolve_device(device)
+        self.split_copies = split_copies
         self.datasets = datasets or {}
         self.options = {"sync_bn": sync_bn, "stream": stream, "num_workers": num_workers}
         self._training = False
@@ -385,13 +395,17 @@ class Leader:
         return result
 
     def train_each(self, jobs: list[Job]) -> list[TrainResult]:
-        """`prunelab.train.train_each` (the delegate inside the block): with k = min(jobs, ranks) > 1
-        dividing the ranks, the group splits into k parts of world_size/k ranks, part i trains jobs
-        i, i+k, ... data-parallel at the same global batch, all parts at once (an LMC pair on two
-        workers: one copy each), and the trained weights come back to rank 0's models. Else the jobs
-        train one after the other on every rank."""
-        k = min(len(jobs), self.world_size)
-        if k < 2 or self.world_size % k:
+        """`prunelab.train.train_each` (the delegate inside the block): with `split_copies` and k > 1,
+        the largest number of parts that divides both the ranks and the jobs, the group splits into k
+        parts of world_size/k ranks; part i trains jobs i, i+k, ... data-parallel at the same global
+        batch (k times the batch a rank holds), all parts at once (an LMC pair on two workers: one copy
+        each), and the trained weights come back to rank 0's models. Else, or when a job asks for
+        what only rank 0 does (a callback, checkpoints, evaluation), the jobs train one after the other
+        on every rank."""
+        k = max(d for d in range(1, min(len(jobs), self.world_size) + 1)
+                if self.world_size % d == 0 and len(jobs) % d == 0)
+        own = any(set(kw) - set(_SHARED) - {"device"} for *_, kw in jobs)
+        if not self.split_copies or k < 2 or own:
             return [self.train(model, data, hp, **kw) for model, data, hp, kw in jobs]
         self._send({"op": _TRAIN_EACH, "jobs": [self._job(model, data, hp, kw) for model, data, hp, kw in jobs]})
         self.trained_in_parts += 1
@@ -414,15 +428,18 @@ class Leader:
                 **_shared(kw)}
 
 
-_PARTS: dict[tuple[int, int], list] = {}  # (world size, parts) -> the subgroups, made once per process
+_PARTS: dict[tuple[int, int, int], list] = {}  # (default group, world size, parts) -> the subgroups
 
 
 def _parts(world_size: int, k: int) -> list:
-    """The k subgroups of consecutive ranks, made by every rank in the same order (torch.distributed's rule)."""
-    if (world_size, k) not in _PARTS:
+    """The k subgroups of consecutive ranks, made by every rank in the same order (torch.distributed's
+    rule), once per default process group."""
+    key = (id(dist.group.WORLD), world_size, k)
+    if key not in _PARTS:
         size = world_size // k
-        _PARTS[world_size, k] = [dist.new_group(list(range(i * size, (i + 1) * size))) for i in range(k)]
-    return _PARTS[world_size, k]
+        timeout = timedelta(seconds=GROUP_TIMEOUT_S)
+        _PARTS[key] = [dist.new_group(list(range(i * size, (i + 1) * size)), timeout=timeout) for i in range(k)]
+    return _PARTS[key]
 
 
 def _train_parts(rank: int, world_size: int, device: torch.device, jobs: list[Job], options: dict
@@ -430,7 +447,7 @@ def _train_parts(rank: int, world_size: int, device: torch.device, jobs: list[Jo
     """This rank's part of `Leader.train_each`: the jobs of its part trained data-parallel within the
     part, then every job's (weights, result) from its part's first rank on every rank (weights None
     where this rank trained the job itself). A divergence in any part ends it on every rank."""
-    k = len(_parts(world_size, min(len(jobs), world_size)))
+    k = max(d for d in range(1, min(len(jobs), world_size) + 1) if world_size % d == 0 and len(jobs) % d == 0)
     size = world_size // k
     part, group = rank // size, _parts(world_size, k)[rank // size]
     mine, diverged = {}, None
@@ -495,11 +512,6 @@ def follow(rank: int, world_size: int, device, datasets: Optional[dict[str, Imag
 def _named(data, datasets: dict[str, ImageData]) -> ImageData:
     """A set the leader sent by name (this rank's own copy), or whole."""
     return datasets[data] if isinstance(data, str) else data
-
-
-# How long a rank waits in a collective: followers wait while rank 0 works alone (distilling a set,
-# measuring along a line, waiting for a chain another process computes), far past torch's defaults
-GROUP_TIMEOUT_S = 24 * 3600
 
 
 def _worker(rank: int, world_size: int, init_file: str, result_file: str, fn: Callable, args: tuple,

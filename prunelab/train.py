@@ -69,14 +69,14 @@ def make_augment(kind: str, data: ImageData, cutmix_prob: float = CUTMIX_PROB) -
 
 def place(data: ImageData, device: torch.device) -> ImageData:
     """Move the set onto the device if it fits comfortably; otherwise keep it in host memory and let
-    the loop stream uint8 batches: pinned when that also fits comfortably there, else where it is (a
-    memory-mapped set such as ImageNet-1k is read a batch's pages at a time)."""
+    the loop stream uint8 batches: pinned when that also fits comfortably in the host's free memory,
+    else where it is (a memory-mapped set such as ImageNet-1k is read a batch's pages at a time)."""
     if device.type != "cuda" or data.x.device == device:
         return data.to(device) if device.type != "cuda" else data
     free, _ = torch.cuda.mem_get_info(device)
     if data.nbytes <= RESIDENT_FRACTION * free:
         return data.to(device)
-    if data.nbytes > RESIDENT_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+    if data.nbytes > RESIDENT_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"):
         return data
     return ImageData(**{**data.__dict__, "x": data.x.cpu().pin_memory(), "y": data.y.cpu().pin_memory()})
 

@@ -212,11 +212,30 @@ def multi_host(address=None) -> str:
     hosts = {n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")}
     if len(hosts) > 1:
         return f"its nodes run on {len(hosts)} hosts"
+    return "it can add worker nodes" if can_grow(address) else ""
+
+
+def can_grow(address=None) -> bool:
+    """After ray.init: whether the autoscaler can add worker nodes on other machines (node types with
+    max_workers > 0, not of a single-host provider)."""
     types, source = cluster_node_types(address)
-    can_grow = bool(types) and any(not t.head and t.max_workers != 0 for t in types.values())
-    if can_grow and not (Path(source).expanduser().is_file() and _provider(source) in SINGLE_HOST_PROVIDERS):
-        return "it can add worker nodes"
-    return ""
+    grows = bool(types) and any(not t.head and t.max_workers != 0 for t in types.values())
+    return grows and not (Path(source).expanduser().is_file() and _provider(source) in SINGLE_HOST_PROVIDERS)
+
+
+def alive_capacity(cpus: float, gpus: float) -> int:
+    """After ray.init: how many workers of `cpus` CPUs and `gpus` GPUs the alive nodes hold at once,
+    node by node (a worker does not span nodes)."""
+    import ray  # ~0.5 s to import: --dry-run and --help, which also load this module, go without it
+
+    total = 0
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        r = n.get("Resources", {})
+        fit = [int(r.get("CPU", 0) // cpus) if cpus else 1 << 30, int(r.get("GPU", 0) // gpus) if gpus else 1 << 30]
+        total += min(fit)
+    return total
 
 
 # -- checks ----------------------------------------------------------------------------------------

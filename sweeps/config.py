@@ -59,7 +59,8 @@ class VariantHparams(Hparams):
                 "must be >= 1 with start_from", "e.g. 8 for the paper's 83% synthetic subnetwork")
 
 
-PER_VARIANT_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "memory_fraction", "workers_per_trial")
+PER_VARIANT_RESOURCES = ("cpus_per_trial", "gpus_per_trial", "memory_fraction", "workers_per_trial",
+                         "split_copies")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class ResourcesHparams(Hparams):
     memory_fraction: Optional[float] = hp(None, "cap of GPU memory per chain (default: gpus_per_trial)")
     workers_per_trial: int = hp(1, "data-parallel workers per chain (Ray Train), each with cpus_per_trial CPUs "
                                    "and, with gpus_per_trial: 1, a GPU of its own; the global batch is split")
+    split_copies: bool = hp(True, "with several workers, train independent copies (an LMC pair) at once on parts of "
+                                  "the workers, each at the full global batch on fewer workers (more memory a "
+                                  "worker); false: one after the other on all of them")
     max_concurrent: int = hp(0, "most chains at once (0: as many as resources allow)")
     max_failures: int = hp(2, "retries of a failed chain, each from its last checkpoint")
     checkpoint_minutes: float = hp(CHECKPOINT_EVERY_S / 60, "store a round's training state part-way this often (0: every epoch), "

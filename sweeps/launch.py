@@ -54,6 +54,7 @@ def trial_spec(t: Trial, figure: str, local: Path, extra: dict, store: Optional[
             # beside a shared storage path; with a bucket, each node's own cache (the driver's is not there)
             "cache_dir": None if store and is_uri(store) else str(local / "cache"),
             "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial, "workers": res.workers_per_trial,
+            "split_copies": res.split_copies,
             "checkpoint_minutes": res.checkpoint_minutes,
             "memory_fraction": res.memory_fraction or (res.gpus_per_trial or None), **extra}
 
@@ -129,19 +130,18 @@ def progress_table() -> tune.CLIReporter:
 
 def concurrency(todo: list[Trial], res, address=None) -> Optional[int]:
     """Tune's max_concurrent_trials: the sweep's `max_concurrent`; else, for a sweep of data-parallel
-    chains alone on a cluster that cannot grow, as many as its GPUs (CPUs) hold at once. Such trials
-    hold no Tune resources (their Ray Train workers do), so Tune would start them all at once, and
-    the longest-first order would be lost among their workers' pending placement groups. A cluster
-    that can add nodes gets them all: their pending workers are what makes it grow."""
+    chains alone on a cluster that cannot grow, as many as its alive nodes hold at once (workers
+    placed node by node). Such trials hold no Tune resources (their Ray Train workers do), so Tune
+    would start them all at once, and the longest-first order would be lost among their workers'
+    pending placement groups. A cluster that can add nodes gets them all: their pending workers are
+    what makes it grow."""
     if res.max_concurrent:
         return res.max_concurrent
-    if not todo or any(t.resources.workers_per_trial == 1 for t in todo) or autoscaler.multi_host(address):
+    if not todo or any(t.resources.workers_per_trial == 1 for t in todo) or autoscaler.can_grow(address):
         return None
-    kind = "GPU" if any(t.resources.gpus_per_trial > 0 for t in todo) else "CPU"
-    need = max(t.resources.workers_per_trial * (t.resources.gpus_per_trial if kind == "GPU"
-                                                  else t.resources.cpus_per_trial) for t in todo)
-    most = max(1, int(ray.cluster_resources().get(kind, 0) // need))
-    print(f"data-parallel chains: at most {most} at once ({kind}s of the cluster; --max-concurrent to change)")
+    most = max(1, min(autoscaler.alive_capacity(t.resources.cpus_per_trial, t.resources.gpus_per_trial)
+                      // t.resources.workers_per_trial for t in todo))
+    print(f"data-parallel chains: at most {most} at once (what the cluster's nodes hold; --max-concurrent to change)")
     return most
 
 

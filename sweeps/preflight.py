@@ -164,14 +164,16 @@ def check_local_resources(res, num_cpus=None) -> None:
         if res.gpus_per_trial * n > have:
             raise ConfigError("resources.workers_per_trial" if n > 1 and res.gpus_per_trial <= have
                               else "resources.gpus_per_trial",
-                              f"each chain asks for {res.gpus_per_trial * n:g} GPU{workers} but this machine has {have}",
+                              f"each chain asks for {res.gpus_per_trial * n:g} GPU{workers} but this machine has "
+                              f"{have}",
                               "lower --gpus-per-trial (0 runs on the CPU) or --workers-per-trial, or join a GPU "
                               "cluster with --address")
     cpus = num_cpus if num_cpus else (os.cpu_count() or 1)
     if res.cpus_per_trial * n > cpus:
         raise ConfigError("resources.cpus_per_trial",
                           f"each chain asks for {res.cpus_per_trial * n:g} CPUs{workers} but the local Ray has {cpus}",
-                          "lower --cpus-per-trial or --workers-per-trial" + (" or raise --num-cpus" if num_cpus else ""))
+                          "lower --cpus-per-trial or --workers-per-trial"
+                          + (" or raise --num-cpus" if num_cpus else ""))
 
 
 def resolve_ray_address(address: str, timeout: float = 3.0) -> str:
@@ -231,10 +233,11 @@ def check_cluster(res, address, storage: str) -> None:
                               f"each chain asks for {res.workers_per_trial} workers of {res.gpus_per_trial:g} GPU but "
                               f"the cluster has {total.get('GPU', 0):g} GPUs",
                               "lower --workers-per-trial, or add GPU nodes to the cluster")
-    if res.workers_per_trial * res.cpus_per_trial > total.get("CPU", 0):
+    held = autoscaler.alive_capacity(res.cpus_per_trial, res.gpus_per_trial)
+    if res.workers_per_trial > 1 and res.workers_per_trial > held:
         raise ConfigError("resources.workers_per_trial",
-                          f"each chain asks for {res.workers_per_trial} workers of {res.cpus_per_trial:g} CPU but "
-                          f"the cluster has {total.get('CPU', 0):g} CPUs",
+                          f"each chain asks for {res.workers_per_trial} workers of {res.cpus_per_trial:g} CPU + "
+                          f"{res.gpus_per_trial:g} GPU but the cluster's nodes hold {held} at once",
                           "lower --workers-per-trial or --cpus-per-trial, or add nodes to the cluster")
     best_cpu = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
     if res.cpus_per_trial > best_cpu:

@@ -196,7 +196,7 @@ def _chain_worker(config: dict) -> None:
     if rank:
         follow(rank, world, device, sets, handlers={REPORT: ray.train.report}, num_workers=loaders)
         return
-    with Leader(world, device, sets, num_workers=loaders) as leader:
+    with Leader(world, device, sets, num_workers=loaders, split_copies=bool(spec.get("split_copies", True))) as leader:
         _trial(spec, hp, EvalHparams.from_dict(spec["eval"]), device, TrainReports(leader), data=data, workers=world)
 
 

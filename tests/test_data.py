@@ -133,13 +133,16 @@ def test_imagenet_1k_is_decoded_once_into_a_memory_mapped_folder(tmp_path, monke
 
 
 def test_a_folder_is_written_whole_under_its_lock(tmp_path):
+    import socket
+
     from prunelab.data.folder import FolderWriter, exclusive, open_folder
 
     folder = tmp_path / "set"
-    (tmp_path / "set.partial4242").mkdir()  # left by a writer killed part-way
+    (tmp_path / f"set.partial-{socket.gethostname()}-4242").mkdir()  # left by a writer killed part-way
+    (tmp_path / "set.partial-othermachine-77").mkdir()  # another machine's, maybe at work
     with exclusive(folder):
         w = FolderWriter(folder, 3, (3, 2, 2))
-        assert not (tmp_path / "set.partial4242").exists()
+        assert not (tmp_path / f"set.partial-{socket.gethostname()}-4242").exists()
         w.add(torch.zeros(2, 3, 2, 2, dtype=torch.uint8), torch.tensor([0, 1]))
         with pytest.raises(RuntimeError, match="2 of 3"):
             w.finish(2, (0.5,) * 3, (0.2,) * 3, "toy", crop_pad=0)
@@ -148,7 +151,7 @@ def test_a_folder_is_written_whole_under_its_lock(tmp_path):
         w.finish(2, (0.5,) * 3, (0.2,) * 3, "toy", crop_pad=0)
     d = open_folder(folder)
     assert d.y.tolist() == [0, 1, 1] and int(d.x[2].max()) == 7 and d.num_classes == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "set.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set", "set.lock", "set.partial-othermachine-77"]
 
 
 def test_imagedata_rejects_bad_shapes():

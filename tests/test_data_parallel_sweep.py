@@ -108,10 +108,15 @@ def test_data_parallel_trials_start_no_more_than_the_cluster_holds(tmp_path, mon
                     resources={**DP_RESOURCES, "gpus_per_trial": 1, "workers_per_trial": 4}, evaluation=DP_EVAL)
     sweep, _ = load_sweep("fig6", "demo", [], write_config(tmp_path, doc))
     trials = expand(sweep, "fig6")
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
-    monkeypatch.setattr(autoscaler, "multi_host", lambda address=None: "")
-    assert launch.concurrency(trials, sweep.resources) == 2  # 8 GPUs, 4 a chain
+    node = {"Alive": True, "Resources": {"CPU": 32.0, "GPU": 4.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [node, dict(node), {"Alive": False, "Resources": {"GPU": 8.0}}])
+    monkeypatch.setattr(autoscaler, "can_grow", lambda address=None: False)
+    assert launch.concurrency(trials, sweep.resources) == 2  # two nodes of 4 GPUs, 4 workers a chain
     assert "at most 2 at once" in capsys.readouterr().out
+    small = {"Alive": True, "Resources": {"CPU": 6.0, "GPU": 4.0}}  # CPUs for one worker of 4 CPUs a node
+    monkeypatch.setattr(ray, "nodes", lambda: [small, dict(small)])
+    wide = [replace(t, resources=replace(t.resources, cpus_per_trial=4, workers_per_trial=2)) for t in trials]
+    assert launch.concurrency(wide, sweep.resources) == 1
     assert launch.concurrency(trials, replace(sweep.resources, max_concurrent=3)) == 3  # the user's bound
-    monkeypatch.setattr(autoscaler, "multi_host", lambda address=None: "it can add worker nodes")
+    monkeypatch.setattr(autoscaler, "can_grow", lambda address=None: True)
     assert launch.concurrency(trials, sweep.resources) is None  # pending workers make it grow

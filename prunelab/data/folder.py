@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
@@ -68,13 +69,16 @@ class FolderWriter:
     """A streaming folder of `n` images of `shape` (uint8) filled part by part in a temporary folder
     beside `folder`, which `finish` moves into place whole (meta.json written last): a reader never
     maps a half-written set. Write under `exclusive(folder)`: the temporary folders a killed writer
-    left are then nobody's, and are removed first."""
+    of this machine left are then nobody's, and are removed first."""
 
     def __init__(self, folder: Union[str, os.PathLike], n: int, shape: tuple[int, int, int]):
         self.folder = Path(folder)
-        for stale in self.folder.parent.glob(f"{self.folder.name}.partial*"):
+        # this machine's only: on a shared file system whose locks hold within one machine, another
+        # machine's writer may be at work
+        host = socket.gethostname()
+        for stale in self.folder.parent.glob(f"{self.folder.name}.partial-{host}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        self.tmp = self.folder.with_name(f"{self.folder.name}.partial{os.getpid()}")
+        self.tmp = self.folder.with_name(f"{self.folder.name}.partial-{host}-{os.getpid()}")
         self.tmp.mkdir(parents=True)
         self.x = np.lib.format.open_memmap(self.tmp / "x.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
         self.y = np.lib.format.open_memmap(self.tmp / "y.npy", mode="w+", dtype=np.int64, shape=(n,))
