@@ -270,14 +270,22 @@ class _Fault(RuntimeError):
     pass
 
 
-def _leader_fails_worker(rank, world_size, state, hp):
-    """Rank 0's epoch callback raises in a first training; then a second training runs whole."""
+def _digits_leader(rank, world_size):
+    """On rank 0: the digits set and a Leader of the group; on the others: they follow, then None."""
     torch.set_num_threads(1)
     data = load_dataset(ChainHparams.from_dict(DP_CHAIN).dataset)
     if rank:
         follow(rank, world_size, "cpu", {"train": data.train})
         return None
-    with Leader(world_size, "cpu", {"train": data.train}):
+    return data, Leader(world_size, "cpu", {"train": data.train})
+
+
+def _leader_fails_worker(rank, world_size, state, hp):
+    """Rank 0's epoch callback raises in a first training; then a second training runs whole."""
+    if (given := _digits_leader(rank, world_size)) is None:
+        return None
+    data, leader = given
+    with leader:
         model = _model(data.train)
         model.load_state_dict(state)
 
@@ -309,12 +317,10 @@ def test_a_failure_in_rank_0s_part_of_a_training_ends_it_on_every_rank(digits):
 
 def _pair_worker(rank, world_size, state, hp):
     """Two copies of one network, two data orders, through `train_each` inside a Leader of 2 ranks."""
-    torch.set_num_threads(1)
-    data = load_dataset(ChainHparams.from_dict(DP_CHAIN).dataset)
-    if rank:
-        follow(rank, world_size, "cpu", {"train": data.train})
+    if (given := _digits_leader(rank, world_size)) is None:
         return None
-    with Leader(world_size, "cpu", {"train": data.train}) as leader:
+    data, leader = given
+    with leader:
         models = [_model(data.train) for _ in range(2)]
         for m in models:
             m.load_state_dict(state)

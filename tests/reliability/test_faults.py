@@ -158,7 +158,7 @@ def test_driver_killed_mid_sweep_then_resume(tmp_path, capsys, no_ray):
     """The driver process (and the local Ray it started) dies by SIGKILL once a chain has finished;
     `--resume` finishes the remaining chains, reuses the finished one, and the experiment ends with
     one run per chain, each metric step logged once."""
-    config = write_config(tmp_path, sweep_doc(grid={"seed": [0, 1, 2]}, variants={"imp": {}},
+    config = write_config(tmp_path, sweep_doc(grid={"seed": [0, 1]}, variants={"imp": {}},
                                               evaluation={"rounds": [2], "lmc": False},
                                               resources={"cpus_per_trial": 1, "max_concurrent": 1}))
     storage = tmp_path / "storage"
@@ -194,7 +194,7 @@ def test_driver_killed_mid_sweep_then_resume(tmp_path, capsys, no_ray):
     assert f"{len(finished_before)} reused" in rc.stdout, rc.stdout[-2000:]
     chains = runs(storage, "chain")
     keys = [c.data.tags["prunelab.trial_key"] for c in chains]
-    assert len(set(keys)) == 3 and len(keys) == 3, f"one MLflow run per chain, got {len(keys)} for {len(set(keys))}"
+    assert len(set(keys)) == 2 and len(keys) == 2, f"one MLflow run per chain, got {len(keys)} for {len(set(keys))}"
     for c in chains:
         assert c.data.tags["prunelab.status"] == "finished" and c.info.status == "FINISHED"
         for key in ("sparsity", "pruning_accuracy"):
