@@ -58,7 +58,7 @@ from .errors import ConfigError, DivergenceError
 from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask
 from .train import (EpochCallback, Job, Loop, LossMeter, TrainResult, autocast, delegated, evaluate,
-                    make_optimizer, masker, optimizer_step, prepare, resolve_device)
+                    make_optimizer, masker, optimizer_step, prepare, resolve_device, resumed, run_state)
 
 
 # How long a rank waits in a collective: followers wait while rank 0 works alone (distilling a set,
@@ -209,10 +209,9 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
             batches = _Resident(loop, order_seed, aug_seed, start_step, aug_state)
         meter = LossMeter(1, device)
 
-        history: list[dict] = list(resume["history"]) if resume is not None else []
+        history, last_loss = resumed(resume)
         model.train()
         step = start_step
-        last_loss = float(resume["last_loss"]) if resume is not None else float("nan")
         saved_at = time.monotonic()
         for xb, yb in batches:
             lo, hi = rank * len(yb) // world_size, (rank + 1) * len(yb) // world_size
@@ -241,9 +240,7 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
                     due = time.monotonic() - saved_at >= checkpoint_every_s
                     if checkpoint is not None and step < loop.stop and due:
                         # per-rank batch-norm statistics (the CPU, no SyncBatchNorm) would be rank 0's here
-                        checkpoint({"step": step, "model": to_cpu(model.state_dict()),
-                                    "optimizer": to_cpu(opt.state_dict()), "aug_rng": batches.gen.get_state(),
-                                    "history": list(history), "last_loss": last_loss})
+                        checkpoint(run_state(step, model, opt, batches.gen, history, last_loss))
                         saved_at = time.monotonic()
                     if callback is not None:
                         callback(int(math.ceil(epoch)), metrics)

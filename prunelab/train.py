@@ -2,7 +2,9 @@
 
 Data order and augmentation have their own seeds (the model's initialization is seeded where it is
 built), so two copies that differ only in data order are one argument apart. The loop's pieces
-(`Loop`, `DataOrder`, `LossMeter`, `optimizer_step`) also drive `prunelab.stacked.train_copies`.
+(`Loop`, `DataOrder`, `LossMeter`, `optimizer_step`, `run_state`) also drive
+`prunelab.stacked.train_copies` and `prunelab.parallel.train_data_parallel`, to which `delegated`
+hands every `train` (and `train_each`) call of a data-parallel chain.
 """
 
 from __future__ import annotations
@@ -312,6 +314,21 @@ def train_each(jobs: list[Job]) -> list["TrainResult"]:
     return [train(model, data, hp, **kw) for model, data, hp, kw in jobs]
 
 
+def run_state(step: int, model: nn.Module, opt: torch.optim.Optimizer, aug_gen: torch.Generator,
+              history: list[dict], last_loss: float) -> dict:
+    """A training's state part-way (the `checkpoint` payload `train` and
+    `prunelab.parallel.train_data_parallel` write and resume from): CPU tensors and plain data."""
+    return {"step": step, "model": to_cpu(model.state_dict()), "optimizer": to_cpu(opt.state_dict()),
+            "aug_rng": aug_gen.get_state(), "history": list(history), "last_loss": last_loss}
+
+
+def resumed(resume: Optional[dict]) -> tuple[list[dict], float]:
+    """The history and last epoch's loss a training starts with: those of `resume`, or none."""
+    if resume is None:
+        return [], float("nan")
+    return list(resume["history"]), float(resume["last_loss"])
+
+
 def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu", order_seed: int = 0,
           aug_seed: int = 0, mask: Optional[Mask] = None, start_step: int = 0, stop_step: Optional[int] = None,
           eval_data: Optional[ImageData] = None, eval_every: int = 0,
@@ -351,10 +368,9 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
         aug_gen.set_state(resume["aug_rng"])
     meter = LossMeter(1, device)
 
-    history: list[dict] = list(resume["history"]) if resume is not None else []
+    history, last_loss = resumed(resume)
     model.train()
     step = start_step
-    last_loss = float(resume["last_loss"]) if resume is not None else float("nan")
     saved_at = time.monotonic()
     while step < loop.stop:
         xb, yb = loop.batch(order.indices(step), aug_gen)
@@ -377,8 +393,7 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
                 model.train()
             history.append(metrics)
             if checkpoint is not None and step < loop.stop and time.monotonic() - saved_at >= checkpoint_every_s:
-                checkpoint({"step": step, "model": to_cpu(model.state_dict()), "optimizer": to_cpu(opt.state_dict()),
-                            "aug_rng": aug_gen.get_state(), "history": list(history), "last_loss": last_loss})
+                checkpoint(run_state(step, model, opt, aug_gen, history, last_loss))
                 saved_at = time.monotonic()
             if callback is not None:
                 callback(int(math.ceil(epoch)), metrics)
