@@ -26,7 +26,7 @@ from .data import check_root, load_dataset
 from .errors import ConfigError
 from .evaluation import EvalHparams, result_key
 from .hparams import ChainHparams, set_path
-from .parallel import Leader, check_chain_workers, follow, run_workers
+from .parallel import check_chain_workers, lead_or_follow, run_workers
 from .runner import run_chain
 from .store import ChainStore
 from .train import resolve_device
@@ -72,9 +72,9 @@ def cmd_run(args) -> int:
     if bad:
         raise ConfigError("--eval-rounds", f"rounds {bad} exceed pruning.rounds={hp.pruning.rounds}",
                           "evaluate at rounds up to pruning.rounds")
-    if args.workers == 1:
-        return _run(args, hp, eval_rounds, resolve_device(args.device))
     device = resolve_device(args.device)
+    if args.workers == 1:
+        return _run(args, hp, eval_rounds, device)
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}", "e.g. --workers 2")
     check_chain_workers(hp, args.workers, "--workers")
@@ -94,11 +94,11 @@ def _data_parallel_run(rank: int, world: int, args, hp: ChainHparams, eval_round
     device = torch.device(f"cuda:{rank}") if resolve_device(args.device).type == "cuda" else torch.device("cpu")
     data = load_dataset(hp.dataset)
     # a set streamed from host memory (too large for the device) is gathered by this rank's share of the CPUs
-    loaders = max(0, (os.cpu_count() or 1) // world - 1)
-    if rank:
-        follow(rank, world, device, {"train": data.train}, num_workers=loaders)
+    leader = lead_or_follow(rank, world, device, {"train": data.train},
+                            num_workers=max(0, (os.cpu_count() or 1) // world - 1))
+    if leader is None:
         return 0
-    with Leader(world, device, {"train": data.train}, num_workers=loaders):
+    with leader:
         return _run(args, hp, eval_rounds, device, data)
 
 

@@ -36,7 +36,6 @@ import io
 import math
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
@@ -57,8 +56,8 @@ from .data import dataset_sizes
 from .errors import ConfigError, DivergenceError
 from .hparams import ChainHparams, TrainingHparams
 from .masks import Mask
-from .train import (EpochCallback, Job, Loop, LossMeter, TrainResult, autocast, delegated, evaluate,
-                    make_optimizer, masker, optimizer_step, prepare, resolve_device, resumed, run_state)
+from .train import (EpochCallback, EpochEnd, Job, Loop, LossMeter, ResidentBatches, TrainResult, autocast,
+                    delegated, make_optimizer, masker, optimizer_step, prepare, resolve_device, resumed)
 
 
 # How long a rank waits in a collective: followers wait while rank 0 works alone (distilling a set,
@@ -206,13 +205,14 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
             batches = StreamingBatches(loop.data, hp, order_seed, aug_seed, start_step, stop_step=loop.stop,
                                        device=device, num_workers=num_workers, aug_state=aug_state)
         else:
-            batches = _Resident(loop, order_seed, aug_seed, start_step, aug_state)
+            batches = ResidentBatches(loop, order_seed, aug_seed, start_step, aug_state)
         meter = LossMeter(1, device)
 
         history, last_loss = resumed(resume)
+        end = EpochEnd(loop, model, opt, batches, history, eval_data, eval_every, callback, checkpoint,
+                       checkpoint_every_s)
         model.train()
         step = start_step
-        saved_at = time.monotonic()
         for xb, yb in batches:
             lo, hi = rank * len(yb) // world_size, (rank + 1) * len(yb) // world_size
             lr = loop.lr(step)
@@ -228,22 +228,10 @@ def train_data_parallel(model: nn.Module, data: ImageData, hp: TrainingHparams, 
                 last_loss, = meter.take()
                 if not math.isfinite(last_loss):  # every rank sees the same loss, and raises
                     raise loop.divergence(last_loss, step, lr)
-                metrics = loop.record(step, last_loss, lr)
-                epoch = metrics["epoch"]
                 failure = None
                 try:  # what only rank 0 is given to do: its failure must end every rank's training
-                    if eval_data is not None and eval_every and (round(epoch) % eval_every == 0 or step == loop.stop):
-                        ev = evaluate(model, eval_data, device=device, batch_size=hp.eval_batch_size)
-                        metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-                        model.train()
-                    history.append(metrics)
-                    due = time.monotonic() - saved_at >= checkpoint_every_s
-                    if checkpoint is not None and step < loop.stop and due:
-                        # per-rank batch-norm statistics (the CPU, no SyncBatchNorm) would be rank 0's here
-                        checkpoint(run_state(step, model, opt, batches.gen, history, last_loss))
-                        saved_at = time.monotonic()
-                    if callback is not None:
-                        callback(int(math.ceil(epoch)), metrics)
+                    # (per-rank batch-norm statistics, on the CPU without SyncBatchNorm, checkpoint as rank 0's)
+                    end(step, loop.record(step, last_loss, lr), last_loss)
                 except Exception as e:  # noqa: BLE001 - re-raised below, once every rank knows
                     failure = e
                 _leave_together(failure, device, group)
@@ -279,21 +267,6 @@ def _leave_together(failure: Optional[Exception], device: torch.device, group=No
         raise failure
 
 
-class _Resident:
-    """The batches of `resident_batches`, with the augmentation stream (`gen`) at hand for a checkpoint
-    and set to `aug_state` on a resumed run."""
-
-    def __init__(self, loop: Loop, order_seed: int, aug_seed: int, start_step: int, aug_state=None):
-        self.loop, self.start = loop, start_step
-        self.order, self.gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
-        if aug_state is not None:
-            self.gen.set_state(aug_state)
-
-    def __iter__(self):
-        for step in range(self.start, self.loop.stop):
-            yield self.loop.batch(self.order.indices(step), self.gen)
-
-
 # ------------------------------------------------------------------------------------------------
 # A whole chain data-parallel: rank 0 (the leader) runs the chain runner as one process would, and
 # each `train` call it makes is broadcast to the other ranks (the followers), which take their part.
@@ -308,6 +281,11 @@ def _shared(kw: dict) -> dict:
     return {k: kw[k] for k in _SHARED if k in kw}
 
 
+def _object_device(device: torch.device) -> Optional[torch.device]:
+    """Where torch.distributed's object collectives stage their bytes: the rank's GPU under NCCL."""
+    return device if device.type == "cuda" else None
+
+
 def _broadcast(message: Optional[dict], device: torch.device) -> dict:
     """Rank 0's `message` on every rank (tensors on the CPU; torch.save's pickling, so masks and
     modules travel as they are)."""
@@ -316,7 +294,7 @@ def _broadcast(message: Optional[dict], device: torch.device) -> dict:
         buf = io.BytesIO()
         torch.save(message, buf)
         box = [buf.getvalue()]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    dist.broadcast_object_list(box, src=0, device=_object_device(device))
     return torch.load(io.BytesIO(box[0]), map_location="cpu", weights_only=False)
 
 
@@ -376,20 +354,23 @@ class Leader:
     def train(self, model: nn.Module, data: ImageData, hp: TrainingHparams, *, device=None, **kw) -> TrainResult:
         """`prunelab.train.train` data-parallel (the delegate `train` calls inside the block). The
         leader's device is the one given at construction."""
-        name = next((n for n, d in self.datasets.items() if d is data), None)
-        self._send({"op": _TRAIN, "model": model, "data": name if name is not None else data, "hp": hp,
-                    **_shared(kw)})
+        self._send({"op": _TRAIN, **self._job(model, data, hp, kw)})
+        with self._in_training():
+            return train_data_parallel(model, data, hp, rank=0, world_size=self.world_size, device=self.device,
+                                       **kw, **self.options)
+
+    @contextmanager
+    def _in_training(self):
+        """While the block runs, the followers are inside a training with this process."""
         self._training = True
         try:
-            result = train_data_parallel(model, data, hp, rank=0, world_size=self.world_size, device=self.device,
-                                         **kw, **self.options)
+            yield
         except BaseException as e:
             # every rank left together (a divergence, a failure of rank 0's callback or checkpoint): they
             # are listening again; else they are inside a collective this process has left, for good
             self._training = not _left_together(e)
             raise
         self._training = False
-        return result
 
     def train_each(self, jobs: list[Job]) -> list[TrainResult]:
         """`prunelab.train.train_each` (the delegate inside the block): with `split_copies` and k > 1,
@@ -399,30 +380,30 @@ class Leader:
         each), and the trained weights come back to rank 0's models. Else, or when a job asks for
         what only rank 0 does (a callback, checkpoints, evaluation), the jobs train one after the other
         on every rank."""
-        k = max(d for d in range(1, min(len(jobs), self.world_size) + 1)
-                if self.world_size % d == 0 and len(jobs) % d == 0)
+        k = _part_count(len(jobs), self.world_size)
         own = any(set(kw) - set(_SHARED) - {"device"} for *_, kw in jobs)
         if not self.split_copies or k < 2 or own:
             return [self.train(model, data, hp, **kw) for model, data, hp, kw in jobs]
         self._send({"op": _TRAIN_EACH, "jobs": [self._job(model, data, hp, kw) for model, data, hp, kw in jobs]})
         self.trained_in_parts += 1
-        self._training = True
-        try:
+        with self._in_training():
             done = _train_parts(0, self.world_size, self.device, [(m, d, hp, _shared(kw))
                                                                   for m, d, hp, kw in jobs], self.options)
-        except BaseException as e:
-            self._training = not _left_together(e)
-            raise
-        self._training = False
         for (model, *_), (state, _) in zip(jobs, done):
             if state is not None:  # trained by another part: its weights into rank 0's model
                 model.load_state_dict(state)
         return [res for _, res in done]
 
     def _job(self, model: nn.Module, data: ImageData, hp: TrainingHparams, kw: dict) -> dict:
+        """What a follower needs of one training: the set by name when it has its own copy."""
         name = next((n for n, d in self.datasets.items() if d is data), None)
         return {"model": model, "data": name if name is not None else data, "hp": hp,
                 **_shared(kw)}
+
+
+def _part_count(jobs: int, world_size: int) -> int:
+    """How many parts `train_each` splits the ranks into: the most that divide both them and the jobs."""
+    return max(d for d in range(1, min(jobs, world_size) + 1) if world_size % d == 0 and jobs % d == 0)
 
 
 _PARTS: dict[tuple[int, int, int], list] = {}  # (default group, world size, parts) -> the subgroups
@@ -444,7 +425,7 @@ def _train_parts(rank: int, world_size: int, device: torch.device, jobs: list[Jo
     """This rank's part of `Leader.train_each`: the jobs of its part trained data-parallel within the
     part, then every job's (weights, result) from its part's first rank on every rank (weights None
     where this rank trained the job itself). A divergence in any part ends it on every rank."""
-    k = max(d for d in range(1, min(len(jobs), world_size) + 1) if world_size % d == 0 and len(jobs) % d == 0)
+    k = _part_count(len(jobs), world_size)
     size = world_size // k
     part, group = rank // size, _parts(world_size, k)[rank // size]
     mine, diverged = {}, None
@@ -464,7 +445,7 @@ def _train_parts(rank: int, world_size: int, device: torch.device, jobs: list[Jo
     for j, (model, *_) in enumerate(jobs):
         src = (j % k) * size
         box = [(to_cpu(model.state_dict()), mine[j]) if rank == src else None]
-        dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
+        dist.broadcast_object_list(box, src=src, device=_object_device(device))
         out.append((None if j in mine else box[0][0], box[0][1]))
     return out
 
@@ -504,6 +485,17 @@ def follow(rank: int, world_size: int, device, datasets: Optional[dict[str, Imag
                 raise
             # the leader left this training at the same step (a divergence, or its own part failed): it
             # decides what follows
+
+
+def lead_or_follow(rank: int, world_size: int, device, datasets: Optional[dict[str, ImageData]] = None, *,
+                   handlers: Optional[dict[str, Callable[[Any], None]]] = None, split_copies: bool = True,
+                   **options) -> Optional[Leader]:
+    """Rank `rank`'s way into a data-parallel chain: on rank 0, the `Leader` to run the chain inside;
+    on the others, `follow` until the leader is done, then None. `options`: sync_bn, stream, num_workers."""
+    if rank:
+        follow(rank, world_size, device, datasets, handlers=handlers, **options)
+        return None
+    return Leader(world_size, device, datasets, split_copies=split_copies, **options)
 
 
 def _named(data, datasets: dict[str, ImageData]) -> ImageData:

@@ -314,6 +314,53 @@ def train_each(jobs: list[Job]) -> list["TrainResult"]:
     return [train(model, data, hp, **kw) for model, data, hp, kw in jobs]
 
 
+class ResidentBatches:
+    """The batches of steps [start_step, loop.stop) gathered from the loop's placed data: normalized
+    (augmented) pixels and targets on the device, what `train` draws. `gen` is the augmentation stream
+    (a checkpoint takes its state; `aug_state` sets it on a resumed run)."""
+
+    def __init__(self, loop: "Loop", order_seed: int, aug_seed: int, start_step: int = 0,
+                 aug_state: Optional[torch.Tensor] = None):
+        self.loop, self.start = loop, start_step
+        self.order, self.gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
+        if aug_state is not None:
+            self.gen.set_state(aug_state)
+
+    def __iter__(self):
+        for step in range(self.start, self.loop.stop):
+            yield self.loop.batch(self.order.indices(step), self.gen)
+
+
+class EpochEnd:
+    """What a training does at each epoch's end besides taking its loss: the test metrics every
+    `eval_every` epochs (and at the last), the history, a checkpoint when `checkpoint_every_s` have
+    passed since the last (never at the last step), then the callback. `batches` is the run's batch
+    stream (its `gen` goes into a checkpoint)."""
+
+    def __init__(self, loop: "Loop", model: nn.Module, opt: torch.optim.Optimizer, batches, history: list[dict],
+                 eval_data: Optional[ImageData], eval_every: int, callback: Optional[EpochCallback],
+                 checkpoint: Optional[Callable[[dict], None]], checkpoint_every_s: float):
+        self.loop, self.model, self.opt, self.batches, self.history = loop, model, opt, batches, history
+        self.eval_data, self.eval_every, self.callback = eval_data, eval_every, callback
+        self.checkpoint, self.checkpoint_every_s = checkpoint, checkpoint_every_s
+        self.saved_at = time.monotonic()
+
+    def __call__(self, step: int, metrics: dict, last_loss: float) -> None:
+        loop, model, epoch = self.loop, self.model, metrics["epoch"]
+        if self.eval_data is not None and self.eval_every and (round(epoch) % self.eval_every == 0
+                                                               or step == loop.stop):
+            ev = evaluate(model, self.eval_data, device=loop.device, batch_size=loop.hp.eval_batch_size)
+            metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+            model.train()
+        self.history.append(metrics)
+        due = time.monotonic() - self.saved_at >= self.checkpoint_every_s
+        if self.checkpoint is not None and step < loop.stop and due:
+            self.checkpoint(run_state(step, model, self.opt, self.batches.gen, self.history, last_loss))
+            self.saved_at = time.monotonic()
+        if self.callback is not None:
+            self.callback(int(math.ceil(epoch)), metrics)
+
+
 def run_state(step: int, model: nn.Module, opt: torch.optim.Optimizer, aug_gen: torch.Generator,
               history: list[dict], last_loss: float) -> dict:
     """A training's state part-way (the `checkpoint` payload `train` and
@@ -362,18 +409,16 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
     remask = masker(mask, model)
     remask()
     opt = make_optimizer(model, hp, device)
-    order, aug_gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
-        aug_gen.set_state(resume["aug_rng"])
+    batches = ResidentBatches(loop, order_seed, aug_seed, start_step, resume["aug_rng"] if resume else None)
     meter = LossMeter(1, device)
 
     history, last_loss = resumed(resume)
+    end = EpochEnd(loop, model, opt, batches, history, eval_data, eval_every, callback, checkpoint, checkpoint_every_s)
     model.train()
     step = start_step
-    saved_at = time.monotonic()
-    while step < loop.stop:
-        xb, yb = loop.batch(order.indices(step), aug_gen)
+    for xb, yb in batches:
         xb = loop.memory_format(xb)
         lr = loop.lr(step)
         with autocast(hp, device):
@@ -385,18 +430,7 @@ def train(model: nn.Module, data: ImageData, hp: TrainingHparams, *, device="cpu
             last_loss, = meter.take()
             if not math.isfinite(last_loss):
                 raise loop.divergence(last_loss, step, lr)
-            metrics = loop.record(step, last_loss, lr)
-            epoch = metrics["epoch"]
-            if eval_data is not None and eval_every and (round(epoch) % eval_every == 0 or step == loop.stop):
-                ev = evaluate(model, eval_data, device=device, batch_size=hp.eval_batch_size)
-                metrics.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-                model.train()
-            history.append(metrics)
-            if checkpoint is not None and step < loop.stop and time.monotonic() - saved_at >= checkpoint_every_s:
-                checkpoint(run_state(step, model, opt, aug_gen, history, last_loss))
-                saved_at = time.monotonic()
-            if callback is not None:
-                callback(int(math.ceil(epoch)), metrics)
+            end(step, loop.record(step, last_loss, lr), last_loss)
     return TrainResult(steps=step, epochs=step / loop.spe, train_loss=last_loss, history=history)
 
 

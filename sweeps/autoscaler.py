@@ -228,14 +228,16 @@ def alive_capacity(cpus: float, gpus: float) -> int:
     node by node (a worker does not span nodes)."""
     import ray  # ~0.5 s to import: --dry-run and --help, which also load this module, go without it
 
-    total = 0
-    for n in ray.nodes():
-        if not n.get("Alive"):
-            continue
-        r = n.get("Resources", {})
-        fit = [int(r.get("CPU", 0) // cpus) if cpus else 1 << 30, int(r.get("GPU", 0) // gpus) if gpus else 1 << 30]
-        total += min(fit)
-    return total
+    # an alive node without a CPU entry has none
+    return sum(_workers_on({"CPU": 0, **n.get("Resources", {})}, cpus, gpus) for n in ray.nodes() if n.get("Alive"))
+
+
+def _workers_on(resources: dict, cpus: float, gpus: float) -> int:
+    """How many workers of `cpus` CPUs and `gpus` GPUs one node of `resources` holds (CPUs left out of
+    a node type's config are detected at launch: not the limit here)."""
+    by_cpu = int(resources["CPU"] // cpus) if cpus and "CPU" in resources else 1 << 30
+    by_gpu = int(resources.get("GPU", 0) // gpus) if gpus else 1 << 30
+    return min(by_cpu, by_gpu)
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -292,10 +294,7 @@ def worker_capacity(types, cpus: float, gpus: float) -> Optional[int]:
         count = 1 if t.head else t.max_workers
         if count < 0:
             return None
-        r = t.resources
-        per = min(int(r["CPU"] // cpus) if cpus and "CPU" in r else 1 << 30,
-                  int(r.get("GPU", 0) // gpus) if gpus else 1 << 30)
-        total += per * count
+        total += _workers_on(t.resources, cpus, gpus) * count
     return total
 
 

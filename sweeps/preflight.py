@@ -228,11 +228,6 @@ def check_cluster(res, address, storage: str) -> None:
                               f"each chain asks for {res.gpus_per_trial:g} GPU but no node has that many "
                               f"(cluster total: {total.get('GPU', 0):g})",
                               "lower --gpus-per-trial, or add GPU nodes to the cluster")
-        if res.workers_per_trial * res.gpus_per_trial > total.get("GPU", 0):
-            raise ConfigError("resources.workers_per_trial",
-                              f"each chain asks for {res.workers_per_trial} workers of {res.gpus_per_trial:g} GPU but "
-                              f"the cluster has {total.get('GPU', 0):g} GPUs",
-                              "lower --workers-per-trial, or add GPU nodes to the cluster")
     held = autoscaler.alive_capacity(res.cpus_per_trial, res.gpus_per_trial)
     if res.workers_per_trial > 1 and res.workers_per_trial > held:
         raise ConfigError("resources.workers_per_trial",

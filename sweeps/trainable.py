@@ -35,7 +35,7 @@ from prunelab.errors import DivergenceError
 from prunelab.data import load_dataset
 from prunelab.evaluation import EvalHparams
 from prunelab.hparams import ChainHparams
-from prunelab.parallel import GROUP_TIMEOUT_S, Leader, follow
+from prunelab.parallel import GROUP_TIMEOUT_S, Leader, lead_or_follow
 from prunelab.runner import run_chain
 from prunelab.store import ChainStore
 from prunelab.synthetic.store import ENV as SYNTHETIC_ENV
@@ -192,11 +192,12 @@ def _chain_worker(config: dict) -> None:
     data = load_dataset(hp.dataset)
     sets = {"train": data.train}  # each worker reads the real training set itself; other sets travel
     # a set streamed from host memory (too large for the device) is gathered by the worker's other CPUs
-    loaders = max(0, int(float(spec.get("cpus", 1))) - 1)
-    if rank:
-        follow(rank, world, device, sets, handlers={REPORT: ray.train.report}, num_workers=loaders)
+    leader = lead_or_follow(rank, world, device, sets, handlers={REPORT: ray.train.report},
+                            split_copies=bool(spec.get("split_copies", True)),
+                            num_workers=max(0, int(float(spec.get("cpus", 1))) - 1))
+    if leader is None:
         return
-    with Leader(world, device, sets, num_workers=loaders, split_copies=bool(spec.get("split_copies", True))) as leader:
+    with leader:
         _trial(spec, hp, EvalHparams.from_dict(spec["eval"]), device, TrainReports(leader), data=data, workers=world)
 
 

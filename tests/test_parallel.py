@@ -10,17 +10,17 @@ import torch.distributed as dist
 from torch import nn
 
 from prunelab.data import load_dataset
-from prunelab.data.stream import (StreamingBatches, open_folder, resident_batches, resident_fits,
+from prunelab.data.stream import (StreamingBatches, open_folder, resident_fits,
                                   save_folder)
 from prunelab.errors import ConfigError, DataNotFoundError
 from prunelab.evaluation import EvalHparams, result_key
 from prunelab.hparams import ChainHparams, ModelHparams, TrainingHparams
 from prunelab.masks import Mask, magnitude_prune
 from prunelab.models import build_model
-from prunelab.parallel import Leader, _sync_batchnorm, check_world_size, follow, run_workers, train_data_parallel
+from prunelab.parallel import _sync_batchnorm, check_world_size, lead_or_follow, run_workers, train_data_parallel
 from prunelab.runner import run_chain
 from prunelab.store import ChainStore
-from prunelab.train import DataOrder, Loop, steps_per_epoch, train, train_each
+from prunelab.train import DataOrder, Loop, ResidentBatches, steps_per_epoch, train, train_each
 
 ORDER_SEED, AUG_SEED = 7, 11
 # the batch's float32 sums are split over two ranks and reduced in another order than one process's,
@@ -126,7 +126,7 @@ def test_streamed_order_is_the_resident_order(uint8_set):
         order = DataOrder(ORDER_SEED, n, hp.batch_size, start)
         expected = [order.indices(step) for step in range(start, stop)]
         streamed = StreamingBatches(data, hp, ORDER_SEED, AUG_SEED, start, stop_step=stop)
-        resident = resident_batches(Loop.make(data, hp, "cpu", stop), ORDER_SEED, AUG_SEED, start)
+        resident = ResidentBatches(Loop.make(data, hp, "cpu", stop), ORDER_SEED, AUG_SEED, start)
         assert len(streamed) == len(expected)
         assert all(torch.equal(a, b) for a, b in zip(streamed.sampler, expected))
         assert all(torch.equal(y, i) for (_, y), i in zip(streamed, expected, strict=True))
@@ -140,7 +140,7 @@ def test_streamed_batches_are_the_resident_batches(uint8_set, tmp_path, augment)
     hp = _hp(augment=augment)
     start = steps_per_epoch(len(uint8_set), hp.batch_size) - 3  # across an epoch boundary
     stop = start + 8
-    resident = list(resident_batches(Loop.make(uint8_set, hp, "cpu", stop), ORDER_SEED, AUG_SEED, start))
+    resident = list(ResidentBatches(Loop.make(uint8_set, hp, "cpu", stop), ORDER_SEED, AUG_SEED, start))
     folder = save_folder(uint8_set, tmp_path / "set")
     for source, workers in ((uint8_set, 0), (uint8_set, 1), (folder, 0)):
         streamed = list(StreamingBatches(source, hp, ORDER_SEED, AUG_SEED, start, stop_step=stop,
@@ -199,14 +199,14 @@ def _chain_worker(rank, world_size, root, kill_dir=None):
     torch.set_num_threads(1)
     hp, ev = ChainHparams.from_dict(DP_CHAIN), EvalHparams.from_dict(DP_EVAL)
     data = load_dataset(hp.dataset)
-    if rank:
-        follow(rank, world_size, "cpu", {"train": data.train})
+    leader = lead_or_follow(rank, world_size, "cpu", {"train": data.train})
+    if leader is None:
         return None
     hooks = {}
     if kill_dir is not None:
         hooks = {"round_callback": _kill_once(Path(kill_dir) / "killed", Path(kill_dir) / "seen"),
                  "checkpoint_every_s": 0}
-    with Leader(world_size, "cpu", {"train": data.train}) as leader:
+    with leader:
         chain = run_chain(hp, ev, ev.rounds, ChainStore(root, hp), data=data, **hooks)
     return {"mask": chain.mask, "rewind": chain.state.rewind, "eval": ChainStore(root, hp).load_eval(result_key(ev), 2),
             "pairs_in_parts": leader.trained_in_parts}
@@ -240,9 +240,10 @@ def test_a_chain_trained_by_two_workers_matches_one_process(tmp_path, one_proces
 
 
 def test_a_data_parallel_chain_killed_mid_round_resumes_from_the_store(tmp_path, one_process_chain):
-    # rank 0 dies (SIGKILL) after round 1's first epoch (epoch 2: rounds start from the rewind point, epoch 1); the group is run again (run_workers does so once
-    # after a death by signal, as Ray Train / Tune retry a failed trial) and goes on from the store: the
-    # rounds done and round 1's mid-round checkpoint, to the mask of an uninterrupted run
+    # rank 0 dies (SIGKILL) after round 1's first epoch (epoch 2: rounds start from the rewind point,
+    # epoch 1); the group is run again (run_workers does so once after a death by signal, as Ray Train /
+    # Tune retry a failed trial) and goes on from the store: the rounds done and round 1's mid-round
+    # checkpoint, to the mask of an uninterrupted run
     kill_dir = tmp_path / "faults"
     kill_dir.mkdir()
     out = run_workers(_chain_worker, 2, str(tmp_path / "store"), str(kill_dir))
@@ -274,10 +275,8 @@ def _digits_leader(rank, world_size):
     """On rank 0: the digits set and a Leader of the group; on the others: they follow, then None."""
     torch.set_num_threads(1)
     data = load_dataset(ChainHparams.from_dict(DP_CHAIN).dataset)
-    if rank:
-        follow(rank, world_size, "cpu", {"train": data.train})
-        return None
-    return data, Leader(world_size, "cpu", {"train": data.train})
+    leader = lead_or_follow(rank, world_size, "cpu", {"train": data.train})
+    return None if leader is None else (data, leader)
 
 
 def _leader_fails_worker(rank, world_size, state, hp):
@@ -324,7 +323,8 @@ def _pair_worker(rank, world_size, state, hp):
         models = [_model(data.train) for _ in range(2)]
         for m in models:
             m.load_state_dict(state)
-        results = train_each([(m, data.train, hp, {"order_seed": s, "aug_seed": s + 1}) for s, m in zip((3, 5), models)])
+        results = train_each([(m, data.train, hp, {"order_seed": s, "aug_seed": s + 1})
+                              for s, m in zip((3, 5), models)])
     return [m.state_dict() for m in models], results, leader.trained_in_parts
 
 

@@ -1,6 +1,6 @@
 """Global batches streamed from host memory, for sets that do not fit on the device.
 
-`StreamingBatches` yields the batches of the device-resident loop (`resident_batches`, which is what
+`StreamingBatches` yields the batches of the device-resident loop (`prunelab.train.ResidentBatches`, what
 `prunelab.train.train` draws): the same `DataOrder` index list at every step, gathered in host memory
 by a DataLoader (in worker processes if asked), moved to the device and augmented there with the
 same generator stream, so a run gets the same batches whichever path feeds it. A set can also live in
@@ -16,11 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..hparams import TrainingHparams
-from ..train import RESIDENT_FRACTION, DataOrder, Loop, make_augment, resolve_device, total_steps
+from ..train import RESIDENT_FRACTION, DataOrder, make_augment, resolve_device, total_steps
 from .base import ImageData
 from .folder import open_folder, save_folder
 
-__all__ = ["StreamingBatches", "OrderSampler", "open_folder", "resident_batches", "resident_fits", "save_folder"]
+__all__ = ["StreamingBatches", "OrderSampler", "open_folder", "resident_fits", "save_folder"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,14 +36,6 @@ def resident_fits(data: ImageData, device, fraction: float = RESIDENT_FRACTION,
             return True
         budget_bytes, _ = torch.cuda.mem_get_info(device)
     return data.nbytes <= fraction * budget_bytes
-
-
-def resident_batches(loop: Loop, order_seed: int, aug_seed: int, start_step: int = 0) -> Iterator[Batch]:
-    """The batches of steps [start_step, loop.stop) gathered from the loop's placed data, as
-    `prunelab.train.train` draws them: normalized (augmented) pixels and targets on the device."""
-    order, gen = loop.order(order_seed, start_step), loop.aug_generator(aug_seed)
-    for step in range(start_step, loop.stop):
-        yield loop.batch(order.indices(step), gen)
 
 
 class OrderSampler(Sampler):
@@ -79,7 +71,7 @@ class StreamingBatches:
     """The global batches of steps [start_step, stop) streamed from host memory.
 
     `data_or_folder` is an ImageData (moved to the CPU if it is not there) or a folder written by
-    `save_folder`. Steps and batches are those of `resident_batches` for the same `hp`, seeds and
+    `save_folder`. Steps and batches are those of `ResidentBatches` for the same `hp`, seeds and
     `start_step`: the batch of a step holds the same examples, in the same order, with the same
     augmentation draws. `stop_step` defaults to the end of the schedule (`hp.epochs` or `hp.steps`).
     Batches are gathered by a DataLoader (`num_workers` processes; 0 = in this process), pinned
